@@ -1,0 +1,31 @@
+# The two set-up commands: `make run` and `make test`. Both build .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test venv bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch first (it lies on this disk), so pip never pulls a CUDA build.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/tuneserve up
+
+test: $(STAMP)
+	@start=$$(date +%s); \
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	echo "test suite took $$(( $$(date +%s) - start )) s"; exit $$rc
+
+bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,96 @@
+"""The FastAPI application: one router per OpenAI resource, one error handler, one auth rule.
+
+``create_app`` is the only place the app is put together; the Serve ingress
+(``service.serve_app``) and the tests call it with their own settings and back ends.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import health
+from service.auth import get_tenant
+from service.errors import RateLimited, TuneserveError
+from service.settings import Settings
+from service.storage import open_storage
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, chat=None, runner=None) -> FastAPI:
+    """Build the API.
+
+    Args:
+        settings: the service settings; read from ``TUNESERVE_*`` when None.
+        chat: the chat back end (``service.chat_backend``); None disables chat completions.
+        runner: the job runner (``service.runner``); None leaves jobs queued.
+    """
+    settings = settings or Settings()
+    app = FastAPI(title="tuneserve", version="0.1.0",
+                  description="OpenAI-compatible fine-tuning service.")
+    app.state.settings = settings
+    app.state.storage = open_storage(settings.storage_config())
+    app.state.chat = chat
+    app.state.runner = runner
+    _install_error_handlers(app)
+
+    app.include_router(health.router)
+    authed = [Depends(get_tenant)]
+    for router in _api_routers():
+        app.include_router(router, prefix="/v1", dependencies=authed)
+    return app
+
+
+def _api_routers() -> list:
+    from service import jobs, models
+
+    return [models.router, jobs.router]
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(TuneserveError)
+    async def _ours(request: Request, exc: TuneserveError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+        if exc.status >= 500:
+            log.error("request failed: %s", exc.message)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if not _is_schema_tag(p)]
+        param = ".".join(loc) or None
+        message = first.get("msg", "Invalid request")
+        if first.get("type") == "extra_forbidden":
+            message = f"Unknown field {param!r}: it is not a parameter of this endpoint."
+        elif param:
+            message = f"Invalid value for {param!r}: {message}"
+        body = {"error": {"message": message, "type": "invalid_request_error",
+                          "param": param, "code": first.get("type")}}
+        return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error",
+                          "param": None, "code": None}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        body = {"error": {"message": "Internal server error.", "type": "server_error",
+                          "param": None, "code": None}}
+        return JSONResponse(body, status_code=500)
+
+
+# Parts of a pydantic error location that name the schema branch, not the caller's field.
+_SCHEMA_TAGS = frozenset({"body", "query", "path", "header", "int", "float", "str", "bool"})
+
+
+def _is_schema_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in _SCHEMA_TAGS or "[" in part or part.startswith("constrained-"))

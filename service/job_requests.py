@@ -1,0 +1,141 @@
+"""The body of ``POST /v1/fine_tuning/jobs``: OpenAI's fields, then ours under clear names."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Auto = Literal["auto"]
+_SUFFIX = re.compile(r"^[A-Za-z0-9._-]*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SupervisedHyperparameters(Strict):
+    n_epochs: Annotated[int, Field(ge=1, le=50)] | Auto = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=256)] | Auto = "auto"
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+
+
+class DpoHyperparameters(SupervisedHyperparameters):
+    beta: Annotated[float, Field(gt=0, le=2)] | Auto = "auto"
+
+
+class SupervisedMethod(Strict):
+    hyperparameters: SupervisedHyperparameters = Field(default_factory=SupervisedHyperparameters)
+
+
+class DpoMethod(Strict):
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
+class Method(Strict):
+    type: Literal["supervised", "dpo"]
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+
+    @model_validator(mode="after")
+    def _matching_section(self) -> Method:
+        other = "dpo" if self.type == "supervised" else "supervised"
+        if getattr(self, other) is not None:
+            raise ValueError(f"method.{other} is given but method.type is {self.type!r}")
+        return self
+
+
+class LoraSettings(Strict):
+    """LoRA adapter shape (our extension)."""
+
+    r: int = Field(default=16, ge=1, le=256)
+    alpha: float | None = Field(default=None, gt=0)
+    """Scaling numerator; None means 2·r."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    """Module names to adapt; None means every linear layer of the model family."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value or any(not re.fullmatch(r"[A-Za-z0-9_.]{1,64}", m) for m in value):
+                raise ValueError("target_modules must be a non-empty list of module names")
+        return value
+
+
+class WeightedFile(Strict):
+    file: str = Field(max_length=64)
+    weight: float = Field(default=1.0, gt=0, le=1000)
+
+
+class CreateJobRequest(Strict):
+    model: str = Field(min_length=1, max_length=256)
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(default=None, max_length=64)
+    hyperparameters: SupervisedHyperparameters | None = None
+    """Deprecated by OpenAI in favour of ``method``; still accepted for supervised jobs."""
+    method: Method | None = None
+    suffix: str | None = Field(default=None, max_length=64)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    integrations: list[dict] | None = None
+
+    # Our extensions.
+    lora: LoraSettings | None = None
+    full_finetune: bool = False
+    """Train every weight instead of a LoRA adapter (small models only)."""
+    num_workers: int = Field(default=1, ge=1, le=64)
+    use_gpu: bool = False
+    training_files: list[WeightedFile] | None = Field(default=None, max_length=16)
+    """Extra training files mixed with ``training_file`` by weight."""
+    webhook_url: str | None = Field(default=None, max_length=2048)
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value: str | None) -> str | None:
+        if value is not None and not _SUFFIX.match(value):
+            raise ValueError("suffix may hold only letters, digits, '.', '_' and '-'")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return value
+        if len(value) > 16:
+            raise ValueError("metadata holds at most 16 key-value pairs")
+        for key, item in value.items():
+            if not key or len(key) > 64 or len(item) > 512:
+                raise ValueError("metadata keys are 1-64 characters, values at most 512")
+        return value
+
+    @field_validator("integrations")
+    @classmethod
+    def _integrations(cls, value: list[dict] | None) -> list[dict] | None:
+        if value:
+            raise ValueError("integrations are not supported by this service")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://", value):
+            raise ValueError("webhook_url must be an http(s) URL")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source_of_hyperparameters(self) -> CreateJobRequest:
+        if self.hyperparameters is not None and self.method is not None:
+            raise ValueError("give hyperparameters inside method, not both at the top level and in method")
+        return self
+
+    def resolved_method(self) -> dict:
+        """The method as OpenAI reports it, with the deprecated top-level form folded in."""
+        if self.method is None:
+            hp = self.hyperparameters or SupervisedHyperparameters()
+            return {"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}}
+        section = getattr(self.method, self.method.type) or (
+            SupervisedMethod() if self.method.type == "supervised" else DpoMethod())
+        return {"type": self.method.type, self.method.type: section.model_dump()}
