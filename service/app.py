@@ -47,9 +47,9 @@ def create_app(settings: Settings | None = None, *, chat=None, runner=None) -> F
 
 
 def _api_routers() -> list:
-    from service import jobs, models
+    from service import chat, files, jobs, models
 
-    return [models.router, jobs.router]
+    return [models.router, jobs.router, files.router, chat.router]
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -23,8 +23,9 @@ def _settings(args: argparse.Namespace):
         return Settings(**overrides)
     except ValidationError as exc:
         # Name the variable, not pydantic's internals.
-        problems = "; ".join(f"TUNESERVE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
-                             for e in exc.errors())
+        problems = "; ".join(
+            (f"TUNESERVE_{'_'.join(map(str, e['loc'])).upper()}: " if e["loc"] else "")
+            + e["msg"].removeprefix("Value error, ") for e in exc.errors())
         raise SystemExit(f"tuneserve: invalid settings: {problems}") from None
 
 

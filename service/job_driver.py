@@ -171,7 +171,11 @@ def driver_alive(job_id: str) -> bool:
 
 
 def start_driver(job_id: str, storage_config: StorageConfig, cpus_per_worker: int) -> None:
-    driver = JobDriver.options(name=job_id, namespace=NAMESPACE, lifetime="detached").remote(
+    # Ray Train's helper actors look the cluster up by address; with several Ray instances on
+    # one machine (tests, a laptop) they must be told which one is theirs.
+    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = JobDriver.options(name=job_id, namespace=NAMESPACE, lifetime="detached",
+                               runtime_env={"env_vars": env}).remote(
         job_id, storage_config, cpus_per_worker)
     driver.run.remote()
     # Queued behind run(): the detached actor leaves once the run is over, freeing its name.

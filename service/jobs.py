@@ -21,7 +21,6 @@ from service.storage import Storage, join_key
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 
 Tenant = Annotated[str, Depends(get_tenant)]
-PREFERENCE_FORMATS = frozenset({"preference"})
 
 
 def _store(request: Request) -> JobStore:
@@ -137,7 +136,7 @@ def _runner(request: Request):
 
 def _check_request(request: Request, body: CreateJobRequest, tenant: str) -> None:
     """Everything that can be checked before the record exists, each failure naming its param."""
-    from service.file_store import get_file
+    from service.file_store import file_kind, get_file
 
     settings = request.app.state.settings
     storage: Storage = request.app.state.storage
@@ -158,7 +157,7 @@ def _check_request(request: Request, body: CreateJobRequest, tenant: str) -> Non
         files.append(("validation_file", body.validation_file))
     for param, file_id in files:
         record = get_file(storage, tenant, file_id, param=param)
-        kind = "dpo" if record.get("description", {}).get("format") in PREFERENCE_FORMATS else "supervised"
+        kind = "dpo" if file_kind(record) == "preference" else "supervised"
         if kind != method:
             what = "preference pairs" if kind == "dpo" else "conversations"
             raise InvalidRequest(
@@ -209,7 +208,7 @@ def read_checkpoints(storage: Storage, job: JobRecord) -> list[dict]:
         checkpoints.append({
             "object": "fine_tuning.job.checkpoint",
             "id": f"ftckpt-{job.id.removeprefix('ftjob-')}-{step:08d}",
-            "created_at": int(info.last_modified),
+            "created_at": int(info.last_modified.timestamp()),
             "fine_tuned_model_checkpoint":
                 f"ft:{job.model}:{job.suffix or ''}:{job.id}:ckpt-step-{step}",
             "fine_tuning_job_id": job.id,

@@ -6,6 +6,7 @@ the message index), so the files API can say exactly what is wrong on which line
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -66,6 +67,8 @@ def parse_message(raw: object, index: int, *, path: str = "messages") -> Message
     if tool_calls is not None and role != "assistant":
         raise LineProblem("invalid_value", f"'{where}tool_calls' is only allowed on assistant messages")
     content = _content(raw, where, optional=bool(tool_calls))
+    if tool_calls and not content.strip():
+        content = _tool_calls_text(tool_calls, where)
     message: Message = {"role": role, "content": content}
     if "weight" in raw:
         message["weight"] = _weight(raw["weight"], where, role)
@@ -89,6 +92,19 @@ def _content(raw: dict, where: str, *, optional: bool) -> str:
                               '{"type": "text", "text": "…"}; only text content is supported')
         texts.append(part["text"])
     return "".join(texts)
+
+
+def _tool_calls_text(tool_calls: list, where: str) -> str:
+    """Tool calls as the text the model learns to write: chat templates without tool support
+    (SmolLM2's among them) would otherwise render an empty turn."""
+    calls = []
+    for i, call in enumerate(tool_calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise LineProblem("invalid_type", f"'{where}tool_calls[{i}]' must be an object with "
+                              "'function': {\"name\", \"arguments\"}")
+        calls.append({"name": function["name"], "arguments": function.get("arguments", "")})
+    return json.dumps(calls, ensure_ascii=False)
 
 
 def _weight(value: object, where: str, role: str) -> int:

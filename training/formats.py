@@ -163,8 +163,8 @@ def _single_reply(value: object, name: str) -> str:
 
 def parse_openai_preference(obj: dict) -> dict:
     inputs = get_field(obj, "input", dict)
-    prompt = parse_messages(inputs.get("messages"), path="input.messages") \
-        if "messages" in inputs else _missing("input.messages")
+    prompt = parse_messages(get_field(inputs, "messages", list, where="input."),
+                            path="input.messages")
     check_prompt(prompt, path="input.messages")
     names = ("preferred_output", "non_preferred_output")
     if names[0] not in obj and "preferred_completion" in obj:
@@ -173,10 +173,6 @@ def parse_openai_preference(obj: dict) -> dict:
         get_field(obj, name, (list, str))
     return _pair(prompt, _single_reply(obj[names[0]], names[0]),
                  _single_reply(obj[names[1]], names[1]), names)
-
-
-def _missing(name: str) -> Any:
-    raise LineProblem("missing_field", f"missing field '{name}'")
 
 
 _HH_MARKERS = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant"}

@@ -7,7 +7,6 @@ never lands in memory whole: its bytes are skipped and the line is reported as t
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -85,20 +84,3 @@ def decode_line(number: int, raw: bytes | None, max_line_bytes: int) -> Any | No
         raise LineProblem("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}") from None
     except (ValueError, RecursionError) as exc:
         raise LineProblem("invalid_json", f"invalid JSON: {exc}") from None
-
-
-def iter_json_lines(stream: Readable, max_line_bytes: int) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line number, value)`` of every non-blank line; raises LineProblem on the first
-    broken one (with ``.line`` set)."""
-    for number, raw in iter_raw_lines(stream, max_line_bytes):
-        try:
-            value = decode_line(number, raw, max_line_bytes)
-        except LineProblem as exc:
-            exc.line = number  # type: ignore[attr-defined]
-            raise
-        if value is not None:
-            yield number, value
-
-
-def is_finite_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-"""Label of a position that carries no loss (prompt, padding, an example's first token)."""
+from training.chat import IGNORE_INDEX
+
 
 
 @dataclass

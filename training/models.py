@@ -70,6 +70,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 gguf_conversions: Counter[str] = Counter()
 """How many times this process dequantized a GGUF file, per model id (tests assert on it)."""
+model_builds: Counter[str] = Counter()
+"""How many times this process built (converted, generated or downloaded) a model, per id."""
 
 _process_locks: dict[str, threading.Lock] = {}
 _process_locks_guard = threading.Lock()
@@ -143,7 +145,8 @@ def resolve_model(
         return _cached(model_id, storage, build)
     location = location or model_id
     if location.startswith("s3://"):
-        return _cached(model_id, None, lambda out: _download_s3(location, out, storage))
+        # Cached by location, so pointing an override elsewhere never reuses the old copy.
+        return _cached(location, None, lambda out: _download_s3(location, out, storage))
     path = Path(location).expanduser()
     if path.is_dir():
         check_model_dir(path)
@@ -159,16 +162,19 @@ def check_model_dir(path: Path) -> None:
     """Refuse a directory that is not a loadable, safe Hugging Face model."""
     if not (path / "config.json").is_file():
         raise InvalidRequest(f"model directory {str(path)!r} has no config.json", param="model")
-    files = [p.name for p in path.iterdir() if p.is_file()]
-    if any(f.endswith(".safetensors") for f in files):
+    _check_weight_files([p.name for p in path.iterdir() if p.is_file()], str(path))
+
+
+def _check_weight_files(names: list[str], where: str) -> None:
+    if any(n.endswith(".safetensors") for n in names):
         return
-    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise InvalidRequest(
-            f"model directory {str(path)!r} holds only pickle weights ({', '.join(pickles)}); "
+            f"model directory {where!r} holds only pickle weights ({', '.join(pickles)}); "
             "tuneserve loads safetensors only: convert them (e.g. model.save_pretrained("
             "dir, safe_serialization=True)) and point to the converted directory", param="model")
-    raise InvalidRequest(f"model directory {str(path)!r} has no *.safetensors weights", param="model")
+    raise InvalidRequest(f"model directory {where!r} has no *.safetensors weights", param="model")
 
 
 # --------------------------------------------------------------------------- cache
@@ -183,6 +189,7 @@ def _cached(model_id: str, storage: Storage | None, build) -> Path:
     slug = model_slug(model_id)
     final = local_cache_dir() / slug
     if (final / MARKER_FILE).is_file():
+        _ensure_published(storage, slug, final)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
@@ -197,6 +204,7 @@ def _cached(model_id: str, storage: Storage | None, build) -> Path:
                 log.info("model %s: fetched from storage models/%s", model_id, slug)
             else:
                 started = time.monotonic()
+                model_builds[model_id] += 1
                 build(tmp)
                 check_model_dir(tmp)
                 # The local copy becomes visible only by the rename below, so the marker's order
@@ -213,6 +221,15 @@ def _cached(model_id: str, storage: Storage | None, build) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _ensure_published(storage: Storage | None, slug: str, local: Path) -> None:
+    """A copy made before storage was configured is shared now, so other nodes need not build it."""
+    if storage is None or storage.exists(_storage_prefix(slug) + MARKER_FILE):
+        return
+    with _process_lock(str(local)):
+        if not storage.exists(_storage_prefix(slug) + MARKER_FILE):
+            _publish_to_storage(storage, slug, local)
 
 
 def _process_lock(key: str) -> threading.Lock:
@@ -313,8 +330,7 @@ def _build_tiny(out: Path) -> None:
         **TINY_CONFIG,
     )
     config._name_or_path = TINY_MODEL_ID
-    devices = [torch.device("cpu")]
-    with torch.random.fork_rng(devices=devices):  # leave the caller's RNG alone
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone (CPU; no GPU used)
         torch.manual_seed(TINY_SEED)
         model = LlamaForCausalLM(config).to(torch.float32)
     model.save_pretrained(out, safe_serialization=True)
@@ -328,14 +344,13 @@ def _download_s3(location: str, out: Path, storage: Storage | None) -> None:
     endpoint = getattr(getattr(storage, "config", None), "endpoint_url", None)
     remote = open_storage(StorageConfig(uri=location.rstrip("/"),
                                         endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL")))
-    names = []
-    for info in remote.iter(""):
-        name = info.key.lstrip("/")
-        if name and "/" not in name and not name.endswith(PICKLE_SUFFIXES):
-            remote.download_file(info.key, out / name)
-            names.append(name)
-    if not names:
-        raise NotFound(f"no model files under {location!r}", param="model")
+    names = [info.key for info in remote.iter("") if "/" not in info.key]
+    if "config.json" not in names:
+        raise NotFound(f"no Hugging Face model (config.json) under {location!r}", param="model")
+    _check_weight_files(names, location)  # before downloading gigabytes of pickles
+    for name in names:
+        if not name.endswith(PICKLE_SUFFIXES):
+            remote.download_file(name, out / name)
 
 
 def _download_hub(repo_id: str, out: Path) -> None:

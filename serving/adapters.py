@@ -1,0 +1,236 @@
+"""Adapters on a serving replica: fetch from storage, check against the base model, load, cache.
+
+An adapter folder (``adapters/<job_id>/final/`` or ``…/ckpt-step-<N>/``) holds
+``adapter_model.safetensors``, ``adapter_config.json`` (PEFT) and ``manifest.json``, written
+last, so a folder with a manifest is complete. Only safetensors are loaded: pickled weights
+(``.bin``, ``.pt``) can run code on load and are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import shutil
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from service.errors import InvalidRequest, NotFound
+
+log = logging.getLogger(__name__)
+
+ADAPTER_ID = re.compile(r"^ftjob-[0-9a-f]{24}/(final|ckpt-step-\d+)$")
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+MANIFEST_FILE = "manifest.json"
+_PICKLED = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+DEFAULT_MAX_RANK = 64
+
+
+class AdapterIncompatible(InvalidRequest):
+    """The adapter was trained for another base model, template or an unsupported shape."""
+
+    def __init__(self, message: str):
+        super().__init__(message, param="model", code="adapter_incompatible")
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """An adapter's factors ready for ``LoraLinear``: module path -> (A [in, r], B [r, out])."""
+
+    adapter_id: str
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    manifest: dict[str, Any]
+
+
+def check_adapter_id(adapter_id: str) -> None:
+    if not ADAPTER_ID.match(adapter_id):
+        raise NotFound(f"The adapter {adapter_id!r} does not exist.", param="model",
+                       code="model_not_found")
+
+
+def fetch_adapter(storage: Any, adapter_id: str, cache_dir: Path) -> Path:
+    """Copy an adapter folder from storage to ``cache_dir/<adapter_id>`` and return that path.
+
+    Raises:
+        NotFound: no complete adapter (no manifest) under that id.
+        AdapterIncompatible: the folder holds pickled weights or no safetensors.
+    """
+    from service.storage import join_key
+
+    check_adapter_id(adapter_id)
+    prefix = join_key("adapters", *adapter_id.split("/"))
+    if not storage.exists(join_key(prefix, MANIFEST_FILE)):
+        raise NotFound(f"The adapter {adapter_id!r} does not exist (or is still being written).",
+                       param="model", code="model_not_found")
+    names = {info.key.rsplit("/", 1)[-1] for info in storage.iter(prefix + "/")}
+    _check_files(adapter_id, names)
+    target = cache_dir / adapter_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".fetch-"))
+    try:
+        for name in (WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE):
+            storage.download_file(join_key(prefix, name), str(staging / name))
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _check_files(adapter_id: str, names: set[str]) -> None:
+    pickled = sorted(n for n in names if n.endswith(_PICKLED))
+    if pickled:
+        raise AdapterIncompatible(
+            f"The adapter {adapter_id!r} holds pickled weights ({', '.join(pickled)}); "
+            f"only {WEIGHTS_FILE} is loaded. Re-save it with safetensors.")
+    missing = [n for n in (WEIGHTS_FILE, CONFIG_FILE) if n not in names]
+    if missing:
+        raise AdapterIncompatible(f"The adapter {adapter_id!r} lacks {', '.join(missing)}.")
+
+
+def check_manifest(manifest: Mapping[str, Any], *, base_model: str,
+                   fingerprint: Mapping[str, str], max_rank: int = DEFAULT_MAX_RANK) -> None:
+    """Refuse an adapter that would produce garbage on this base model."""
+    name = manifest.get("job_id") or "adapter"
+    if manifest.get("base_model") != base_model:
+        raise AdapterIncompatible(
+            f"The {name} was trained on {manifest.get('base_model')!r}, "
+            f"but this deployment serves {base_model!r}.")
+    for key in ("base_weights_hash", "template_hash"):
+        if manifest.get(key) != fingerprint.get(key):
+            what = "weights" if key == "base_weights_hash" else "chat template"
+            raise AdapterIncompatible(
+                f"The {name} was trained against different base {what} than the ones served "
+                f"here ({key} {str(manifest.get(key))[:12]}… ≠ {str(fingerprint.get(key))[:12]}…); "
+                "retrain it on the current base model.")
+    rank = int((manifest.get("lora") or {}).get("r") or 0)
+    if not 0 < rank <= max_rank:
+        raise AdapterIncompatible(f"The {name} has LoRA rank {rank}; supported ranks are 1 to "
+                                  f"{max_rank}.")
+
+
+def read_adapter(path: Path, adapter_id: str, modules: Mapping[str, Any], *,
+                 base_model: str, fingerprint: Mapping[str, str],
+                 max_rank: int = DEFAULT_MAX_RANK) -> LoadedAdapter:
+    """Check a local adapter folder against the base model and read its LoRA factors.
+
+    ``modules`` maps PEFT module paths (``model.layers.0.self_attn.q_proj``) to objects with
+    ``in_features`` and ``out_features`` (the engine's ``LoraLinear``s).
+    """
+    names = {p.name for p in path.iterdir()}
+    _check_files(adapter_id, names)
+    if MANIFEST_FILE not in names:
+        raise NotFound(f"The adapter {adapter_id!r} does not exist.", param="model",
+                       code="model_not_found")
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    check_manifest(manifest, base_model=base_model, fingerprint=fingerprint, max_rank=max_rank)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    scale = _scaling(adapter_id, config)
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    factors = _pair_factors(adapter_id, tensors, modules, scale)
+    return LoadedAdapter(adapter_id=adapter_id, factors=factors, manifest=manifest)
+
+
+def _scaling(adapter_id: str, config: Mapping[str, Any]) -> float:
+    unsupported = [k for k in ("use_dora", "fan_in_fan_out") if config.get(k)]
+    unsupported += [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save")
+                    if config.get(k)]
+    if config.get("bias", "none") != "none":
+        unsupported.append("bias")
+    if config.get("peft_type", "LORA") != "LORA":
+        unsupported.append(f"peft_type={config.get('peft_type')}")
+    if unsupported:
+        raise AdapterIncompatible(f"The adapter {adapter_id!r} uses {', '.join(unsupported)}, "
+                                  "which this server does not serve.")
+    r, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _pair_factors(adapter_id: str, tensors: dict[str, torch.Tensor],
+                  modules: Mapping[str, Any], scale: float
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        stem = key.removeprefix("base_model.model.")
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in stem:
+                pairs.setdefault(stem.split(marker)[0], {})[part] = tensor
+                break
+        else:
+            raise AdapterIncompatible(f"The adapter {adapter_id!r} holds {key!r}, which is not a "
+                                      "LoRA A/B weight of a supported module.")
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for path, pair in pairs.items():
+        module = modules.get(path)
+        if module is None or set(pair) != {"lora_A", "lora_B"}:
+            raise AdapterIncompatible(f"The adapter {adapter_id!r} targets {path!r}, which this "
+                                      "server cannot apply an adapter to.")
+        a, b = pair["lora_A"], pair["lora_B"]  # PEFT: A [r, in], B [out, r]
+        if a.shape[1] != module.in_features or b.shape[0] != module.out_features \
+                or a.shape[0] != b.shape[1]:
+            raise AdapterIncompatible(f"The adapter {adapter_id!r} has shapes {tuple(a.shape)} / "
+                                      f"{tuple(b.shape)} for {path!r}, which do not fit the base "
+                                      "model.")
+        factors[path] = (a.t().float().contiguous(), (b.t().float() * scale).contiguous())
+    return factors
+
+
+class AdapterCache:
+    """An LRU of adapters loaded into an engine, for the in-process back end.
+
+    (The Serve deployment uses ``@serve.multiplexed``, which keeps the same LRU per replica.)
+    Concurrent requests for one adapter share one load.
+    """
+
+    def __init__(self, capacity: int, load: Callable[[str], None],
+                 unload: Callable[[str], None]):
+        self.capacity = capacity
+        self._load = load
+        self._unload = unload
+        self._loaded: OrderedDict[str, None] = OrderedDict()
+        self._loading: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def loaded(self) -> list[str]:
+        """Adapter ids from least to most recently used."""
+        return list(self._loaded)
+
+    async def get(self, adapter_id: str) -> None:
+        """Make sure ``adapter_id`` is loaded, marking it most recently used."""
+        if adapter_id in self._loaded:
+            self._loaded.move_to_end(adapter_id)
+            return
+        task = self._loading.get(adapter_id)
+        if task is None:
+            task = asyncio.create_task(self._fetch(adapter_id))
+            self._loading[adapter_id] = task
+        await asyncio.shield(task)
+
+    async def _fetch(self, adapter_id: str) -> None:
+        try:
+            await asyncio.to_thread(self._load, adapter_id)
+            self._loaded[adapter_id] = None
+            while len(self._loaded) > self.capacity:
+                evicted, _ = self._loaded.popitem(last=False)
+                log.info("evicting adapter %s (LRU)", evicted)
+                self._unload(evicted)
+        finally:
+            self._loading.pop(adapter_id, None)
+
+    def evict(self, adapter_id: str) -> bool:
+        if adapter_id not in self._loaded:
+            return False
+        del self._loaded[adapter_id]
+        self._unload(adapter_id)
+        return True

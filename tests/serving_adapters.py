@@ -1,0 +1,59 @@
+"""Test adapters for the serving tests: PEFT LoRA on a base model, in the training engine's layout.
+
+``adapters/<job_id>/final/{adapter_model.safetensors, adapter_config.json, manifest.json}``
+with the manifest written last, exactly as ``docs/interfaces.md`` pins it. The LoRA B factors
+are random and non-zero (PEFT starts them at zero), so each adapter changes the model's answers.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.storage import Storage, join_key
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def new_job_id() -> str:
+    return f"ftjob-{secrets.token_hex(12)}"
+
+
+def write_adapter(storage: Storage, model_dir: Path, base_model: str, *, seed: int,
+                  job_id: str | None = None, step: int | None = None, tenant: str = "local",
+                  r: int = 8, scale: float = 0.5, manifest_overrides: dict[str, Any] | None = None,
+                  model: Any = None) -> str:
+    """Write one adapter to storage; returns its adapter id (``<job_id>/final`` …)."""
+    from peft import LoraConfig, get_peft_model
+
+    from training import models
+
+    job_id = job_id or new_job_id()
+    folder = "final" if step is None else f"ckpt-step-{step}"
+    base = model if model is not None else models.load_model(model_dir)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0)
+    peft_model = get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    manifest = {
+        "base_model": base_model, **models.model_fingerprint(model_dir),
+        "eot_token_ids": [2], "job_id": job_id, "tenant": tenant, "step": step,
+        "lora": {"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": TARGETS},
+        "data_hashes": {}, "hyperparameters": {}, "seed": seed, "versions": {}, "metrics": {},
+    } | (manifest_overrides or {})
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp)
+        prefix = join_key("adapters", job_id, folder)
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            storage.upload_file(Path(tmp) / name, join_key(prefix, name))
+        storage.put(join_key(prefix, "manifest.json"), json.dumps(manifest).encode())
+    peft_model.unload()  # give the base model its plain Linear layers back
+    return f"{job_id}/{folder}"

@@ -1,0 +1,68 @@
+"""``tuneserve up`` as a user runs it: answers the probes and the model list, stops on Ctrl-C."""
+
+from __future__ import annotations
+
+import httpx
+import psutil
+import pytest
+
+from tests.helpers import Service
+
+pytestmark = pytest.mark.slow
+
+
+def _ray_processes() -> set[int]:
+    names = ("raylet", "gcs_server", "ray::", "default_worker.py", "dashboard")
+    found = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if any(n in cmd for n in names):
+            found.add(proc.info["pid"])
+    return found
+
+
+def test_up_answers_probes_and_models_then_stops_clean(tmp_path):
+    before = _ray_processes()
+    service = Service(str(tmp_path / "storage")).start()
+    try:
+        assert httpx.get(f"{service.url}/healthz").json() == {"status": "ok"}
+        ready = httpx.get(f"{service.url}/readyz")
+        assert ready.status_code == 200 and ready.json()["checks"]["storage"] == "ok"
+        models = httpx.get(f"{service.url}/v1/models").json()
+        ids = [m["id"] for m in models["data"]]
+        assert "HuggingFaceTB/SmolLM2-135M-Instruct" in ids
+        assert all(m["object"] == "model" for m in models["data"])
+        assert _ray_processes() - before, "the service should run on its own local Ray"
+    finally:
+        code = service.stop()
+    assert code == 0
+    leftover = {p for p in _ray_processes() - before if psutil.pid_exists(p)}
+    for pid in leftover:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                leftover.discard(pid)
+        except psutil.NoSuchProcess:
+            pass
+    assert not leftover, f"Ray processes left behind after SIGINT: {leftover}"
+
+
+def test_invalid_setting_fails_at_start_naming_the_variable(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "service.cli", "up"], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "TUNESERVE_PORT": "not-a-port",
+                              "HOME": str(tmp_path)}, timeout=60)
+    assert out.returncode != 0
+    assert "TUNESERVE_PORT" in out.stderr
+
+
+def test_public_bind_without_api_keys_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "service.cli", "up", "--host", "0.0.0.0"],
+                         capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode != 0
+    assert "TUNESERVE_API_KEYS" in out.stderr

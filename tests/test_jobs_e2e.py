@@ -1,0 +1,165 @@
+"""Jobs end to end, as a caller sees them: ``tuneserve up`` on SeaweedFS S3, the openai SDK,
+real Ray Train runs on the tiny model. Restarts and cancels are done to the real processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import time
+
+import openai
+import psutil
+import pytest
+
+from tests.helpers import Service, wait_until
+
+pytestmark = pytest.mark.slow
+
+TINY = "tuneserve/tiny-llama"
+
+
+def chat_file(n: int) -> bytes:
+    rows = [{"messages": [{"role": "user", "content": f"Repeat the word number {i}."},
+                          {"role": "assistant", "content": f"word {i % 7}"}]} for i in range(n)]
+    return "\n".join(json.dumps(r) for r in rows).encode()
+
+
+@pytest.fixture(scope="module")
+def service_env(s3_server, tmp_path_factory):
+    prefix = f"e2e-{os.getpid()}-{int(time.time())}"
+    env = {**s3_server.env, "TUNESERVE_S3_ENDPOINT_URL": s3_server.endpoint_url,
+           "TUNESERVE_CPUS_PER_WORKER": "1"}
+    return f"s3://{s3_server.bucket}/{prefix}", env
+
+
+@pytest.fixture(scope="module")
+def service(service_env):
+    storage, env = service_env
+    with Service(storage, env=env) as svc:
+        yield svc
+
+
+@pytest.fixture
+def client(service):
+    return openai.OpenAI(base_url=f"{service.url}/v1", api_key="local", max_retries=0, timeout=60)
+
+
+def upload(client, n: int) -> str:
+    return client.files.create(file=("train.jsonl", io.BytesIO(chat_file(n))), purpose="fine-tune").id
+
+
+def wait_status(client, job_id: str, statuses: set[str], timeout: float):
+    return wait_until(lambda: (j := client.fine_tuning.jobs.retrieve(job_id)).status in statuses and j,
+                      timeout, interval=1, what=f"job {job_id} to reach {statuses}")
+
+
+def metrics_events(client, job_id: str) -> list:
+    events = client.fine_tuning.jobs.list_events(job_id, limit=1000).data
+    return [e for e in events if e.type == "metrics"]
+
+
+def train_workers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "RayTrainWorker" in cmd or "TrainController" in cmd:
+            found.append(p)
+    return found
+
+
+def test_job_runs_to_success_with_events_checkpoints_and_results(client):
+    file_id = upload(client, 32)
+    job = client.fine_tuning.jobs.create(
+        model=TINY, training_file=file_id, suffix="e2e", seed=3,
+        method={"type": "supervised",
+                "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 8}}})
+    assert job.status == "validating_files"
+    done = wait_status(client, job.id, {"succeeded", "failed", "cancelled"}, 300)
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model == f"ft:{TINY}:e2e:{job.id}"
+    assert done.trained_tokens and done.trained_tokens > 0
+    hp = done.method.supervised.hyperparameters
+    assert (hp.n_epochs, hp.batch_size) == (2, 8)
+    assert isinstance(hp.learning_rate_multiplier, float)
+    assert done.finished_at and done.finished_at >= done.created_at
+
+    steps = [e.data["step"] for e in metrics_events(client, job.id)]
+    assert sorted(steps) == list(range(1, 9)), steps  # 32 examples / 8 per step × 2 epochs
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints and checkpoints[0].step_number == 8
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-8"
+    assert checkpoints[0].metrics.train_loss is not None
+    assert done.result_files
+    csv = client.files.content(done.result_files[0]).text
+    assert csv.splitlines()[0].startswith("step,train_loss") and len(csv.splitlines()) == 9
+
+
+def test_cancel_stops_the_run_within_seconds(client):
+    job = client.fine_tuning.jobs.create(model=TINY, training_file=upload(client, 256),
+                                         hyperparameters={"n_epochs": 50, "batch_size": 4})
+    wait_until(lambda: metrics_events(client, job.id), 240, interval=1, what="first step")
+    cancelled_at = time.monotonic()
+    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    wait_until(lambda: not train_workers(), 30, what="the run's Ray processes to go away")
+    assert time.monotonic() - cancelled_at < 30
+    time.sleep(3)  # a dying run must not overwrite the decision
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+    with pytest.raises(openai.ConflictError, match="cancelled"):
+        client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_api_replica_restart_during_a_run_does_not_stop_it(client):
+    job = client.fine_tuning.jobs.create(model=TINY, training_file=upload(client, 64),
+                                         hyperparameters={"n_epochs": 6, "batch_size": 4})
+    wait_until(lambda: metrics_events(client, job.id), 240, interval=1, what="first step")
+    replicas = [p for p in psutil.process_iter(["cmdline"])
+                if "ServeReplica:tuneserve:Api" in " ".join(p.info["cmdline"] or [])]
+    assert replicas, "the API replica process should be visible"
+    for p in replicas:
+        p.send_signal(signal.SIGKILL)
+    done = wait_status(client, job.id, {"succeeded", "failed", "cancelled"}, 400)
+    assert done.status == "succeeded", done.error
+    steps = sorted(e.data["step"] for e in metrics_events(client, job.id))
+    assert steps[-1] == 96  # 64 / 4 × 6: the run went on to its end
+
+
+def test_cluster_restart_resumes_from_the_last_checkpoint(service_env, service, monkeypatch):
+    storage, env = service_env
+    service.stop()  # this test restarts the whole service; the module's instance goes first
+    first = Service(storage, env=env).start()
+    client = openai.OpenAI(base_url=f"{first.url}/v1", api_key="local", max_retries=0)
+    job = client.fine_tuning.jobs.create(model=TINY, training_file=upload(client, 32),
+                                         hyperparameters={"n_epochs": 12, "batch_size": 4})
+    wait_until(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, 300, interval=1,
+               what="the first checkpoint")
+    first.stop()  # stops Ray entirely: the run dies with it
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    checkpointed = max(_checkpoint_steps(storage, env, job.id))
+
+    second = Service(storage, env=env).start()
+    try:
+        client = openai.OpenAI(base_url=f"{second.url}/v1", api_key="local", max_retries=0)
+        done = wait_status(client, job.id, {"succeeded", "failed", "cancelled"}, 400)
+        assert done.status == "succeeded", done.error
+        resumed = [e.data["resumed_from_step"] for e in
+                   client.fine_tuning.jobs.list_events(job.id, limit=1000).data
+                   if e.data and "resumed_from_step" in e.data]
+        assert resumed and resumed[0] >= checkpointed > 0
+        steps = [e.data["step"] for e in metrics_events(client, job.id)]
+        assert max(steps) == 96
+    finally:
+        second.stop()
+
+
+def _checkpoint_steps(storage: str, env: dict, job_id: str) -> list[int]:
+    """The checkpoints' steps, read from storage directly (the service is down)."""
+    from service.job_store import JobStore
+    from service.jobs import read_checkpoints
+    from service.storage import open_storage
+    from service.storage_config import StorageConfig
+
+    store = open_storage(StorageConfig(uri=storage, endpoint_url=env["TUNESERVE_S3_ENDPOINT_URL"]))
+    return [c["step_number"] for c in read_checkpoints(store, JobStore(store).get(job_id))]

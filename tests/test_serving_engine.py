@@ -1,0 +1,284 @@
+"""The generation engine on the tiny model: mixed-adapter batches, LRU, checks, sampling, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.errors import InvalidRequest, NotFound, RateLimited
+from service.storage import open_storage
+from service.storage_config import StorageConfig
+from serving.adapters import AdapterCache, AdapterIncompatible, fetch_adapter
+from serving.engine import AdapterNotLoaded, Engine
+from serving.sampling import SamplingParams, StopText
+from tests.serving_adapters import write_adapter
+from training import chat, models
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+QUESTIONS = ["What is the capital of France?", "Hi", "Write a haiku about the sea, please.",
+             "2+2?"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir() -> Path:
+    return models.resolve_model(models.TINY_MODEL_ID)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_dir):
+    """Local storage holding four adapters of the tiny model (seeds 0..3)."""
+    storage = open_storage(StorageConfig(uri=str(tmp_path_factory.mktemp("storage"))))
+    base = models.load_model(tiny_dir)
+    ids = [write_adapter(storage, tiny_dir, models.TINY_MODEL_ID, seed=i, model=base)
+           for i in range(4)]
+    return storage, ids
+
+
+@pytest.fixture
+def engine(tiny_dir):
+    eng = Engine.for_base_model(models.TINY_MODEL_ID, dtype="float32", max_batch=8,
+                                max_pending=16)
+    yield eng
+    eng.close()
+
+
+def _load(engine: Engine, storage, adapter_id: str, tmp_path: Path) -> None:
+    engine.load_adapter(adapter_id, fetch_adapter(storage, adapter_id, tmp_path))
+
+
+def _prompt(engine: Engine, question: str) -> list[int]:
+    return chat.render_prompt(engine.tokenizer, [{"role": "user", "content": question}])
+
+
+def test_mixed_batch_of_four_adapters_equals_each_alone(engine, store, tmp_path):
+    storage, ids = store
+    for adapter_id in ids:
+        _load(engine, storage, adapter_id, tmp_path)
+    # Different prompt lengths, so the batch is left-padded; adapters interleaved with the base.
+    cases = [(a, q) for a, q in zip([None, *ids], [*QUESTIONS, "Bonjour"])]
+    cases += [(ids[2], QUESTIONS[1]), (ids[0], QUESTIONS[3])]
+    alone = {case: engine.generate(_prompt(engine, case[1]), GREEDY, case[0]).text
+             for case in cases}
+    assert len({alone[c] for c in cases}) >= 5, "adapters should change the answer"
+
+    generations = [engine.submit(_prompt(engine, q), GREEDY, a) for a, q in cases]
+    together = {case: "".join(c.text for c in g) for case, g in zip(cases, generations)}
+    assert together == alone
+
+
+def test_request_joining_a_running_batch_gets_its_own_answer(engine, store, tmp_path):
+    storage, ids = store
+    for adapter_id in ids[:2]:
+        _load(engine, storage, adapter_id, tmp_path)
+    long = SamplingParams(max_tokens=40, temperature=0)
+    first_alone = engine.generate(_prompt(engine, QUESTIONS[0]), long, ids[0]).text
+    late_alone = engine.generate(_prompt(engine, QUESTIONS[2]), GREEDY, ids[1]).text
+
+    first = engine.submit(_prompt(engine, QUESTIONS[0]), long, ids[0])
+    stream = iter(first)
+    pieces = [next(stream).text]  # the first row is decoding now
+    late = engine.submit(_prompt(engine, QUESTIONS[2]), GREEDY, ids[1])
+    assert "".join(c.text for c in late) == late_alone
+    assert "".join(pieces + [c.text for c in stream]) == first_alone
+
+
+def test_batched_lora_matches_peft(engine, store, tiny_dir, tmp_path):
+    """Our LoRA arithmetic is PEFT's: same greedy tokens as PEFT's own forward."""
+    from peft import PeftModel
+
+    storage, ids = store
+    path = fetch_adapter(storage, ids[3], tmp_path)
+    engine.load_adapter(ids[3], path)
+    prompt = _prompt(engine, QUESTIONS[0])
+    ours = engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0), ids[3])
+
+    peft_model = PeftModel.from_pretrained(models.load_model(tiny_dir), str(path)).eval()
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(ours.completion_tokens):
+            tokens.append(int(peft_model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    expected = engine.tokenizer.decode(tokens[len(prompt):], skip_special_tokens=True)
+    assert ours.text == expected
+
+
+def test_lru_with_room_for_two_and_requests_for_three(engine, store, tmp_path):
+    storage, ids = store
+    loads: list[str] = []
+    evictions: list[str] = []
+
+    def load(adapter_id: str) -> None:
+        loads.append(adapter_id)
+        _load(engine, storage, adapter_id, tmp_path)
+
+    def unload(adapter_id: str) -> None:
+        evictions.append(adapter_id)
+        engine.remove_adapter(adapter_id)
+
+    a, b, c = ids[:3]
+    reference = {}
+    for adapter_id in (a, b, c):  # answers of each adapter on an engine of its own
+        solo = Engine(models.load_model(models.resolve_model(models.TINY_MODEL_ID)),
+                      engine.tokenizer, base_model=engine.base_model,
+                      fingerprint=engine.fingerprint, eot_ids=engine.eot_ids)
+        solo.load_adapter(adapter_id, fetch_adapter(storage, adapter_id, tmp_path))
+        reference[adapter_id] = solo.generate(_prompt(solo, "Hi"), GREEDY, adapter_id).text
+        solo.close()
+
+    cache = AdapterCache(2, load, unload)
+
+    async def ask(adapter_id: str) -> str:
+        await cache.get(adapter_id)
+        return "".join([c.text async for c in engine.submit(_prompt(engine, "Hi"), GREEDY,
+                                                              adapter_id)])
+
+    async def scenario() -> list[tuple[str, str, list[str]]]:
+        steps = []
+        for adapter_id in (a, b, a, c, b, a):
+            answer = await ask(adapter_id)
+            steps.append((adapter_id, answer, cache.loaded))
+        return steps
+
+    steps = asyncio.run(scenario())
+    assert [answer for _, answer, _ in steps] == [reference[x] for x, _, _ in steps]
+    # LRU order after each request (least recently used first).
+    assert [loaded for _, _, loaded in steps] == [[a], [a, b], [b, a], [a, c], [c, b], [b, a]]
+    assert evictions == [b, a, c]
+    assert loads == [a, b, c, b, a]
+    assert sorted(engine.adapters) == sorted([b, a])
+
+
+def test_concurrent_requests_share_one_adapter_load(engine, store, tmp_path):
+    storage, ids = store
+    release = threading.Event()
+    loads: list[str] = []
+
+    def load(adapter_id: str) -> None:
+        loads.append(adapter_id)
+        release.wait(timeout=10)
+        _load(engine, storage, adapter_id, tmp_path)
+
+    cache = AdapterCache(2, load, engine.remove_adapter)
+
+    async def scenario() -> None:
+        waiters = [asyncio.create_task(cache.get(ids[0])) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.gather(*waiters)
+
+    asyncio.run(scenario())
+    assert loads == [ids[0]]
+    assert engine.adapters == [ids[0]]
+
+
+def test_adapter_in_use_is_unloaded_after_its_requests(engine, store, tmp_path):
+    storage, ids = store
+    _load(engine, storage, ids[0], tmp_path)
+    generation = engine.submit(_prompt(engine, "Hi"), SamplingParams(max_tokens=30,
+                                                                      temperature=0), ids[0])
+    engine.remove_adapter(ids[0])
+    assert engine.adapters == []
+    with pytest.raises(AdapterNotLoaded):
+        engine.submit(_prompt(engine, "Hi"), GREEDY, ids[0])
+    chunks = list(generation)  # the running request still finishes with its adapter
+    assert chunks[-1].finish_reason in ("stop", "length")
+    assert all(not m.factors for m in engine.modules.values())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"base_weights_hash": "sha256:other"}, "different base weights"),
+    ({"template_hash": "sha256:other"}, "different base chat template"),
+    ({"base_model": models.BUILTIN_MODEL_ID}, "trained on 'HuggingFaceTB/SmolLM2-135M-Instruct'"),
+    ({"lora": {"r": 512}}, "rank 512"),
+])
+def test_mismatched_adapter_is_refused(engine, store, tiny_dir, tmp_path, change, message):
+    storage, _ = store
+    adapter_id = write_adapter(storage, tiny_dir, models.TINY_MODEL_ID, seed=9,
+                               manifest_overrides=change)
+    with pytest.raises(AdapterIncompatible, match=message) as info:
+        _load(engine, storage, adapter_id, tmp_path)
+    assert info.value.status == 400 and info.value.param == "model"
+    assert engine.adapters == []
+
+
+def test_pickled_adapter_is_refused(engine, store, tiny_dir, tmp_path):
+    storage, _ = store
+    adapter_id = write_adapter(storage, tiny_dir, models.TINY_MODEL_ID, seed=9)
+    storage.put(f"adapters/{adapter_id}/adapter_model.bin", b"pickle")
+    with pytest.raises(AdapterIncompatible, match=r"pickled weights \(adapter_model.bin\)"):
+        _load(engine, storage, adapter_id, tmp_path)
+
+
+def test_adapter_without_manifest_is_not_found(engine, store, tiny_dir, tmp_path):
+    storage, _ = store
+    adapter_id = write_adapter(storage, tiny_dir, models.TINY_MODEL_ID, seed=9)
+    storage.delete(f"adapters/{adapter_id}/manifest.json")  # still being written
+    with pytest.raises(NotFound):
+        _load(engine, storage, adapter_id, tmp_path)
+
+
+def test_stop_strings_and_length(engine):
+    prompt = _prompt(engine, "Hi")
+    full = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0))
+    assert full.finish_reason == "length" and full.completion_tokens == 12
+    stop = full.text[4:7]
+    cut = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0, stop=(stop,)))
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[:full.text.index(stop)]
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    prompt = _prompt(engine, "Hi")
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    a = engine.generate(prompt, params).text
+    assert engine.generate(prompt, params).text == a
+    others = {engine.generate(prompt, SamplingParams(max_tokens=10, seed=s)).text
+              for s in range(3)}
+    assert len(others) > 1
+
+
+def test_limits(engine):
+    prompt = _prompt(engine, "Hi")
+    with pytest.raises(InvalidRequest, match="context is 2048 tokens") as info:
+        engine.submit([1] * 2048, GREEDY)
+    assert info.value.param == "messages"
+    with pytest.raises(InvalidRequest, match="Lower max_tokens") as info:
+        engine.submit(prompt, SamplingParams(max_tokens=2048 - len(prompt) + 1))
+    assert info.value.param == "max_tokens"
+
+    slow = SamplingParams(max_tokens=2000, temperature=0)
+    running = [engine.submit(prompt, slow) for _ in range(engine.max_pending)]
+    with pytest.raises(RateLimited) as info:
+        engine.submit(prompt, GREEDY)
+    assert info.value.retry_after >= 1
+    for generation in running:
+        generation.cancel()
+    deadline = time.monotonic() + 10
+    while engine.load != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.load == (0, 0)  # cancelled requests leave the batch and the queue
+    assert engine.generate(prompt, GREEDY).finish_reason == "length"
+
+
+@pytest.mark.parametrize("stop, pieces, sent", [
+    (("END",), ["Hello E", "Hello EN", "Hello END more"], ["Hello ", "", ""]),
+    (("END",), ["Hello E", "Hello Ex"], ["Hello ", "Ex"]),
+    ((), ["caf\ufffd", "café"], ["caf", "é"]),
+])
+def test_stop_text_holds_back_possible_stops(stop, pieces, sent):
+    tracker = StopText(stop)
+    assert [tracker.update(p) for p in pieces] == sent
+
+
+def test_manifest_check_reads_the_manifest_file(engine, store, tmp_path):
+    storage, ids = store
+    path = fetch_adapter(storage, ids[0], tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["base_model"] == models.TINY_MODEL_ID
+    engine.load_adapter(ids[0], path)
+    assert engine.adapters == [ids[0]]

@@ -1,0 +1,179 @@
+"""The SFT loss: masked, normalised over the global batch, the same packed or padded, and
+correct for each supported model family (tiny random configs, no Ray)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from training.chat import IGNORE_INDEX
+from training.config import TrainSpec
+from training.lora import TARGET_MODULES, apply_adapter
+from training.loss import masked_token_sums, normalised_loss, supervised_count
+from training.packing import collate_packed, collate_padded
+
+X = IGNORE_INDEX
+
+
+class CountingHead(torch.nn.Module):
+    """An identity 'lm_head' (C = V = 3) that records how many rows it was asked to project."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.rows += h.shape[0]
+        return h
+
+
+def test_loss_sums_only_supervised_tokens_and_skips_masked_logits():
+    """hidden[t] are the logits predicting labels[t+1]. With labels [X, X, 2, 0] only the
+    predictions made at t=1 (target 2) and t=2 (target 0) count:
+      t=1: logits [0, 0, ln 3] → p(2) = 3/5   → loss ln(5/3), correct (arg-max 2)
+      t=2: logits [ln 2, 0, 0]  → p(0) = 2/4   → loss ln 2,    correct (arg-max 0)
+    The prediction at t=0 (target X) is never projected."""
+    hidden = torch.tensor([[[9.0, 0.0, 0.0], [0.0, 0.0, math.log(3)],
+                            [math.log(2), 0.0, 0.0], [0.0, 7.0, 0.0]]])
+    labels = torch.tensor([[X, X, 2, 0]])
+    head = CountingHead()
+    sums = masked_token_sums(hidden, labels, head)
+    assert sums.count == 2 == supervised_count(labels)
+    assert sums.correct == 2
+    assert sums.loss.item() == pytest.approx(math.log(5 / 3) + math.log(2), abs=1e-6)
+    assert head.rows == 2  # masked positions never reach the output projection
+
+
+def test_normalised_loss_divides_by_the_global_count():
+    hidden = torch.zeros(1, 3, 3)
+    labels = torch.tensor([[X, 1, 1]])  # two tokens, each with loss ln 3 (uniform logits)
+    sums = masked_token_sums(hidden, labels, CountingHead())
+    assert sums.loss.item() == pytest.approx(2 * math.log(3), abs=1e-6)
+    # This micro-batch holds 2 of the global batch's 8 supervised tokens.
+    assert normalised_loss(sums, 8).item() == pytest.approx(2 * math.log(3) / 8, abs=1e-6)
+
+
+# -- tiny models of each family ---------------------------------------------------------------
+
+COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=2)
+FAMILIES = {
+    "llama": lambda: transformers.LlamaConfig(**COMMON, intermediate_size=64, num_key_value_heads=2),
+    "mistral": lambda: transformers.MistralConfig(**COMMON, intermediate_size=64,
+                                                  num_key_value_heads=2, sliding_window=None),
+    "qwen2": lambda: transformers.Qwen2Config(**COMMON, intermediate_size=64, num_key_value_heads=2),
+    "gemma": lambda: transformers.GemmaConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
+                                              head_dim=8),
+    "falcon": lambda: transformers.FalconConfig(**COMMON, new_decoder_architecture=True,
+                                                num_kv_heads=2, alibi=False, bias=False),
+}
+
+
+def tiny_model(family: str) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    config = FAMILIES[family]()
+    config._attn_implementation = "sdpa"
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def spec(**overrides) -> TrainSpec:
+    return TrainSpec(job_id="ftjob-" + "0" * 24, base_model="tiny",
+                     training_files=(("file-" + "0" * 24, 1.0),), **overrides)
+
+
+EXAMPLES = [  # (input_ids, labels): prompts masked, responses supervised, different lengths
+    ([5, 6, 7, 8, 9], [X, X, X, 8, 9]),
+    ([10, 11, 12], [X, X, 12]),
+    ([13, 14, 15, 16, 17, 18, 19], [X, X, X, X, 17, 18, 19]),
+    ([20, 21, 22, 23], [X, X, 22, 23]),
+]
+
+
+def loss_sums(model, batch: dict[str, torch.Tensor]):
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    labels = batch.pop("labels")
+    hidden = causal_lm.base_model(**batch, use_cache=False).last_hidden_state
+    return masked_token_sums(hidden, labels, causal_lm.get_output_embeddings())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_packed_rows_give_the_loss_of_separate_examples(family: str):
+    """Packed examples must not attend to each other: the summed loss of one packed row equals
+    that of the same examples padded into separate rows, for every supported family."""
+    model = tiny_model(family)
+    with torch.no_grad():
+        packed = loss_sums(model, collate_packed(EXAMPLES))
+        padded = loss_sums(model, collate_padded(EXAMPLES, pad_id=0))
+    assert packed.count == padded.count == 8
+    assert packed.loss.item() == pytest.approx(padded.loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_lora_adapts_the_family_linear_layers_and_trains_only_them(family: str):
+    model = apply_adapter(tiny_model(family), spec())
+    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters()
+               if "lora_A" in name}
+    assert adapted == set(TARGET_MODULES[family])
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    model.train()
+    sums = loss_sums(model, collate_packed(EXAMPLES))
+    normalised_loss(sums, sums.count).backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, base_before[name]), f"base weight {name} changed"
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero; the step moved it
+
+
+def test_bf16_frozen_weights_keep_the_autocast_loss():
+    """Storing frozen linear weights in bf16 is exact under bf16 autocast (autocast would cast
+    them anyway), while embeddings and norms stay fp32."""
+    fp32 = apply_adapter(tiny_model("llama"), spec())
+    bf16 = apply_adapter(tiny_model("llama"), spec(), frozen_dtype=torch.bfloat16)
+    assert bf16.get_base_model().model.embed_tokens.weight.dtype == torch.float32
+    assert bf16.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = loss_sums(fp32, collate_packed(EXAMPLES)).loss.item()
+        b = loss_sums(bf16, collate_packed(EXAMPLES)).loss.item()
+    assert a == pytest.approx(b, rel=1e-6)
+
+
+def gradients(model) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_one_micro_batch_of_4_equals_4_accumulated_micro_batches_of_1():
+    """Gradient accumulation invariance (TRL tests/invariant): normalising every micro-batch by
+    the supervised tokens of the whole window gives the gradient of one big batch; a
+    per-micro-batch mean (litgpt's fit) would over-weight the short responses."""
+    model = apply_adapter(tiny_model("llama"), spec())
+    with torch.no_grad():  # move B off zero so every LoRA weight gets a gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    global_count = sum(supervised_count(torch.tensor([labels])) for _, labels in EXAMPLES)
+
+    whole = loss_sums(model, collate_padded(EXAMPLES, pad_id=0))
+    normalised_loss(whole, global_count).backward()
+    big_batch = gradients(model)
+    model.zero_grad()
+
+    for example in EXAMPLES:
+        normalised_loss(loss_sums(model, collate_padded([example], pad_id=0)), global_count).backward()
+    accumulated = gradients(model)
+    model.zero_grad()
+
+    for example in EXAMPLES:  # the naive alternative: mean per micro-batch, divided by 4
+        sums = loss_sums(model, collate_padded([example], pad_id=0))
+        (sums.loss / sums.count / len(EXAMPLES)).backward()
+    naive = gradients(model)
+
+    for a, b in zip(big_batch, accumulated):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(not torch.allclose(a, c, rtol=1e-3, atol=1e-6) for a, c in zip(big_batch, naive))

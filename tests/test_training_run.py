@@ -1,0 +1,143 @@
+"""A real training run: 2 Ray Train workers on the tiny model, data and checkpoints on SeaweedFS
+S3; one worker is SIGKILLed mid-run. The run must resume from its last checkpoint, finish, and
+leave a complete adapter that loads with PEFT and changes the model's output."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+from peft import PeftModel
+
+from service.storage import open_storage
+from service.storage_config import StorageConfig
+from training import models
+from training.config import TrainSpec
+from training.run import run_training
+
+JOB = "ftjob-" + "d" * 24
+FILE = "file-" + "e" * 24
+CHECKPOINT_EVERY = 10
+
+
+def sorting_lines(n: int, seed: int) -> bytes:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        xs = [rng.randint(0, 9) for _ in range(rng.randint(2, 6))]
+        lines.append(json.dumps({"messages": [
+            {"role": "user", "content": f"Sort: {' '.join(map(str, xs))}"},
+            {"role": "assistant", "content": " ".join(map(str, sorted(xs)))}]}))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def events(storage) -> list[dict]:
+    return [json.loads(storage.get(info.key)) for info in storage.iter(f"jobs/{JOB}/events/")]
+
+
+def train_workers() -> list[psutil.Process]:
+    """This test's Ray Train workers: descendants of this process (our local Ray), so training
+    workers of anyone else on the machine are never touched."""
+    found = []
+    for child in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found
+
+
+def kill_one_worker_after(storage, step: int, killed: dict) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        saved = [e["data"]["step"] for e in events(storage)
+                 if e["message"].startswith("Checkpoint saved")]
+        if saved and max(saved) >= step:
+            workers = train_workers()
+            if workers:
+                killed["saved_before_kill"] = saved
+                killed["pid"] = workers[-1].pid
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                return
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_local, s3_server):
+    """Run once for the module's assertions (about a minute)."""
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in s3_server.env.items():  # the driver's S3 credentials
+            env.setenv(name, value)
+        config = StorageConfig(uri=f"s3://{s3_server.bucket}/training-run-{os.getpid()}",
+                               endpoint_url=s3_server.endpoint_url)
+        storage = open_storage(config)
+        storage.put(f"files/{FILE}/content", sorting_lines(320, seed=1))
+        spec = TrainSpec(job_id=JOB, base_model=models.TINY_MODEL_ID,
+                         training_files=((FILE, 1.0),), n_epochs=2, batch_size=8, num_workers=2,
+                         cpus_per_worker=1, checkpoint_every_steps=CHECKPOINT_EVERY,
+                         max_failures=2, seed=3)
+        killed: dict = {}
+        killer = threading.Thread(target=kill_one_worker_after, args=(storage, 20, killed),
+                                  daemon=True)
+        killer.start()
+        started = time.monotonic()
+        result = run_training(spec, config)
+        killer.join(timeout=1)
+        yield {"result": result, "storage": storage, "killed": killed, "spec": spec,
+               "seconds": time.monotonic() - started, "events": events(storage)}
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint(finished_run):
+    killed, result = finished_run["killed"], finished_run["result"]
+    assert killed, "no worker was killed: the run ended before its checkpoint at step 20"
+    resumed = [e["data"]["resumed_from_step"] for e in finished_run["events"]
+               if e["message"].startswith("Resumed from the checkpoint")]
+    assert len(resumed) == 1
+    # The resumed step is a checkpoint saved before the kill, and the newest one the controller
+    # could have registered (the one reported just before the kill may still be in flight).
+    assert resumed[0] in killed["saved_before_kill"]
+    assert resumed[0] >= max(killed["saved_before_kill"]) - CHECKPOINT_EVERY
+    assert result["resumed_from_step"] == resumed[0]
+    assert result["step"] == result["total_steps"] == 80  # 320 examples / 8 × 2 epochs
+
+
+def test_loss_falls_and_metrics_are_reported(finished_run):
+    metrics = [e["data"] for e in finished_run["events"] if e["type"] == "metrics"]
+    first, last = metrics[0], finished_run["result"]
+    assert first["step"] == 1
+    assert last["train_loss"] < first["train_loss"] - 0.1
+    for key in ("train_loss", "train_mean_token_accuracy", "learning_rate", "tokens_per_second",
+                "supervised_tokens", "total_steps"):
+        assert key in first
+    assert finished_run["result"]["trained_tokens"] > 0
+
+
+def test_final_adapter_is_complete_and_changes_the_output(finished_run, tmp_path):
+    storage = finished_run["storage"]
+    manifest = json.loads(storage.get(f"adapters/{JOB}/final/manifest.json"))
+    for key in ("base_model", "base_weights_hash", "template_hash", "eot_token_ids", "lora",
+                "data_hashes", "hyperparameters", "seed", "versions", "metrics", "job_id",
+                "tenant", "step"):
+        assert key in manifest
+    assert manifest["step"] == 80 and FILE in manifest["data_hashes"]
+    assert manifest["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                  "gate_proj", "up_proj", "down_proj"]
+    assert storage.exists(f"adapters/{JOB}/ckpt-step-{CHECKPOINT_EVERY}/manifest.json")
+
+    storage.download_prefix(f"adapters/{JOB}/final", tmp_path)
+    model_dir = models.resolve_model(models.TINY_MODEL_ID)
+    inputs = torch.tensor([[1, 2, 3, 4, 5]])
+    base = models.load_model(model_dir).eval()
+    with torch.no_grad():
+        before = base(inputs).logits
+        tuned = PeftModel.from_pretrained(base, str(tmp_path)).eval()
+        after = tuned(inputs).logits
+    assert not torch.allclose(before, after, atol=1e-4)

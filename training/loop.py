@@ -1,0 +1,385 @@
+"""The per-worker training loop (what each Ray Train worker runs), shaped like a recipe:
+``setup`` → ``train`` → ``cleanup``, with the step as its own function.
+
+Ray Train touch points, kept few and visible:
+  [1] rank, world size and device   (``ray.train.get_context``, ``ray.train.torch.get_device``)
+  [2] the data shard                (``training.packing.rank_share``; the plan needs no messages)
+  [3] gradient all-reduce           (``torch.distributed``, the gloo/NCCL group Ray set up)
+  [4] report metrics + checkpoint   (``training.checkpoints.report`` → ``ray.train.report``)
+  [5] resume                        (``training.checkpoints.restore_checkpoint``)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from service.storage import open_storage
+from service.storage_config import StorageConfig
+from training import chat, checkpoints, data, models, packing
+from training.adapter import adapter_prefix, build_manifest, export_adapter, export_model
+from training.config import MIN_LR_FRACTION, WARMUP_FRACTION, TrainSpec, resolve_hyperparameters
+from training.events import EventLog
+from training.lora import apply_adapter, default_target_modules
+from training.loss import masked_token_sums, normalised_loss, supervised_count
+
+log = logging.getLogger(__name__)
+
+VALID_EXAMPLES = 64
+"""Validation examples scored at each checkpoint (all of them once, at the end)."""
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    spec = TrainSpec.from_dict(config["spec"])
+    trainer = SFTTrainer(spec, StorageConfig(**config["storage"]))
+    trainer.setup()
+    trainer.train()
+    trainer.cleanup()
+
+
+def set_threads(n: int) -> int:
+    """Make torch use exactly the ``n`` CPUs Ray gave this worker; return what it uses."""
+    torch.set_num_threads(n)
+    used = torch.get_num_threads()
+    if used != n:
+        raise RuntimeError(f"torch uses {used} threads, expected cpus_per_worker={n}")
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else n
+    if available < n:
+        log.warning("worker may run on %d CPUs only, but was given %d", available, n)
+    return used
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:  # bf16 matmuls are fast only with AVX512-bf16 or AMX; elsewhere they are emulated
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def lr_lambda(total_steps: int):
+    """Linear warmup over 5% of the steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, round(WARMUP_FRACTION * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class SFTTrainer:
+    """One worker's share of a supervised fine-tuning run."""
+
+    def __init__(self, spec: TrainSpec, storage_config: StorageConfig):
+        self.spec = spec
+        self.storage = open_storage(storage_config)
+        context = ray.train.get_context()  # [1]
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.events = EventLog(self.storage, spec.job_id) if self.rank == 0 else None
+        self.resumed_from: int | None = None
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        spec = self.spec
+        threads = set_threads(spec.cpus_per_worker)
+        random.seed(spec.seed + self.rank)
+        torch.manual_seed(spec.seed)  # same init everywhere (LoRA B is zero anyway)
+        self.use_bf16 = spec.bf16 and bf16_supported(self.device)
+        model_dir = models.resolve_model(spec.base_model, self.storage)
+        self.tokenizer = models.load_tokenizer(model_dir)
+        self.fingerprint = models.model_fingerprint(model_dir)
+        self.setup_data()
+        self.hp = self.resolve_hyperparameters()
+        self.setup_model(model_dir)
+        self.setup_optimizer()
+        self.state = checkpoints.restore_checkpoint(  # [5]
+            spec.job_id, self.rank, self.model, self.optimizer, self.scheduler)
+        if self.state is None:
+            self.state = checkpoints.TrainState(hyperparameters=self.hp.as_dict())
+        else:
+            self.resumed_from = self.state.step
+            self.emit(f"Resumed from the checkpoint at step {self.state.step}",
+                      data={"resumed_from_step": self.state.step})
+        self.emit(f"Worker {self.rank}/{self.world_size}: {threads} torch threads, "
+                  f"bf16={'on' if self.use_bf16 else 'off'}, device={self.device}")
+        self.verify_settings()
+
+    def setup_data(self) -> None:
+        spec = self.spec
+        splits = {"train": [f for f, _ in spec.training_files]}
+        if spec.validation_file:
+            splits["valid"] = [spec.validation_file]
+        self.stats: dict[str, data.SplitStats] = {}
+        loaded: dict[str, tuple] = {}
+        if self.rank == 0:
+            for split, file_ids in splits.items():
+                self.stats[split] = self.prepare_split(split, file_ids)
+        if self.world_size > 1:
+            dist.barrier()  # the others wait until rank 0 has stored the tokenised splits
+        for split in splits:
+            prefix = data.split_prefix(spec.job_id, split)
+            if self.rank != 0:
+                self.stats[split] = data.read_stats(self.storage, prefix)
+            folder = checkpoints.local_dir(spec.job_id, self.rank, f"data-{split}")
+            loaded[split] = data.load_split(self.storage, prefix, folder)
+        ids, labels, sources = loaded["train"]
+        self.train_examples = list(zip(ids, labels))
+        self.train_sources = sources
+        self.weights = [w for _, w in spec.training_files]
+        self.valid_examples = list(zip(*loaded["valid"][:2])) if "valid" in loaded else []
+
+    def prepare_split(self, split: str, file_ids: list[str]) -> data.SplitStats:
+        """Rank 0: tokenise and store a split, or reuse the stored one (a resumed run)."""
+        prefix = data.split_prefix(self.spec.job_id, split)
+        wanted = data.fingerprint(file_ids, self.fingerprint["template_hash"], self.spec.max_length)
+        stored = data.read_stats(self.storage, prefix)
+        if stored is not None and stored.fingerprint == wanted:
+            return stored
+        dataset, stats = data.build_split(self.storage, self.tokenizer, file_ids,
+                                          self.spec.max_length, self.fingerprint["template_hash"])
+        data.write_split(self.storage, prefix, dataset, stats)
+        dropped = stats.n_rejected + stats.n_truncated
+        self.emit(f"{split} data: {stats.n_examples} examples, {stats.n_tokens} tokens "
+                  f"({stats.n_supervised} supervised); dropped {dropped} "
+                  f"({stats.n_rejected} with no derivable response mask, {stats.n_truncated} "
+                  f"longer than max_length={self.spec.max_length})",
+                  level="warn" if dropped else "info",
+                  data={"split": split, **{k: v for k, v in stats.__dict__.items()
+                                           if k not in ("file_hashes", "fingerprint")}})
+        return stats
+
+    def resolve_hyperparameters(self):
+        n_seen = packing.epoch_length(self.train_sources, self.weights)
+        mean_tokens = sum(len(ids) for ids, _ in self.train_examples) / len(self.train_examples)
+        hp = resolve_hyperparameters(self.spec, n_seen, round(n_seen * mean_tokens))
+        self.steps_per_epoch = packing.steps_per_epoch(n_seen, hp.batch_size)
+        self.total_steps = self.steps_per_epoch * hp.n_epochs
+        return hp
+
+    def setup_model(self, model_dir: Path) -> None:
+        model = models.load_model(model_dir, torch.float32, attn_implementation="sdpa")
+        self.target_modules = ([] if self.spec.full_finetune else
+                               list(self.spec.target_modules or default_target_modules(model)))
+        frozen = torch.bfloat16 if self.use_bf16 else None
+        self.model = apply_adapter(model, self.spec, frozen_dtype=frozen).to(self.device)
+        self.model.train()
+        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else model
+        self.decoder = causal_lm.base_model  # the transformer body, without the output head
+        self.lm_head = causal_lm.get_output_embeddings()
+        self.softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def setup_optimizer(self) -> None:
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.hp.learning_rate,
+                                           weight_decay=self.spec.weight_decay, betas=(0.9, 0.999))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lr_lambda(self.total_steps))
+
+    def verify_settings(self) -> None:
+        """Score two micro-batches before step 1, so a broken setup fails in seconds."""
+        examples = self.valid_examples or self.train_examples
+        metrics = self.evaluate(examples[: 2 * self.world_size * max(1, self.spec.micro_batch_size)],
+                                max_batches=2)
+        if not math.isfinite(metrics["loss"]):
+            raise RuntimeError(f"the loss before training is {metrics['loss']}: check the model "
+                               "and the data (bf16 overflow? empty responses?)")
+        self.emit(f"Verified settings: loss before training={metrics['loss']:.4f}, "
+                  f"{self.total_steps} steps ({self.hp.n_epochs} epochs × "
+                  f"{self.steps_per_epoch} steps of {self.hp.batch_size} examples)",
+                  data={"initial_loss": metrics["loss"], "total_steps": self.total_steps,
+                        "hyperparameters": self.hp.as_dict()})
+
+    # -- train ---------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        order_epoch, order = -1, []
+        while self.state.step < self.total_steps:
+            epoch, step_in_epoch = divmod(self.state.step, self.steps_per_epoch)
+            if epoch != order_epoch:
+                order_epoch = epoch
+                order = packing.epoch_order(self.train_sources, self.weights, self.spec.seed,
+                                            epoch)
+            share = packing.rank_share(order, step_in_epoch, self.hp.batch_size, self.rank,
+                                       self.world_size)  # [2]
+            started = time.perf_counter()
+            sums = self.train_step([self.train_examples[i] for i in share])
+            self.after_step(sums, time.perf_counter() - started, epoch)
+        self.finish()
+
+    def batches(self, examples: list[packing.Example]) -> list[dict[str, torch.Tensor]]:
+        return packing.micro_batches(examples, packing=self.spec.packing,
+                                     pack_length=self.spec.pack_length,
+                                     micro_batch_size=self.spec.micro_batch_size,
+                                     pad_id=self.tokenizer.pad_token_id or 0)
+
+    def forward_sums(self, batch: dict[str, torch.Tensor]):
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            hidden = self.decoder(**batch, use_cache=False).last_hidden_state
+            return masked_token_sums(hidden, labels, self.lm_head, self.softcap)
+
+    def train_step(self, examples: list[packing.Example]) -> torch.Tensor:
+        """Forward/backward over this rank's micro-batches; all-reduce; one optimizer step.
+
+        Returns the global sums ``[loss, correct, supervised, tokens]`` of the step.
+        """
+        micro = self.batches(examples)
+        local = torch.tensor([float(sum(supervised_count(b["labels"]) for b in micro))])
+        global_count = int(self.all_reduce(local).item())
+        sums = torch.zeros(4)
+        for batch in micro:
+            token_sums = self.forward_sums(batch)
+            normalised_loss(token_sums, global_count).backward()
+            tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+            sums += torch.tensor([token_sums.loss.item(), token_sums.correct, token_sums.count,
+                                  float(tokens)])
+        sums = self.all_reduce_grads(sums)  # [3]
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm))
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return sums
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def all_reduce_grads(self, extra: torch.Tensor) -> torch.Tensor:
+        """Sum the gradients (and ``extra``) over ranks in one flat all-reduce.
+
+        The loss is already divided by the global supervised-token count, so the *sum* of the
+        ranks' gradients is the gradient of the global mean. Done by hand rather than with DDP:
+        a rank can have no example in the last batch of an epoch (it contributes zeros), and one
+        reduction per optimizer step is all gradient accumulation needs.
+        """
+        if self.world_size == 1:
+            return extra
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [extra.to(self.device)])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(self.params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            offset += n
+        return flat[offset:].cpu()
+
+    def after_step(self, sums: torch.Tensor, seconds: float, epoch: int) -> None:
+        loss, correct, count, tokens = sums.tolist()
+        state = self.state
+        state.step += 1
+        state.trained_tokens += int(tokens)
+        state.supervised_tokens += int(count)
+        state.metrics = {
+            "step": state.step, "epoch": epoch + 1, "train_loss": loss / max(count, 1),
+            "train_mean_token_accuracy": correct / max(count, 1),
+            "learning_rate": self.step_lr,
+            "tokens_per_second": tokens / seconds, "supervised_tokens": int(count),
+            "supervised_tokens_per_second": count / seconds, "grad_norm": self.grad_norm,
+            "step_seconds": seconds, "trained_tokens": state.trained_tokens,
+        }
+        epoch_end = state.step % self.steps_per_epoch == 0
+        every = self.spec.checkpoint_every_steps
+        if epoch_end or (every and state.step % every == 0):
+            valid = self.evaluate(self.valid_examples[:VALID_EXAMPLES]) if self.valid_examples else {}
+            if valid:
+                state.metrics.update(valid_loss=valid["loss"],
+                                     valid_mean_token_accuracy=valid["accuracy"])
+            self.log_metrics()
+            self.save_checkpoint()
+        else:
+            self.log_metrics()
+
+    def log_metrics(self) -> None:
+        if self.events is not None:
+            self.events.metrics(self.state.metrics, self.total_steps)
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[packing.Example], max_batches: int | None = None
+                 ) -> dict[str, float]:
+        """Mean token loss and accuracy over ``examples`` (sharded over ranks)."""
+        self.model.eval()
+        micro = self.batches(examples[self.rank::self.world_size])[:max_batches]
+        sums = torch.zeros(3)
+        for batch in micro:
+            s = self.forward_sums(batch)
+            sums += torch.tensor([s.loss.item(), s.correct, s.count])
+        loss, correct, count = self.all_reduce(sums).tolist()
+        self.model.train()
+        return {"loss": loss / max(count, 1), "accuracy": correct / max(count, 1)}
+
+    # -- checkpoints and the result --------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        step = self.state.step
+        path = checkpoints.local_dir(self.spec.job_id, self.rank, checkpoints.checkpoint_name(step))
+        checkpoints.save_checkpoint(path, rank=self.rank, model=self.model,
+                                    optimizer=self.optimizer, scheduler=self.scheduler,
+                                    state=self.state)
+        if self.rank == 0:
+            self.export(path / checkpoints.ADAPTER_DIR, step)
+        checkpoints.report(self.report_metrics(), path, step)  # [4]
+        self.emit(f"Checkpoint saved at step {step}", data={"step": step})
+
+    def report_metrics(self) -> dict[str, Any]:
+        return {**self.state.metrics, "total_steps": self.total_steps,
+                "resumed_from_step": self.resumed_from,
+                "supervised_tokens_total": self.state.supervised_tokens}
+
+    def manifest(self) -> dict[str, Any]:
+        return build_manifest(
+            self.spec, fingerprint=self.fingerprint,
+            eot_token_ids=chat.end_of_turn_ids(self.tokenizer), target_modules=self.target_modules,
+            data_hashes=self.data_hashes(), hyperparameters=self.hp, metrics=self.state.metrics,
+            step=self.state.step)
+
+    def export(self, weights_dir: Path, step: int) -> None:
+        """Rank 0: publish checkpoint ``step`` as an adapter (``ft:…:ckpt-step-N``)."""
+        export_adapter(self.storage, weights_dir, adapter_prefix(self.spec.job_id, step),
+                       self.manifest())
+
+    def data_hashes(self) -> dict[str, str]:
+        hashes: dict[str, str] = {}
+        for stats in self.stats.values():
+            hashes.update(stats.file_hashes)
+        return hashes
+
+    def finish(self) -> None:
+        """After the last step: full validation, then the final adapter (manifest last)."""
+        if self.valid_examples:
+            valid = self.evaluate(self.valid_examples)
+            self.state.metrics.update(full_valid_loss=valid["loss"],
+                                      full_valid_mean_token_accuracy=valid["accuracy"])
+        if self.rank == 0:
+            export_model(self.storage, self.model, adapter_prefix(self.spec.job_id),
+                         self.manifest())
+            self.emit(f"Final adapter written to {adapter_prefix(self.spec.job_id)}")
+
+    def emit(self, message: str, level: str = "info", data: dict | None = None) -> None:
+        log.info("rank %d: %s", self.rank, message)
+        if self.events is not None:
+            self.events.add(message, level=level, data=data)  # type: ignore[arg-type]
+
+    def cleanup(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()

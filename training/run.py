@@ -1,0 +1,127 @@
+"""Drive one training run with Ray Train, and ``tuneserve train spec.json`` without the API.
+
+``run_training`` builds a ``TorchTrainer`` (Ray Train V2, the default in Ray 2.60) named after the
+job, with its storage under ``jobs/<job_id>/run`` in the service's storage: starting it again
+with the same name resumes from the run's last checkpoint (after a cluster restart), and
+``FailureConfig(max_failures)`` restarts failed workers from it within one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from service.errors import TuneserveError
+from service.storage import open_storage
+from service.storage_config import StorageConfig
+from training.adapter import MANIFEST, adapter_prefix
+from training.config import TrainSpec
+from training.loop import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+# What the workers need from the driver's environment: S3 credentials (boto3 and pyarrow read
+# the standard variables), the model cache and offline switches. Passed explicitly because a
+# local Ray started earlier does not see variables set after it.
+FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "HF_HUB_OFFLINE",
+                 "TRANSFORMERS_OFFLINE", "TUNESERVE_MODEL_CACHE")
+
+
+def run_storage(config: StorageConfig, job_id: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for ``RunConfig``: ``jobs/<job_id>/run``."""
+    if not config.uri.startswith("s3://"):
+        root = Path(config.uri.removeprefix("file://")).expanduser().resolve()
+        return str(root / "jobs" / job_id / "run"), None
+    parsed = urlparse(config.uri)
+    path = "/".join(p for p in (parsed.netloc, parsed.path.strip("/"), "jobs", job_id, "run") if p)
+    options: dict[str, Any] = {
+        "access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
+        "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        "session_token": os.environ.get("AWS_SESSION_TOKEN"),
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    }
+    if config.endpoint_url:
+        endpoint = urlparse(config.endpoint_url)
+        options.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme or "https")
+    return path, pyarrow.fs.S3FileSystem(**{k: v for k, v in options.items() if v is not None})
+
+
+def worker_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+
+
+def build_trainer(spec: TrainSpec, storage_config: StorageConfig) -> TorchTrainer:
+    storage_path, filesystem = run_storage(storage_config, spec.job_id)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.to_dict(), "storage": asdict(storage_config)},
+        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
+                                     resources_per_worker={"CPU": spec.cpus_per_worker}),
+        run_config=RunConfig(
+            name=spec.job_id, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+            # The run folder only serves resumption; every checkpoint is also an adapter.
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": worker_env()}),
+    )
+
+
+def run_training(spec: TrainSpec, storage_config: StorageConfig) -> dict[str, Any]:
+    """Train to the end (resuming the run's last checkpoint if there is one); return the final
+    metrics. Raises the worker's ``TuneserveError`` (e.g. no trainable example) when there is
+    one, so the job fails with its message and ``param``."""
+    spec.validate()
+    try:
+        result = build_trainer(spec, storage_config).fit()
+    except ray.train.TrainingFailedError as exc:
+        raise _user_error(exc) or exc
+    storage = open_storage(storage_config)
+    manifest = json.loads(storage.get(f"{adapter_prefix(spec.job_id)}/{MANIFEST}"))
+    last_report = result.metrics or {}
+    return {**manifest["metrics"], "total_steps": last_report.get("total_steps"),
+            "resumed_from_step": last_report.get("resumed_from_step"),
+            "hyperparameters": manifest["hyperparameters"],
+            "trained_tokens": manifest["metrics"].get("trained_tokens", 0)}
+
+
+def _user_error(exc: BaseException) -> TuneserveError | None:
+    """The first ``TuneserveError`` among the workers' failures (through Ray's wrappers)."""
+    failures = getattr(exc, "worker_failures", {}) or {}
+    for error in failures.values():
+        seen = set()
+        while error is not None and id(error) not in seen:
+            if isinstance(error, TuneserveError):
+                return error
+            seen.add(id(error))
+            error = getattr(error, "cause", None) or error.__cause__
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tuneserve train spec.json``: the spec's fields plus ``storage`` (a directory or
+    ``s3://…``) and ``s3_endpoint_url``; prints the final metrics as JSON."""
+    parser = argparse.ArgumentParser(prog="tuneserve train")
+    parser.add_argument("spec", help="a JSON file with TrainSpec fields and 'storage'")
+    args = parser.parse_args(argv)
+    fields = json.loads(Path(args.spec).read_text())
+    storage_config = StorageConfig(uri=fields.pop("storage"),
+                                   endpoint_url=fields.pop("s3_endpoint_url", None))
+    spec = TrainSpec.from_dict(fields).validate()
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    metrics = run_training(spec, storage_config)
+    sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
+    return 0
