@@ -2,10 +2,11 @@
 
 Layout (docs/interfaces.md)::
 
-    files/<file_id>/content                        the uploaded bytes
-    files/<file_id>/object.json                    the record: FileObject fields + tenant + description
-    file-index/<tenant>/<created_ns:020d>-<file_id> empty marker, so one tenant's files list in
-                                                   upload order without reading anyone else's
+    files/<file_id>/content       the uploaded bytes
+    files/<file_id>/object.json   the record: FileObject fields + tenant + description
+    file-index/<tenant>/<created_ns:020d>-<file_id>
+                                  an empty marker, so one tenant's files list in upload order
+                                  without reading anyone else's records
 
 Every key is built from a generated id (``file-`` + 24 hex) and a tenant name that settings
 validated; the uploaded filename is only ever a field of the record. A file of another tenant is
@@ -68,7 +69,8 @@ def save_record(storage: Storage, tenant: str, file_id: str, *, filename: str, p
     return record
 
 
-def get_file(storage: Storage, tenant: str, file_id: str, *, param: str | None = None) -> dict[str, Any]:
+def get_file(storage: Storage, tenant: str, file_id: str, *,
+             param: str | None = None) -> dict[str, Any]:
     """The record of ``file_id`` if ``tenant`` owns it; NotFound (naming ``param``) otherwise."""
     if not isinstance(file_id, str) or not FILE_ID.match(file_id):
         raise _not_found(file_id, param)
@@ -141,6 +143,8 @@ def describe_for_training(storage: Storage, job: Any) -> tuple[int, int]:
     record = get_file(storage, job.organization_id, job.training_file, param="training_file")
     description = record.get("description") or {}
     examples = int(description.get("examples") or 0)
-    tokens = (description.get("tokens") or {}).get("total")
+    mean = (description.get("tokens") or {}).get("mean")
+    if mean:  # the statistics may cover only the first examples of a large file
+        return examples, max(round(mean * examples), 1)
     # Without a tokenizer at upload time, ~4 bytes per token is the usual estimate for English.
-    return examples, int(tokens) if tokens else max(record["bytes"] // 4, 1)
+    return examples, max(record["bytes"] // 4, 1)

@@ -27,6 +27,7 @@ from service.errors import InvalidRequest, PayloadTooLarge
 from service.model_names import base_model_ids
 from service.storage import Storage
 from service.uploads import receive_upload
+from training.formats import FORMATS
 
 if TYPE_CHECKING:
     from training.validation import TokenCounter
@@ -34,6 +35,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["files"])
 Tenant = Annotated[str, Depends(get_tenant)]
+
+TOKENIZED_EXAMPLES = 2000
+"""Token statistics cover the first this many examples of an upload: the exact count under the
+chat template costs a few milliseconds per example, too slow for every line of a 512 MB file
+within one request. Every line is still validated."""
 
 _IGNORED_FIELDS = ("expires_after[anchor]", "expires_after[seconds]")
 """Sent by the openai SDK when asked to; files here never expire, so the fields are ignored."""
@@ -61,8 +67,11 @@ class FileDescription(BaseModel):
     model: str | None = None
     """The base model whose tokenizer and chat template counted the tokens."""
     context_length: int | None
+    tokenized_examples: int | None = None
+    """How many examples (the first ones) ``tokens`` and ``supervised_tokens`` cover."""
     over_context: int | None
-    """Examples longer than ``context_length`` (they are truncated in training)."""
+    """Examples among the tokenized ones longer than ``context_length`` (truncated in
+    training)."""
     duplicates: int
     warnings: list[str]
     """The first few warnings (duplicates, over-long examples) with their line numbers."""
@@ -126,12 +135,14 @@ async def create_file(request: Request, tenant: Tenant, storage: Store) -> FileO
     file_id = file_store.new_file_id()
     key = file_store.content_key(file_id)
     try:
-        upload = await receive_upload(request, storage, key, max_file_bytes=settings.max_upload_bytes)
+        upload = await receive_upload(request, storage, key,
+                                      max_file_bytes=settings.max_upload_bytes)
         declared = _check_fields(upload.fields, upload.has_file)
         description = await run_in_threadpool(_describe, request.app, key, declared)
         record = await run_in_threadpool(
-            file_store.save_record, storage, tenant, file_id, filename=_display_name(upload.filename),
-            purpose=file_store.FINE_TUNE, size=upload.size, description=description)
+            file_store.save_record, storage, tenant, file_id,
+            filename=_display_name(upload.filename), purpose=file_store.FINE_TUNE,
+            size=upload.size, description=description)
     except PayloadTooLarge as exc:
         await _discard(storage, file_id)
         # Close the connection: otherwise the server keeps reading (and dropping) the rest of
@@ -204,8 +215,14 @@ def _check_fields(fields: dict[str, str], has_file: bool) -> str | None:
                              code="missing_required_parameter")
     if purpose != file_store.FINE_TUNE:
         raise InvalidRequest(f"Invalid purpose {purpose!r}: this service accepts files for "
-                             f"'{file_store.FINE_TUNE}' only.", param="purpose", code="invalid_purpose")
-    return fields.get("format") or None
+                             f"'{file_store.FINE_TUNE}' only.", param="purpose",
+                             code="invalid_purpose")
+    declared = fields.get("format") or None
+    if declared is not None and declared not in FORMATS:
+        raise InvalidRequest(f"Invalid format {declared!r}: expected one of {', '.join(FORMATS)}, "
+                             "or leave it out to detect the format.", param="format",
+                             code="invalid_format")
+    return declared
 
 
 def _display_name(filename: str | None) -> str:
@@ -221,13 +238,10 @@ def _describe(app: FastAPI, key: str, declared: str | None) -> dict[str, Any]:
 
     settings = app.state.settings
     tokens = file_tokenizer(app)
-    try:
-        with app.state.storage.open(key) as stream:
-            report = validate_jsonl(stream, max_line_bytes=settings.max_line_bytes,
-                                    max_length=tokens.context_length, declared_format=declared,
-                                    count_tokens=tokens.counter)
-    except ValueError as exc:  # an unknown declared format
-        raise InvalidRequest(f"Invalid format: {exc}.", param="format", code="invalid_format") from None
+    with app.state.storage.open(key) as stream:
+        report = validate_jsonl(stream, max_line_bytes=settings.max_line_bytes,
+                                max_length=tokens.context_length, declared_format=declared,
+                                count_tokens=tokens.counter, max_tokenized=TOKENIZED_EXAMPLES)
     if not report.ok:
         raise InvalidRequest(f"Invalid training file: {report.summary()}", param="file",
                              code="invalid_file")

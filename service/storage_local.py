@@ -80,6 +80,13 @@ class LocalStorage(Storage):
                 infos.append(_info(key, st))
         return infos[:limit], len(infos) > limit
 
+    def iter(self, prefix: str) -> Iterator[ObjectInfo]:
+        check_prefix(prefix)
+        for key in sorted(self._walk(prefix)):  # one walk, not one per page
+            st = _stat(self._path(key), key)
+            if st is not None:
+                yield _info(key, st)
+
     def _walk(self, prefix: str) -> Iterator[str]:
         # Walk only the directory the prefix points into, then filter as a string prefix.
         base_parts = prefix.split("/")[:-1]

@@ -61,7 +61,7 @@ class S3Storage(Storage):
         session = boto3.session.Session()
         self._client = session.client(
             "s3",
-            endpoint_url=config.endpoint_url,
+            endpoint_url=config.endpoint_url or None,  # "" from an empty variable means AWS
             region_name=session.region_name or "us-east-1",
             config=Config(
                 retries={"mode": "standard"},

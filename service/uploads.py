@@ -189,7 +189,8 @@ class _Form:
             return
         self._value += data[start:end]
         if len(self._value) > MAX_FIELD_BYTES:
-            raise InvalidRequest(f"Form field {self._part!r} is longer than {MAX_FIELD_BYTES} bytes.",
+            raise InvalidRequest(f"Form field {self._part!r} is longer than "
+                                 f"{MAX_FIELD_BYTES} bytes.",
                                  param=self._part, code="field_too_long")
 
     def _end(self) -> None:
@@ -203,7 +204,8 @@ def _boundary(request: Request) -> bytes:
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
-        raise InvalidRequest("Send the file as multipart/form-data with fields 'file' and 'purpose'.",
+        raise InvalidRequest("Send the file as multipart/form-data with fields 'file' and "
+                             "'purpose'.",
                              param="file", code="invalid_content_type")
     return boundary
 
@@ -259,7 +261,8 @@ async def _handle(form: _Form, upload: Upload, sink: StorageSink | None, storage
     for kind, value in events:
         if kind == "start":
             if upload.has_file:
-                raise InvalidRequest("Send one file per upload.", param="file", code="too_many_files")
+                raise InvalidRequest("Send one file per upload.", param="file",
+                                     code="too_many_files")
             upload.has_file, upload.filename = True, value  # type: ignore[assignment]
             sink = StorageSink(storage, key)
         elif kind == "data" and sink is not None:

@@ -31,7 +31,8 @@ KEYS = {"ka": "a", "kb": "b"}
 FORMATS = {"openai_chat": "openai_chat", "alpaca": "alpaca", "self_instruct": "alpaca",
            "dolly": "dolly", "sharegpt": "sharegpt", "openorca": "openorca", "flan": "flan",
            "oig": "oig", "prompt_completion": "prompt_completion",
-           "openai_preference": "openai_preference", "openai_preference_legacy": "openai_preference",
+           "openai_preference": "openai_preference",
+           "openai_preference_legacy": "openai_preference",
            "chosen_rejected": "chosen_rejected", "hh_rlhf": "chosen_rejected"}
 
 
@@ -85,7 +86,8 @@ def test_upload_list_retrieve_download_delete(client, app) -> None:
         "purpose": "fine-tune", "status": "processed"}
     assert isinstance(file["created_at"], int)
     description = file["description"]
-    assert (description["format"], description["kind"], description["examples"]) == ("alpaca", "sft", 2)
+    assert (description["format"], description["kind"], description["examples"]) == (
+        "alpaca", "sft", 2)
     assert description["model"] == "tiny" and description["context_length"] == 2048
     assert 0 < description["supervised_tokens"]["min"] < description["tokens"]["min"]
     assert description["over_context"] == 0 and description["duplicates"] == 0
@@ -99,7 +101,8 @@ def test_upload_list_retrieve_download_delete(client, app) -> None:
 
     assert client.delete(f"/v1/files/{file['id']}").json() == {
         "id": file["id"], "object": "file", "deleted": True}
-    for method, path in [("GET", f"/v1/files/{file['id']}"), ("GET", f"/v1/files/{file['id']}/content"),
+    for method, path in [("GET", f"/v1/files/{file['id']}"),
+                         ("GET", f"/v1/files/{file['id']}/content"),
                          ("DELETE", f"/v1/files/{file['id']}")]:
         r = client.request(method, path)
         assert r.status_code == 404 and r.json()["error"]["code"] == "file_not_found", path
@@ -160,6 +163,19 @@ def test_bad_forms_are_400_naming_the_param(broken_client) -> None:
     assert stored_keys(app) == before
 
 
+def test_file_part_before_purpose_is_fine(client) -> None:
+    """curl -F sends parts in the order given; the purpose may come after the file."""
+    content = (DATA / "flan.jsonl").read_bytes()
+    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"flan.jsonl\"\r\n\r\n").encode() + content + (
+            f"\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n"
+            f"fine-tune\r\n--{BOUNDARY}--\r\n").encode()
+    r = client.post("/v1/files", content=body,
+                    headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+    assert r.status_code == 200, r.text
+    assert r.json()["bytes"] == len(content) and r.json()["filename"] == "flan.jsonl"
+
+
 def test_declared_format_is_used(client) -> None:
     r = upload(client, (DATA / "dolly.jsonl").read_bytes(), format="dolly")
     assert r.status_code == 200 and r.json()["description"]["format"] == "dolly"
@@ -194,8 +210,8 @@ def test_large_uploads_and_rejections_on_each_backend(storage_config, tmp_path) 
     must leave neither an object nor a part behind, on either backend."""
     line = json.dumps({"instruction": "Repeat.", "output": "x" * 960}).encode() + b"\n"
     good = line * (10 * 1024 * 1024 // len(line))
-    app = make_app(tmp_path, storage=storage_config.uri, s3_endpoint_url=storage_config.endpoint_url,
-                   max_upload_bytes=12 * 1024 * 1024)
+    app = make_app(tmp_path, storage=storage_config.uri,
+                   s3_endpoint_url=storage_config.endpoint_url, max_upload_bytes=12 * 1024 * 1024)
     with TestClient(app) as client:
         r = upload(client, good)
         assert r.status_code == 200, r.text
@@ -227,7 +243,8 @@ def test_tenants_see_only_their_own_files(tmp_path) -> None:
         assert r.status_code == 200, r.text
         file_id = r.json()["id"]
         assert client.get("/v1/files", headers=as_b).json()["data"] == []
-        for method, path in [("GET", f"/v1/files/{file_id}"), ("GET", f"/v1/files/{file_id}/content"),
+        for method, path in [("GET", f"/v1/files/{file_id}"),
+                             ("GET", f"/v1/files/{file_id}/content"),
                              ("DELETE", f"/v1/files/{file_id}")]:
             r = client.request(method, path, headers=as_b)
             assert r.status_code == 404, path
@@ -287,9 +304,9 @@ def test_openai_sdk_round_trip(tmp_path, tiny_dir) -> None:
 
 
 @contextlib.contextmanager
-def serve(app) -> Iterator[str]:
+def serve(app, port: int | None = None) -> Iterator[str]:
     """uvicorn in a thread on a free port: the body really streams over a socket."""
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -303,8 +320,10 @@ def serve(app) -> Iterator[str]:
 
 
 BOUNDARY = "tuneserve-test-boundary"
-FORM_HEAD = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
-             f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jsonl\"\r\n"
+FORM_HEAD = (f"--{BOUNDARY}\r\n"
+             'Content-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+             f"--{BOUNDARY}\r\n"
+             'Content-Disposition: form-data; name="file"; filename="big.jsonl"\r\n'
              "Content-Type: application/jsonl\r\n\r\n").encode()
 FORM_TAIL = f"\r\n--{BOUNDARY}--\r\n".encode()
 
@@ -314,7 +333,8 @@ class Body:
 
     def __init__(self, size: int, line_bytes: int = 2000):
         self.size, self.pulled = size, 0
-        self.line = json.dumps({"instruction": "Repeat.", "output": "x" * (line_bytes - 40)}).encode() + b"\n"
+        example = {"instruction": "Repeat.", "output": "x" * (line_bytes - 40)}
+        self.line = json.dumps(example).encode() + b"\n"
 
     def __iter__(self) -> Iterator[bytes]:
         yield FORM_HEAD
@@ -334,9 +354,11 @@ def post_streaming(url: str, body: Body) -> httpx.Response:
 
 def test_oversize_declared_length_is_413_before_the_body(tmp_path) -> None:
     app = make_app(tmp_path, max_upload_bytes=1024 * 1024)
-    with serve(app) as url, socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
-        s.sendall(f"POST /v1/files HTTP/1.1\r\nHost: test\r\nContent-Length: {10 * 1024**3}\r\n"
-                  f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n".encode() + FORM_HEAD)
+    port = free_port()
+    head = (f"POST /v1/files HTTP/1.1\r\nHost: test\r\nContent-Length: {10 * 1024**3}\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n\r\n").encode()
+    with serve(app, port) as _, socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(head + FORM_HEAD)
         s.settimeout(20)
         response = s.recv(65536)  # answered with only the first bytes of a 10 GB body sent
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
@@ -375,6 +397,7 @@ def test_a_large_upload_streams_through_bounded_memory(tmp_path) -> None:
             tracemalloc.stop()
     assert r.status_code == 200, r.text
     file = r.json()
-    assert file["bytes"] >= size and file["description"]["examples"] == file["bytes"] // len(body.line)
+    assert file["bytes"] >= size
+    assert file["description"]["examples"] == file["bytes"] // len(body.line)
     # Neither the upload nor the validation held the file (measured: ~4-6 MB for 8 to 64 MB).
     assert peak < 8 * 1024 * 1024, peak

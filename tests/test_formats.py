@@ -68,7 +68,8 @@ EXPECTED = {
     "openai_preference": ("openai_preference", 2, {
         "prompt": [user("Hello, can you tell me how cold San Francisco is today?")],
         "chosen": "Today in San Francisco, it is not quite cold as expected. Morning clouds will "
-                  "give away to sunshine, with a high near 68°F (20°C) and a low around 57°F (14°C).",
+                  "give away to sunshine, with a high near 68°F (20°C) and a low around "
+                  "57°F (14°C).",
         "rejected": "It is not particularly cold in San Francisco today."}),
     "openai_preference_legacy": ("openai_preference", 1, {
         "prompt": [user("Write a greeting.")], "chosen": "Hello, and welcome!", "rejected": "hi"}),
@@ -139,7 +140,8 @@ def test_a_declared_format_holds_every_line_to_it() -> None:
     content = (DATA / "alpaca.jsonl").read_bytes()
     report = validate_jsonl(io.BytesIO(content), max_line_bytes=MAX_LINE_BYTES,
                             declared_format="dolly")
-    assert [(p.line, p.code) for p in report.problems] == [(1, "mixed_formats"), (2, "mixed_formats")]
+    assert [(p.line, p.code) for p in report.problems] == [
+        (1, "mixed_formats"), (2, "mixed_formats")]
     assert "declared as dolly" in report.problems[0].message
     with pytest.raises(ValueError, match="unknown format 'csv'"):
         validate_jsonl(io.BytesIO(content), max_line_bytes=MAX_LINE_BYTES, declared_format="csv")
@@ -186,6 +188,24 @@ def test_duplicates_are_warnings_with_line_numbers() -> None:
     assert report.ok
     assert report.duplicates == 2
     assert report.warnings == ["line 3 duplicates line 1", "line 4 duplicates line 1"]
+
+
+class _Trickle:
+    """A stream that hands out 3 bytes per read, whatever is asked: lines cross every boundary."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def read(self, n: int = -1) -> bytes:
+        chunk, self.data = self.data[:3], self.data[3:]
+        return chunk
+
+
+def test_line_limit_is_exact_across_chunk_boundaries() -> None:
+    data = b"x" * 10 + b"\n" + b"y" * 11 + b"\n\n" + b"z" * 10
+    assert list(iter_raw_lines(_Trickle(data), 10)) == [
+        (1, b"x" * 10), (2, None), (3, b""), (4, b"z" * 10)]
+    assert list(iter_raw_lines(_Trickle(b"a\nb" + b"c" * 20), 10)) == [(1, b"a"), (2, None)]
 
 
 class _Endless:
@@ -236,8 +256,8 @@ def test_token_counts_follow_the_chat_template(tokenizer) -> None:
     full = [tokenize_conversation(tokenizer, e["messages"]) for e in examples]
     lengths = [len(t.input_ids) for t in full]
     # The supervised tokens are the response plus the end-of-turn marker, nothing else.
-    responses = [len(tokenizer(e["messages"][-1]["content"], add_special_tokens=False)["input_ids"]) + 1
-                 for e in examples]
+    responses = [len(tokenizer(e["messages"][-1]["content"],
+                               add_special_tokens=False)["input_ids"]) + 1 for e in examples]
     assert [t.num_supervised for t in full] == responses
     context = max(lengths) - 1
     with open(DATA / "alpaca.jsonl", "rb") as f:
@@ -268,3 +288,11 @@ def test_special_tokens_in_content_are_refused(tokenizer) -> None:
                             tokenizer=tokenizer)
     assert [(p.line, p.code) for p in report.problems] == [(1, "template_error")]
     assert "<|im_end|>" in report.problems[0].message
+
+
+def test_token_counts_can_cover_only_the_first_examples(tokenizer) -> None:
+    content = (DATA / "sharegpt.jsonl").read_bytes() + b'{"conversations": []}\n'
+    report = validate_jsonl(io.BytesIO(content), max_line_bytes=MAX_LINE_BYTES,
+                            tokenizer=tokenizer, max_tokenized=1)
+    assert report.description()["tokenized_examples"] == 1 and report.examples == 2
+    assert [(p.line, p.code) for p in report.problems] == [(3, "missing_field")]  # still checked

@@ -193,8 +193,10 @@ def test_saturation_is_429_with_retry_after_and_disconnects_free_slots(service):
     body = {"model": TINY, "messages": HI, "max_tokens": CAP, "temperature": 0, "stream": True}
     with httpx.Client(timeout=30) as http:
         streams = [_open_stream(http, url, body) for _ in range(3)]
-        for response in streams:
-            assert next(response.iter_lines()).startswith("data: ")
+        # Keep the line iterators: dropping one makes httpx close its response.
+        lines = [response.iter_lines() for response in streams]
+        for line in lines:
+            assert next(line).startswith("data: ")
         assert eng.load[0] + eng.load[1] == 3
         refused = http.post(url + "/v1/chat/completions", json={**body, "stream": False},
                             headers={"Authorization": "Bearer key-alice"})

@@ -162,7 +162,8 @@ class TrainSpec:
         yield from _check_auto_int("batch_size", self.batch_size, 1, 256)
         lrm = self.learning_rate_multiplier
         if lrm != "auto" and not (isinstance(lrm, (int, float)) and 0 < lrm <= 100):
-            yield "learning_rate_multiplier", "learning_rate_multiplier must be > 0 (≤ 100) or 'auto'"
+            yield ("learning_rate_multiplier",
+                   "learning_rate_multiplier must be > 0 (≤ 100) or 'auto'")
         yield from self._lora_problems()
         yield from self._run_problems()
         if self.method == "dpo" and not 0 < self.beta <= 2:

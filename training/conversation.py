@@ -34,7 +34,8 @@ def get_field(obj: dict, key: str, kind: type | tuple[type, ...], *, where: str 
     value = obj[key]
     if not isinstance(value, kind) or isinstance(value, bool) and bool not in _as_tuple(kind):
         expected = " or ".join(json_type(k()) for k in _as_tuple(kind))
-        raise LineProblem("invalid_type", f"field '{name}' must be {expected}, got {json_type(value)}")
+        raise LineProblem("invalid_type",
+                          f"field '{name}' must be {expected}, got {json_type(value)}")
     return value
 
 
@@ -58,14 +59,16 @@ def parse_message(raw: object, index: int, *, path: str = "messages") -> Message
     """One OpenAI chat message → ``{"role", "content", "weight"?, "tool_calls"?, …}``."""
     where = f"{path}[{index}]."
     if not isinstance(raw, dict):
-        raise LineProblem("invalid_type", f"'{path}[{index}]' must be an object, got {json_type(raw)}")
+        raise LineProblem("invalid_type",
+                          f"'{path}[{index}]' must be an object, got {json_type(raw)}")
     role = get_field(raw, "role", str, where=where)
     if role not in ROLES:
         raise LineProblem("invalid_role", f"'{where}role' is {role!r}; expected one of "
                           + ", ".join(ROLES))
     tool_calls = get_field(raw, "tool_calls", list, where=where, required=False)
     if tool_calls is not None and role != "assistant":
-        raise LineProblem("invalid_value", f"'{where}tool_calls' is only allowed on assistant messages")
+        raise LineProblem("invalid_value",
+                          f"'{where}tool_calls' is only allowed on assistant messages")
     content = _content(raw, where, optional=bool(tool_calls))
     if tool_calls and not content.strip():
         content = _tool_calls_text(tool_calls, where)
@@ -87,7 +90,8 @@ def _content(raw: dict, where: str, *, optional: bool) -> str:
         return value or ""
     texts = []
     for i, part in enumerate(value):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+        if not (isinstance(part, dict) and part.get("type") == "text"
+                and isinstance(part.get("text"), str)):
             raise LineProblem("invalid_type", f"'{where}content[{i}]' must be a text part "
                               '{"type": "text", "text": "…"}; only text content is supported')
         texts.append(part["text"])
@@ -109,7 +113,8 @@ def _tool_calls_text(tool_calls: list, where: str) -> str:
 
 def _weight(value: object, where: str, role: str) -> int:
     if role != "assistant":
-        raise LineProblem("invalid_weight", f"'{where}weight' is only allowed on assistant messages")
+        raise LineProblem("invalid_weight",
+                          f"'{where}weight' is only allowed on assistant messages")
     if isinstance(value, bool) or value not in (0, 1):
         raise LineProblem("invalid_weight", f"'{where}weight' must be 0 or 1, got {value!r}")
     return int(value)  # type: ignore[call-overload]
@@ -178,6 +183,7 @@ def split_turns(text: str, markers: dict[str, str], *, field: str) -> list[Messa
     pieces = re.split(pattern, text)
     if pieces[0].strip():
         first = ", ".join(repr(m.strip()) for m in markers)
-        raise LineProblem("invalid_value", f"field '{field}' must start with a turn marker ({first})")
+        raise LineProblem("invalid_value",
+                          f"field '{field}' must start with a turn marker ({first})")
     return [{"role": markers[marker], "content": body.strip()}
             for marker, body in zip(pieces[1::2], pieces[2::2], strict=True)]

@@ -68,7 +68,8 @@ def decode_line(number: int, raw: bytes | None, max_line_bytes: int) -> Any | No
         LineProblem: the line is too long, not UTF-8, or not JSON.
     """
     if raw is None:
-        raise LineProblem("line_too_long", f"line is longer than the limit of {max_line_bytes} bytes")
+        raise LineProblem("line_too_long",
+                          f"line is longer than the limit of {max_line_bytes} bytes")
     if number == 1 and raw.startswith(_BOM):
         raw = raw[len(_BOM):]
     raw = raw.rstrip(b"\r")
@@ -81,6 +82,7 @@ def decode_line(number: int, raw: bytes | None, max_line_bytes: int) -> Any | No
     try:
         return json.loads(text, parse_constant=_no_constants)
     except json.JSONDecodeError as exc:
-        raise LineProblem("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+        raise LineProblem("invalid_json",
+                          f"invalid JSON: {exc.msg} at column {exc.colno}") from None
     except (ValueError, RecursionError) as exc:
         raise LineProblem("invalid_json", f"invalid JSON: {exc}") from None

@@ -195,8 +195,8 @@ class SFTTrainer:
     def verify_settings(self) -> None:
         """Score two micro-batches before step 1, so a broken setup fails in seconds."""
         examples = self.valid_examples or self.train_examples
-        metrics = self.evaluate(examples[: 2 * self.world_size * max(1, self.spec.micro_batch_size)],
-                                max_batches=2)
+        enough = 2 * self.world_size * self.spec.micro_batch_size
+        metrics = self.evaluate(examples[:enough], max_batches=2)
         if not math.isfinite(metrics["loss"]):
             raise RuntimeError(f"the loss before training is {metrics['loss']}: check the model "
                                "and the data (bf16 overflow? empty responses?)")
@@ -248,7 +248,8 @@ class SFTTrainer:
         for batch in micro:
             token_sums = self.forward_sums(batch)
             normalised_loss(token_sums, global_count).backward()
-            tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+            mask = batch.get("attention_mask")
+            tokens = mask.sum() if mask is not None else batch["input_ids"].numel()
             sums += torch.tensor([token_sums.loss.item(), token_sums.correct, token_sums.count,
                                   float(tokens)])
         sums = self.all_reduce_grads(sums)  # [3]
@@ -301,8 +302,8 @@ class SFTTrainer:
         epoch_end = state.step % self.steps_per_epoch == 0
         every = self.spec.checkpoint_every_steps
         if epoch_end or (every and state.step % every == 0):
-            valid = self.evaluate(self.valid_examples[:VALID_EXAMPLES]) if self.valid_examples else {}
-            if valid:
+            if self.valid_examples:
+                valid = self.evaluate(self.valid_examples[:VALID_EXAMPLES])
                 state.metrics.update(valid_loss=valid["loss"],
                                      valid_mean_token_accuracy=valid["accuracy"])
             self.log_metrics()

@@ -1,4 +1,4 @@
-"""Which weights train: a LoRA adapter on every linear layer of the family (PEFT), or all weights."""
+"""Which weights train: a LoRA adapter on each linear layer of the family (PEFT), or all."""
 
 from __future__ import annotations
 

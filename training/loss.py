@@ -32,7 +32,7 @@ class TokenSums:
 
 
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels aligned with the hidden state that predicts them: ``labels[:, 1:]``. Shape (B, T-1)."""
+    """Labels aligned with the hidden state predicting them: ``labels[:, 1:]``, shape (B, T-1)."""
     return labels[:, 1:]
 
 

@@ -147,7 +147,7 @@ def resolve_model(
     if location.startswith("s3://"):
         # Cached by location, so pointing an override elsewhere never reuses the old copy.
         return _cached(location, None, lambda out: _download_s3(location, out, storage))
-    path = Path(location).expanduser()
+    path = Path(location.removeprefix("file://")).expanduser()
     if path.is_dir():
         check_model_dir(path)
         return path

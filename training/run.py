@@ -51,7 +51,8 @@ def run_storage(config: StorageConfig, job_id: str) -> tuple[str, pyarrow.fs.Fil
         "access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
         "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
         "session_token": os.environ.get("AWS_SESSION_TOKEN"),
-        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "region": (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                   or "us-east-1"),
     }
     if config.endpoint_url:
         endpoint = urlparse(config.endpoint_url)

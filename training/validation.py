@@ -101,7 +101,9 @@ class FileReport:
         return {
             "format": self.format, "kind": self.kind, "examples": self.examples,
             "tokens": self.tokens.as_dict() if self.tokens else None,
-            "supervised_tokens": self.supervised_tokens.as_dict() if self.supervised_tokens else None,
+            "supervised_tokens": (self.supervised_tokens.as_dict()
+                                  if self.supervised_tokens else None),
+            "tokenized_examples": self.tokens.count if self.tokens else None,
             "context_length": self.context_length,
             "over_context": self.over_context if self.tokens else None,
             "duplicates": self.duplicates, "warnings": list(self.warnings),
@@ -110,7 +112,8 @@ class FileReport:
 
 def validate_jsonl(stream: Readable, *, max_line_bytes: int, tokenizer: Any = None,
                    max_length: int | None = None, declared_format: str | None = None,
-                   count_tokens: TokenCounter | None = None) -> FileReport:
+                   count_tokens: TokenCounter | None = None,
+                   max_tokenized: int | None = None) -> FileReport:
     """Check every line of a JSONL stream and describe the file.
 
     Args:
@@ -121,6 +124,8 @@ def validate_jsonl(stream: Readable, *, max_line_bytes: int, tokenizer: Any = No
         max_length: the context length; examples longer than it are counted (a warning).
         declared_format: the format the caller named; None detects it from the keys.
         count_tokens: overrides the tokenizer-based counter (tests, other templates).
+        max_tokenized: count tokens of the first this many examples only (the chat template
+            costs milliseconds per example); None counts all. Every line is still checked.
 
     Raises:
         ValueError: ``declared_format`` is not a known format.
@@ -139,7 +144,8 @@ def validate_jsonl(stream: Readable, *, max_line_bytes: int, tokenizer: Any = No
             if value is None:
                 continue
             example = reader.read(number, value)
-            if count_tokens is not None:
+            if count_tokens is not None and (max_tokenized is None
+                                             or report.examples < max_tokenized):
                 _count(report, number, count_tokens(example), max_length)
         except LineProblem as exc:
             report.add_problem(Problem(number, exc.code, exc.message))
@@ -153,7 +159,8 @@ def validate_jsonl(stream: Readable, *, max_line_bytes: int, tokenizer: Any = No
     return report
 
 
-def _count(report: FileReport, number: int, counts: tuple[int, int], max_length: int | None) -> None:
+def _count(report: FileReport, number: int, counts: tuple[int, int],
+           max_length: int | None) -> None:
     tokens, supervised = counts
     assert report.tokens is not None and report.supervised_tokens is not None
     report.tokens.add(tokens)
