@@ -19,7 +19,8 @@ _CKPT = re.compile(r"^ckpt-step-(\d+)$")
 
 
 def base_model_ids(settings: Settings) -> list[str]:
-    builtin = [BUILTIN_MODEL_ID, TINY_MODEL_ID] if settings.builtin_models else []
+    builtin = ([BUILTIN_MODEL_ID] if settings.builtin_models else []) + (
+        [TINY_MODEL_ID] if settings.tiny_model else [])
     return builtin + [m for m in settings.models if m not in builtin]
 
 

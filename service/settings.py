@@ -44,7 +44,9 @@ class Settings(BaseSettings):
     chat_max_concurrency: int = Field(default=32, ge=1)
     max_adapters_per_replica: int = Field(default=8, ge=1)
     builtin_models: bool = True
-    """List the built-in SmolLM2 and the tiny test model as base models."""
+    """Offer the built-in SmolLM2-135M-Instruct as a base model."""
+    tiny_model: bool = True
+    """Also offer the tiny random test model (fast trials; off in production)."""
 
     @field_validator("api_keys", mode="before")
     @classmethod

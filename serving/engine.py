@@ -344,7 +344,7 @@ class Engine:
 
     def _accept(self, row: _Row, token: int) -> None:
         """Record a sampled token and send whatever text it settles."""
-        if token in self.eot_ids:
+        if token in self.eot_ids and not row.params.ignore_eot:
             self._finish(row, "stop", completion_tokens=len(row.tokens) + 1)
             return
         row.tokens.append(token)

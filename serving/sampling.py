@@ -19,6 +19,8 @@ class SamplingParams:
     """Makes sampling reproducible for the same prompt, adapter and settings."""
     stop: tuple[str, ...] = ()
     """Strings that end the answer; the matched stop string is not returned."""
+    ignore_eot: bool = False
+    """Keep going past the end-of-turn token (benchmarks use it for fixed-length answers)."""
 
 
 def make_generator(seed: int | None) -> torch.Generator:
