@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv bench clean
+.PHONY: run test venv bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,7 +19,14 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/tuneserve up
 
-test: $(STAMP)
+# Headless Chromium and its driver (Debian's) for the dashboard's browser test.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; }
+
+test: $(STAMP) browser
 	@start=$$(date +%s); \
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	echo "test suite took $$(( $$(date +%s) - start )) s"; exit $$rc

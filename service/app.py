@@ -13,8 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import health
+from service import dashboard, health, logs, metrics
 from service.auth import get_tenant
+from service.body_limit import BodySizeLimit
 from service.errors import RateLimited, TuneserveError
 from service.settings import Settings
 from service.storage import open_storage
@@ -38,8 +39,14 @@ def create_app(settings: Settings | None = None, *, chat=None, runner=None) -> F
     app.state.chat = chat
     app.state.runner = runner
     _install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    logs.add_secrets(settings.api_keys)
+    app.add_middleware(metrics.MetricsMiddleware, metrics=metrics.init_metrics(app))
+    app.add_middleware(logs.RequestContextMiddleware)  # outermost: every line gets the id
 
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(dashboard.router)
     authed = [Depends(get_tenant)]
     for router in _api_routers():
         app.include_router(router, prefix="/v1", dependencies=authed)

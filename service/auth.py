@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service import logs
 from service.errors import Unauthorized
 from service.settings import LOCAL_TENANT, Settings
+
+COOKIE = "tuneserve_key"
+"""The dashboard's login cookie (HttpOnly, SameSite=Strict): a browser cannot send a header."""
+UI_HEADER = "x-tuneserve-ui"
+"""Required on a state-changing request signed by the cookie: a cross-site form cannot set a
+header, so this stops request forgery even where SameSite is not honoured."""
 
 
 def tenant_for_key(settings: Settings, authorization: str | None) -> str:
@@ -32,7 +41,21 @@ def tenant_for_key(settings: Settings, authorization: str | None) -> str:
     return tenant
 
 
-def get_tenant(request: Request) -> str:
-    tenant = tenant_for_key(request.app.state.settings, request.headers.get("authorization"))
+# Declares the scheme in the OpenAPI document (clients and schemathesis see that every route
+# needs a key); the check itself is ``tenant_for_key``, which also answers a missing key with 401.
+_bearer = HTTPBearer(auto_error=False, description="An API key: 'Authorization: Bearer <key>'.")
+
+
+def get_tenant(request: Request,
+               _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None) -> str:
+    authorization = request.headers.get("authorization")
+    cookie = request.cookies.get(COOKIE)
+    if authorization is None and cookie:
+        if request.method not in ("GET", "HEAD") and request.headers.get(UI_HEADER) != "1":
+            raise Unauthorized("A request authenticated by the dashboard cookie must carry the "
+                               "header 'X-Tuneserve-UI: 1'.", code="missing_ui_header")
+        authorization = f"Bearer {cookie}"
+    tenant = tenant_for_key(request.app.state.settings, authorization)
     request.state.tenant = tenant
+    logs.bind(tenant=tenant)
     return tenant

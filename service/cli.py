@@ -1,4 +1,6 @@
-"""The ``tuneserve`` command: ``up`` runs the service; ``train`` runs one training run without the API."""
+"""The ``tuneserve`` command: ``up`` runs the service; ``train`` runs one training run without
+the API; ``files``, ``jobs``, ``models`` and ``chat`` talk to a running service
+(``service.cli_client``)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,12 @@ import signal
 import sys
 import threading
 
+import httpx
 from pydantic import ValidationError
+
+from service import logs
+from service.cli_client import DEFAULT_BASE_URL, CliError
+from service.cli_client import add_commands as add_client_commands
 
 log = logging.getLogger("tuneserve")
 
@@ -34,21 +41,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from service.serve_app import build_app
+    from service.serve_app import SECRET_SETTINGS, build_app
 
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
+    logs.add_secrets(settings.api_keys)
+    # Every Ray worker of the service (Serve replicas, job drivers, training workers) logs JSON
+    # lines through the same redacting formatter.
+    runtime_env = {"worker_process_setup_hook": "service.logs.ray_worker_setup"}
     if settings.ray_address:
-        ray.init(address=settings.ray_address)
+        ray.init(address=settings.ray_address, runtime_env=runtime_env)
     else:
         # Embedded mode: a local Ray on loopback only, no dashboard (it would listen on a port).
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", namespace="tuneserve")
+                 _node_ip_address="127.0.0.1", namespace="tuneserve", runtime_env=runtime_env)
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(build_app(settings.model_dump(mode="json")), name="tuneserve",
+        serve.run(build_app(settings.model_dump(mode="json", exclude=SECRET_SETTINGS)), name="tuneserve",
                   route_prefix="/", blocking=False)
         url = f"http://{settings.host}:{settings.port}"
         sys.stdout.write(f"tuneserve is up at {url}/v1 (storage: {settings.storage}); Ctrl-C stops it\n")
@@ -82,13 +93,43 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run one training run from a JSON spec, without the API")
     train.add_argument("spec")
     train.set_defaults(func=cmd_train)
+
+    add_client_commands(sub)
     return parser
 
 
+SERVER_COMMANDS = ("up", "train")
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if args.command in SERVER_COMMANDS:
+        logs.setup_logging()
+        return args.func(args)
+    # Client commands: a failure is one line on stderr, never a traceback.
+    try:
+        return args.func(args)
+    except CliError as exc:
+        sys.stderr.write(f"tuneserve: {exc}\n")
+        return exc.code
+    except httpx.ConnectError:
+        sys.stderr.write(f"tuneserve: cannot connect to {_target(args)}: is it running? "
+                         "(--base-url / TUNESERVE_BASE_URL)\n")
+        return 1
+    except httpx.TimeoutException:
+        sys.stderr.write(f"tuneserve: {_target(args)} did not answer in time\n")
+        return 1
+    except httpx.HTTPError as exc:
+        sys.stderr.write(f"tuneserve: request to {_target(args)} failed: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+
+
+def _target(args: argparse.Namespace) -> str:
+    return (getattr(args, "base_url", None) or os.environ.get("TUNESERVE_BASE_URL")
+            or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL)
 
 
 if __name__ == "__main__":

@@ -14,19 +14,25 @@ from service.model_names import base_model_ids, deployment_name
 from service.settings import Settings
 
 API_DEPLOYMENT = "Api"
+SECRET_SETTINGS = {"api_keys"}
 
 
 def build_app(args: dict | None = None) -> Application:
     from serving.deployment import ChatModel
 
     settings = Settings(**(args or {}))
-    settings_args = settings.model_dump(mode="json")
+    # API keys stay out of the deployments' arguments (Serve shows those in its status and
+    # stores them in the cluster); replicas read TUNESERVE_API_KEYS from their environment.
+    settings_args = settings.model_dump(mode="json", exclude=SECRET_SETTINGS)
 
     def build_api():
         # Evaluated on the replica, so the app (and its storage client) is made where it runs.
         from service.app import create_app
         from service.chat_backend import ServeChatBackend
+        from service.logs import setup_logging
         from service.runner import RayJobRunner
+
+        setup_logging()  # JSON lines, redacted; also where no setup hook ran (KubeRay)
 
         replica_settings = Settings(**settings_args)
         return create_app(replica_settings, chat=ServeChatBackend(replica_settings),

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     """Extra base models, ``id=path-or-s3-prefix`` pairs, comma-separated."""
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     max_line_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    max_request_bytes: int = Field(default=1024 * 1024, gt=0)
+    """Largest JSON request body (job specs, chat requests); uploads have max_upload_bytes."""
     max_concurrent_runs: int = Field(default=1, ge=1)
     ray_address: str | None = None
     """Address of an existing Ray cluster; None starts a local one (``tuneserve up``)."""

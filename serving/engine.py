@@ -19,7 +19,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +29,8 @@ from transformers import DynamicCache
 
 from service.errors import InvalidRequest, RateLimited
 from serving.adapters import DEFAULT_MAX_RANK, LoadedAdapter, read_adapter
-from serving.lora import Segment, attach_lora
+from serving.batch import Row, RunningBatch
+from serving.lora import attach_lora
 from serving.sampling import SamplingParams, StopText, make_generator, sample_token
 
 log = logging.getLogger(__name__)
@@ -94,23 +95,6 @@ class Generation:
             self.cancel()  # a consumer that stops listening frees the row (no-op when done)
 
 
-@dataclass(eq=False)
-class _Row:
-    generation: Generation
-    prompt: list[int]
-    params: SamplingParams
-    adapter_id: str | None
-    slot: int
-    """Adapter slot, -1 for the bare base model; rows are sorted by it."""
-    max_tokens: int
-    generator: torch.Generator
-    stop: StopText
-    tokens: list[int] = field(default_factory=list)
-    pos: int = 0
-    """Position of the newest token, the one the next decode step feeds."""
-    done: bool = False
-
-
 @dataclass
 class _Slot:
     slot: int
@@ -124,8 +108,10 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any, *, base_model: str,
                  fingerprint: Mapping[str, str], eot_ids: Iterable[int], max_batch: int = 16,
                  max_pending: int = 64, default_max_tokens: int = 2048,
-                 max_rank: int = DEFAULT_MAX_RANK):
+                 max_rank: int = DEFAULT_MAX_RANK, threads: int | None = None):
         self.model = model.eval()
+        self.threads = threads
+        """Intra-op threads of the generation thread; None keeps torch's default."""
         self.tokenizer = tokenizer
         self.base_model = base_model
         self.fingerprint = dict(fingerprint)
@@ -137,8 +123,8 @@ class Engine:
         self.max_context = int(model.config.max_position_embeddings)
         self.batch, self.modules = attach_lora(model)
         self._lock = threading.Condition()
-        self._waiting: deque[_Row] = deque()
-        self._rows: list[_Row] = []
+        self._waiting: deque[Row] = deque()
+        self._rows: list[Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [B, L] 1 = real token, 0 = left padding
         self._adapters: dict[str, _Slot] = {}
@@ -211,7 +197,7 @@ class Engine:
     def load(self) -> tuple[int, int]:
         """(running rows, waiting requests)."""
         with self._lock:
-            return len(self._rows), len(self._waiting)
+            return len(self._batch), len(self._waiting)
 
     def submit(self, prompt: list[int], params: SamplingParams,
                adapter_id: str | None = None) -> Generation:
@@ -227,7 +213,7 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            if len(self._rows) + len(self._waiting) >= self.max_pending:
+            if len(self._batch) + len(self._waiting) >= self.max_pending:
                 raise RateLimited(f"The {self.base_model} deployment is at capacity "
                                   f"({self.max_pending} requests in flight); retry shortly.",
                                   retry_after=1, code="capacity_exceeded")
@@ -238,7 +224,7 @@ class Engine:
                     raise AdapterNotLoaded(adapter_id)
                 known.users += 1
                 slot = known.slot
-            self._waiting.append(_Row(generation, list(prompt), params, adapter_id, slot,
+            self._waiting.append(Row(generation, list(prompt), params, adapter_id, slot,
                                       budget, make_generator(params.seed), StopText(params.stop)))
             self._start_thread()
             self._lock.notify()
@@ -286,27 +272,29 @@ class Engine:
             self._thread.start()
 
     def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)  # per thread: set it where the work runs
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not self._closed and not self._waiting and not self._rows:
+                    while not self._closed and not self._waiting and not self._batch:
                         self._lock.wait()
                     if self._closed:
                         break
                     admitted = [self._waiting.popleft() for _ in
-                                range(min(len(self._waiting), self.max_batch - len(self._rows)))]
+                                range(min(len(self._waiting), self.max_batch - len(self._batch)))]
                 try:
                     for row in admitted:
                         self._prefill(row)
-                    if self._rows:
+                    if self._batch:
                         self._decode_step()
                 except Exception as exc:  # a bug or OOM: fail the batch, keep serving
                     log.exception("generation step failed")
-                    for row in self._rows + [r for r in admitted if r not in self._rows]:
+                    for row in self._batch.rows + admitted:
                         self._finish(row, None, error=exc)
-                    self._rows, self._cache, self._mask = [], None, None
+                    self._batch.clear()
 
-    def _prefill(self, row: _Row) -> None:
+    def _prefill(self, row: Row) -> None:
         if row.generation.cancelled:
             self._finish(row, None)
             return
@@ -315,34 +303,26 @@ class Engine:
         out = self.model(input_ids=torch.tensor([row.prompt]), cache=cache, use_cache=True,
                          logits_to_keep=1)
         row.pos = len(row.prompt)
-        self._join_batch(row, cache)
+        self._batch.join(row, cache)
         self._accept(row, sample_token(out.logits[0, -1], row.params, row.generator))
-        self._drop_finished()
+        self._batch.drop_finished()
 
     def _decode_step(self) -> None:
-        rows = self._rows
-        for row in rows:
+        for row in self._batch.rows:
             if row.generation.cancelled:
                 self._finish(row, None)
-        self._drop_finished()
-        rows = self._rows
-        if not rows:
+        self._batch.drop_finished()
+        if not self._batch:
             return
-        assert self._mask is not None
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
-        padded = not bool(self._mask.all())
-        self.batch.segments = _segments(rows)
-        out = self.model(input_ids=torch.tensor([[r.tokens[-1]] for r in rows]),
-                         position_ids=torch.tensor([[r.pos] for r in rows]),
-                         attention_mask=self._mask if padded else None,
-                         cache=self._cache, use_cache=True, logits_to_keep=1)
+        self.batch.segments = self._batch.segments()
+        out = self.model(**self._batch.step_inputs(), use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
-        for i, row in enumerate(rows):
+        for i, row in enumerate(self._batch.rows):
             row.pos += 1
             self._accept(row, sample_token(logits[i], row.params, row.generator))
-        self._drop_finished()
+        self._batch.drop_finished()
 
-    def _accept(self, row: _Row, token: int) -> None:
+    def _accept(self, row: Row, token: int) -> None:
         """Record a sampled token and send whatever text it settles."""
         if token in self.eot_ids and not row.params.ignore_eot:
             self._finish(row, "stop", completion_tokens=len(row.tokens) + 1)
@@ -356,7 +336,7 @@ class Engine:
         elif delta:
             row.generation._put(Chunk(delta))
 
-    def _finish(self, row: _Row, reason: FinishReason | None, delta: str = "", *,
+    def _finish(self, row: Row, reason: FinishReason | None, delta: str = "", *,
                 completion_tokens: int | None = None, error: BaseException | None = None) -> None:
         if row.done:
             return
@@ -379,50 +359,6 @@ class Engine:
                                       completion_tokens or len(row.tokens)))
         row.generation._put(_END)
 
-    # -- the batch's KV cache ------------------------------------------------------------
-
-    def _join_batch(self, row: _Row, cache: DynamicCache) -> None:
-        """Append a prefilled row to the running batch, left-padding the shorter cache."""
-        mask = torch.ones(1, len(row.prompt), dtype=torch.long)
-        if not self._rows:
-            self._rows, self._cache, self._mask = [row], cache, mask
-            return
-        assert self._cache is not None and self._mask is not None
-        length = max(self._mask.shape[1], mask.shape[1])
-        for big, small in zip(self._cache.layers, cache.layers, strict=True):
-            big.keys = torch.cat([_left_pad(big.keys, length), _left_pad(small.keys, length)])
-            big.values = torch.cat([_left_pad(big.values, length),
-                                    _left_pad(small.values, length)])
-        self._mask = torch.cat([_left_pad(self._mask, length), _left_pad(mask, length)])
-        self._rows.append(row)
-        order = sorted(range(len(self._rows)), key=lambda i: self._rows[i].slot)
-        if order != list(range(len(self._rows))):
-            self._select(order)
-
-    def _drop_finished(self) -> None:
-        keep = [i for i, row in enumerate(self._rows) if not row.done]
-        if len(keep) == len(self._rows):
-            return
-        if not keep:
-            self._rows, self._cache, self._mask = [], None, None
-            return
-        self._select(keep)
-        # Columns that are padding for every remaining row are dead weight: cut them.
-        assert self._mask is not None and self._cache is not None
-        first = int(self._mask.any(dim=0).int().argmax())
-        if first > 0:
-            self._mask = self._mask[:, first:]
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[:, :, first:]
-                layer.values = layer.values[:, :, first:]
-
-    def _select(self, order: list[int]) -> None:
-        assert self._cache is not None and self._mask is not None
-        index = torch.tensor(order)
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask[index]
-        self._rows = [self._rows[i] for i in order]
-
 
 def pick_dtype(dtype: str) -> str:
     """``auto``: bf16 where the CPU has native bf16 matmuls (AMX, AVX512-bf16), else fp32."""
@@ -433,24 +369,3 @@ def pick_dtype(dtype: str) -> str:
     except (AttributeError, RuntimeError):
         fast_bf16 = False
     return "bfloat16" if fast_bf16 else "float32"
-
-
-def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
-    """Pad dim -2 of a cache tensor [B, H, L, D] (or dim -1 of a mask [B, L]) on the left."""
-    missing = length - (t.shape[-2] if t.dim() == 4 else t.shape[-1])
-    if missing == 0:
-        return t
-    pad = (0, 0, missing, 0) if t.dim() == 4 else (missing, 0)
-    return torch.nn.functional.pad(t, pad)
-
-
-def _segments(rows: list[_Row]) -> list[Segment]:
-    """Runs of rows sharing an adapter slot; rows on the bare base model need none."""
-    segments: list[Segment] = []
-    start = 0
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or rows[i].slot != rows[start].slot:
-            if rows[start].slot >= 0:
-                segments.append((rows[start].slot, start, i))
-            start = i
-    return segments

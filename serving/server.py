@@ -47,15 +47,13 @@ class ChatServer:
               overrides: dict[str, str] | None = None, dtype: str = "auto", max_batch: int = 16,
               max_pending: int = 64, default_max_tokens: int = 2048,
               threads: int | None = None) -> ChatServer:
-        if threads:
-            torch.set_num_threads(threads)
         started = time.monotonic()
         storage = open_storage(storage_config)
         engine = Engine.for_base_model(base_model, storage, overrides=overrides, dtype=dtype,
                                        max_batch=max_batch, max_pending=max_pending,
-                                       default_max_tokens=default_max_tokens)
-        log.info("chat engine for %s ready in %.1f s (%s, %d threads)", base_model,
-                 time.monotonic() - started, pick_dtype(dtype), torch.get_num_threads())
+                                       default_max_tokens=default_max_tokens, threads=threads)
+        log.info("chat engine for %s ready in %.1f s (%s)", base_model,
+                 time.monotonic() - started, pick_dtype(dtype))
         return cls(engine, storage)
 
     def load_adapter(self, adapter_id: str) -> None:

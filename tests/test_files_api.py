@@ -47,7 +47,7 @@ def make_app(tmp_path: Path, tiny_dir: str | None = None, **settings):
     """The API with the tiny model's tokenizer (SmolLM2's tokenizer and template) describing
     files; without ``tiny_dir``, files are described without token counts."""
     settings.setdefault("storage", str(tmp_path / "store"))
-    app = create_app(Settings(builtin_models=False,
+    app = create_app(Settings(builtin_models=False, tiny_model=False,
                               models={"tiny": tiny_dir} if tiny_dir else {},
                               max_line_bytes=MAX_LINE_BYTES, **settings))
     if tiny_dir is None:

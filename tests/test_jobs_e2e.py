@@ -60,13 +60,21 @@ def metrics_events(client, job_id: str) -> list:
     return [e for e in events if e.type == "metrics"]
 
 
-def train_workers() -> list[psutil.Process]:
+def service_processes(service: Service, *markers: str) -> list[psutil.Process]:
+    """The service's own processes (its Ray is a child of it) whose command line has a marker."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "RayTrainWorker" in cmd or "TrainController" in cmd:
+    for p in psutil.Process(service.proc.pid).children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if any(m in cmd for m in markers):
             found.append(p)
     return found
+
+
+def train_workers(service: Service) -> list[psutil.Process]:
+    return service_processes(service, "RayTrainWorker", "TrainController")
 
 
 def test_job_runs_to_success_with_events_checkpoints_and_results(client):
@@ -96,13 +104,13 @@ def test_job_runs_to_success_with_events_checkpoints_and_results(client):
     assert csv.splitlines()[0].startswith("step,train_loss") and len(csv.splitlines()) == 9
 
 
-def test_cancel_stops_the_run_within_seconds(client):
+def test_cancel_stops_the_run_within_seconds(client, service):
     job = client.fine_tuning.jobs.create(model=TINY, training_file=upload(client, 256),
                                          hyperparameters={"n_epochs": 50, "batch_size": 4})
     wait_until(lambda: metrics_events(client, job.id), 240, interval=1, what="first step")
     cancelled_at = time.monotonic()
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
-    wait_until(lambda: not train_workers(), 30, what="the run's Ray processes to go away")
+    wait_until(lambda: not train_workers(service), 30, what="the run's Ray processes to go away")
     assert time.monotonic() - cancelled_at < 30
     time.sleep(3)  # a dying run must not overwrite the decision
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
@@ -110,12 +118,11 @@ def test_cancel_stops_the_run_within_seconds(client):
         client.fine_tuning.jobs.cancel(job.id)
 
 
-def test_api_replica_restart_during_a_run_does_not_stop_it(client):
+def test_api_replica_restart_during_a_run_does_not_stop_it(client, service):
     job = client.fine_tuning.jobs.create(model=TINY, training_file=upload(client, 64),
                                          hyperparameters={"n_epochs": 6, "batch_size": 4})
     wait_until(lambda: metrics_events(client, job.id), 240, interval=1, what="first step")
-    replicas = [p for p in psutil.process_iter(["cmdline"])
-                if "ServeReplica:tuneserve:Api" in " ".join(p.info["cmdline"] or [])]
+    replicas = service_processes(service, "ServeReplica:tuneserve:Api")
     assert replicas, "the API replica process should be visible"
     for p in replicas:
         p.send_signal(signal.SIGKILL)

@@ -90,10 +90,11 @@ def report(metrics: dict[str, Any], path: Path | None, step: int) -> None:
                      checkpoint_dir_name=checkpoint_name(step) if path else None)
 
 
-def restore_checkpoint(job_id: str, rank: int, model: torch.nn.Module,
-                       optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState | None:
-    """Load the latest reported checkpoint, if the run has one; return its state."""
-    checkpoint = ray.train.get_checkpoint()
+def restore_checkpoint(checkpoint: ray.train.Checkpoint | None, job_id: str, rank: int,
+                       model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       scheduler: Any) -> TrainState | None:
+    """Load ``checkpoint`` (``ray.train.get_checkpoint()``: the run's latest) into this rank's
+    model, optimizer, scheduler and RNGs; return its state, or None without a checkpoint."""
     if checkpoint is None:
         return None
     path = local_dir(job_id, rank, "restore")

@@ -168,6 +168,11 @@ class TrainSpec:
         yield from self._run_problems()
         if self.method == "dpo" and not 0 < self.beta <= 2:
             yield "beta", f"beta must be in (0, 2], not {self.beta}"
+        if self.method == "dpo" and self.full_finetune:
+            # The reference is the policy with its adapter disabled: there must be an adapter.
+            yield "full_finetune", "DPO trains a LoRA adapter; full_finetune is not supported"
+        if self.dpo_loss not in ("sigmoid", "ipo"):
+            yield "dpo_loss", f"dpo_loss must be 'sigmoid' or 'ipo', not {self.dpo_loss!r}"
         if not 0 <= self.label_smoothing < 0.5:
             yield "label_smoothing", "label_smoothing must be in [0, 0.5)"
 

@@ -54,9 +54,16 @@ class EventLog:
         return event
 
     def metrics(self, data: dict[str, Any], total_steps: int) -> dict[str, Any] | None:
-        """A ``type="metrics"`` event in OpenAI's wording: ``Step 5/40: training loss=1.23``."""
+        """A ``type="metrics"`` event in OpenAI's wording: ``Step 5/40: training loss=1.23``;
+        DPO steps add the reward accuracy and margin (``rewards/…``, ``valid_rewards/…``)."""
         parts = [f"training loss={data['train_loss']:.4f}"]
+        if data.get("rewards/accuracies") is not None:
+            parts.append(f"reward accuracy={data['rewards/accuracies']:.2f}, "
+                         f"reward margin={data['rewards/margins']:.3f}")
         if data.get("valid_loss") is not None:
             parts.append(f"validation loss={data['valid_loss']:.4f}")
+        if data.get("valid_rewards/accuracies") is not None:
+            parts.append(f"validation reward accuracy={data['valid_rewards/accuracies']:.2f}, "
+                         f"validation reward margin={data['valid_rewards/margins']:.3f}")
         message = f"Step {data['step']}/{total_steps}: " + ", ".join(parts)
         return self.add(message, type="metrics", data={**data, "total_steps": total_steps})

@@ -80,9 +80,12 @@ def decode_line(number: int, raw: bytes | None, max_line_bytes: int) -> Any | No
     except UnicodeDecodeError as exc:
         raise LineProblem("invalid_utf8", f"invalid UTF-8 at byte {exc.start + 1}") from None
     try:
-        return json.loads(text, parse_constant=_no_constants)
+        value = json.loads(text, parse_constant=_no_constants)
     except json.JSONDecodeError as exc:
         raise LineProblem("invalid_json",
                           f"invalid JSON: {exc.msg} at column {exc.colno}") from None
     except (ValueError, RecursionError) as exc:
         raise LineProblem("invalid_json", f"invalid JSON: {exc}") from None
+    if value is None:  # a literal ``null`` is not a blank line: callers skip None
+        raise LineProblem("not_an_object", "expected a JSON object, got null")
+    return value

@@ -41,10 +41,17 @@ VALID_EXAMPLES = 64
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = TrainSpec.from_dict(config["spec"])
-    trainer = SFTTrainer(spec, StorageConfig(**config["storage"]))
+    trainer = trainer_class(spec.method)(spec, StorageConfig(**config["storage"]))
     trainer.setup()
     trainer.train()
     trainer.cleanup()
+
+
+def trainer_class(method: str) -> type[SFTTrainer]:
+    """The worker class of a training method (they share this loop; each has its own step)."""
+    from training.dpo_loop import DPOTrainer  # imports this module: resolved at call time
+
+    return {"supervised": SFTTrainer, "dpo": DPOTrainer}[method]
 
 
 def set_threads(n: int) -> int:
@@ -84,13 +91,18 @@ def lr_lambda(total_steps: int):
 class SFTTrainer:
     """One worker's share of a supervised fine-tuning run."""
 
-    def __init__(self, spec: TrainSpec, storage_config: StorageConfig):
+    def __init__(self, spec: TrainSpec, storage_config: StorageConfig, *, in_ray: bool = True):
+        """``in_ray=False`` builds a single-process trainer (rank 0 of 1, no checkpoints through
+        Ray) for benchmarks and debugging; a run always goes through Ray Train."""
         self.spec = spec
         self.storage = open_storage(storage_config)
-        context = ray.train.get_context()  # [1]
-        self.rank = context.get_world_rank()
-        self.world_size = context.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.in_ray = in_ray
+        self.rank, self.world_size, self.device = 0, 1, torch.device("cpu")
+        if in_ray:
+            context = ray.train.get_context()  # [1]
+            self.rank = context.get_world_rank()
+            self.world_size = context.get_world_size()
+            self.device = ray.train.torch.get_device()
         self.events = EventLog(self.storage, spec.job_id) if self.rank == 0 else None
         self.resumed_from: int | None = None
 
@@ -109,8 +121,9 @@ class SFTTrainer:
         self.hp = self.resolve_hyperparameters()
         self.setup_model(model_dir)
         self.setup_optimizer()
-        self.state = checkpoints.restore_checkpoint(  # [5]
-            spec.job_id, self.rank, self.model, self.optimizer, self.scheduler)
+        checkpoint = ray.train.get_checkpoint() if self.in_ray else None  # [5]
+        self.state = checkpoints.restore_checkpoint(
+            checkpoint, spec.job_id, self.rank, self.model, self.optimizer, self.scheduler)
         if self.state is None:
             self.state = checkpoints.TrainState(hyperparameters=self.hp.as_dict())
         else:
@@ -253,12 +266,16 @@ class SFTTrainer:
             sums += torch.tensor([token_sums.loss.item(), token_sums.correct, token_sums.count,
                                   float(tokens)])
         sums = self.all_reduce_grads(sums)  # [3]
+        self.step_optimizer()
+        return sums
+
+    def step_optimizer(self) -> None:
+        """Clip the (already all-reduced) gradients, step, advance the schedule."""
         self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm))
         self.step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return sums
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -286,12 +303,27 @@ class SFTTrainer:
         return flat[offset:].cpu()
 
     def after_step(self, sums: torch.Tensor, seconds: float, epoch: int) -> None:
-        loss, correct, count, tokens = sums.tolist()
         state = self.state
         state.step += 1
+        state.metrics = self.step_metrics(sums, seconds, epoch)
+        epoch_end = state.step % self.steps_per_epoch == 0
+        every = self.spec.checkpoint_every_steps
+        if epoch_end or (every and state.step % every == 0):
+            if self.valid_examples:
+                state.metrics.update(self.valid_metrics(self.valid_examples[:VALID_EXAMPLES],
+                                                        "valid_"))
+            self.log_metrics()
+            self.save_checkpoint()
+        else:
+            self.log_metrics()
+
+    def step_metrics(self, sums: torch.Tensor, seconds: float, epoch: int) -> dict[str, Any]:
+        """The metrics of the step just done (``state.step``) from its global sums."""
+        loss, correct, count, tokens = sums.tolist()
+        state = self.state
         state.trained_tokens += int(tokens)
         state.supervised_tokens += int(count)
-        state.metrics = {
+        return {
             "step": state.step, "epoch": epoch + 1, "train_loss": loss / max(count, 1),
             "train_mean_token_accuracy": correct / max(count, 1),
             "learning_rate": self.step_lr,
@@ -299,17 +331,11 @@ class SFTTrainer:
             "supervised_tokens_per_second": count / seconds, "grad_norm": self.grad_norm,
             "step_seconds": seconds, "trained_tokens": state.trained_tokens,
         }
-        epoch_end = state.step % self.steps_per_epoch == 0
-        every = self.spec.checkpoint_every_steps
-        if epoch_end or (every and state.step % every == 0):
-            if self.valid_examples:
-                valid = self.evaluate(self.valid_examples[:VALID_EXAMPLES])
-                state.metrics.update(valid_loss=valid["loss"],
-                                     valid_mean_token_accuracy=valid["accuracy"])
-            self.log_metrics()
-            self.save_checkpoint()
-        else:
-            self.log_metrics()
+
+    def valid_metrics(self, examples: list, prefix: str) -> dict[str, float]:
+        """``<prefix>loss`` and ``<prefix>mean_token_accuracy`` over ``examples``."""
+        valid = self.evaluate(examples)
+        return {f"{prefix}loss": valid["loss"], f"{prefix}mean_token_accuracy": valid["accuracy"]}
 
     def log_metrics(self) -> None:
         if self.events is not None:
@@ -368,9 +394,7 @@ class SFTTrainer:
     def finish(self) -> None:
         """After the last step: full validation, then the final adapter (manifest last)."""
         if self.valid_examples:
-            valid = self.evaluate(self.valid_examples)
-            self.state.metrics.update(full_valid_loss=valid["loss"],
-                                      full_valid_mean_token_accuracy=valid["accuracy"])
+            self.state.metrics.update(self.valid_metrics(self.valid_examples, "full_valid_"))
         if self.rank == 0:
             export_model(self.storage, self.model, adapter_prefix(self.spec.job_id),
                          self.manifest())
