@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import serving  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads OpenMP)
 import torch
 
 RESULTS = Path(__file__).parent / "results"
@@ -158,11 +159,11 @@ def bench_decode(engine: Any, bare: Any, peft_model: Any, adapter_id: str,
                                     ("bare_base", "ours_lora", "peft_unmerged", "ours_engine")}
 
     def ours() -> float:
-        engine.batch.segments = [(slot, 0, 1)]
+        engine.lora.segments = [(slot, 0, 1)]
         try:
             return decode_seconds_per_token(engine.model, prompt, tokens)
         finally:
-            engine.batch.segments = []
+            engine.lora.segments = []
 
     for _ in range(repeats):  # interleaved, so load from other processes hits all alike
         runs["bare_base"].append(on_thread(
@@ -312,10 +313,16 @@ def main() -> None:
     result = run(args.dtype, args.threads, args.rank, repeats=repeats,
                  decode_tokens=16 if quick else 48,
                  n_requests=16 if quick else 32, tokens=12 if quick else 24)
+    save(result)
+    print(markdown(result))  # noqa: T201  (a script's report)
+
+
+def save(result: dict[str, Any]) -> None:
+    """Write what is measured so far (a long run on a busy machine keeps its partial figures)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serving.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "serving.md").write_text(markdown(result))
-    print(markdown(result))  # noqa: T201  (a script's report)
+    if "throughput_zipf" in result:
+        (RESULTS / "serving.md").write_text(markdown(result))
 
 
 def run(dtype: str, threads: int, rank: int, *, repeats: int, decode_tokens: int,
@@ -343,29 +350,36 @@ def run(dtype: str, threads: int, rank: int, *, repeats: int, decode_tokens: int
         (path / "adapter_model.safetensors").read_bytes()
     prompts = [chat.render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
 
-    hot = bench_hot_load(engine, peft_model, adapters, repeats=max(10, 3 * repeats))
-    log.info("hot-load: %s", hot)
+    result: dict[str, Any] = {"config": {
+        "base_model": BASE, "dtype": dtype, "threads": threads, "lora_rank": rank,
+        "target_modules": TARGETS, "torch": torch.__version__, "machine": platform.machine(),
+        "cpus": len(os.sched_getaffinity(0)), "load_average": os.getloadavg()[0],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S")}}
+    result["hot_load"] = bench_hot_load(engine, peft_model, adapters,
+                                        repeats=max(10, 3 * repeats))
+    log.info("hot-load: %s", result["hot_load"])
+    save(result)
     engine.load_adapter(*adapters[0])
-    decode = bench_decode(engine, bare, peft_model, adapters[0][0], prompts[0], decode_tokens,
-                          repeats, threads)
-    log.info("decode: %s", decode)
+    result["decode_batch1"] = bench_decode(engine, bare, peft_model, adapters[0][0], prompts[0],
+                                           decode_tokens, repeats, threads)
+    log.info("decode: %s", result["decode_batch1"])
+    save(result)
     engine.remove_adapter(adapters[0][0])
     peft_model.set_adapter("first")
-    throughput = bench_throughput(engine, peft_model, tokenizer, adapters, prompts,
-                                  ks=[1, 4, 16], n_requests=n_requests, clients=8,
-                                  tokens=tokens, threads=threads)
     server = ChatServer(engine, storage, cache_dir=work / "cache")
-    cold = bench_cold_first_token(server, adapters[1:], [{"role": "user", "content": PROMPTS[0]}],
-                                  repeats=min(5, repeats))
+    result["cold_adapter_first_token"] = bench_cold_first_token(
+        server, adapters[1:], [{"role": "user", "content": PROMPTS[0]}], repeats=min(5, repeats))
+    save(result)
+    result["throughput_zipf"] = []
+    for k in (4, 1, 16):
+        result["throughput_zipf"] += bench_throughput(
+            engine, peft_model, tokenizer, adapters, prompts, ks=[k], n_requests=n_requests,
+            clients=8, tokens=tokens, threads=threads)
+        save(result)
     engine.close()
-    return {
-        "config": {"base_model": BASE, "dtype": dtype, "threads": threads, "lora_rank": rank,
-                   "target_modules": TARGETS, "torch": torch.__version__,
-                   "machine": platform.machine(), "cpus": len(os.sched_getaffinity(0)),
-                   "when": time.strftime("%Y-%m-%dT%H:%M:%S")},
-        "hot_load": hot, "decode_batch1": decode, "throughput_zipf": throughput,
-        "cold_adapter_first_token": cold,
-    }
+    result["config"]["load_average_end"] = os.getloadavg()[0]
+    return result
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -374,8 +388,9 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         "# Serving benchmark", "",
         f"{c['base_model']}, {c['dtype']}, {c['threads']} threads, LoRA r={c['lora_rank']} "
-        f"all-linear, torch {c['torch']}, {c['when']}. Medians over repeats; "
-        "`python -m bench.serving`.", "",
+        f"all-linear, torch {c['torch']}, {c['when']}, {c['cpus']} CPUs (load average "
+        f"{c['load_average']:.1f} at start: other jobs share the machine). Medians over "
+        "repeats; `python -m bench.serving`.", "",
         "| measure | ours | peer | ratio | target |", "|---|---|---|---|---|",
         f"| adapter hot-load p50 | {hot['ours_p50_ms']} ms | PEFT load_adapter "
         f"{hot['peft_load_adapter_p50_ms']} ms | {hot['speedup']:.1f}× faster | ≤ 50 ms |",

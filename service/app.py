@@ -70,10 +70,17 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if not _is_schema_tag(p)]
-        param = ".".join(loc) or None
+        raw_loc = tuple(first.get("loc", ()))
+        loc = [str(p) for p in raw_loc if not _is_schema_tag(p)]
+        # A problem with the body as a whole (not JSON, not an object) names the body.
+        param = ".".join(loc) or ("body" if raw_loc[:1] == ("body",) else None)
         message = first.get("msg", "Invalid request")
-        if first.get("type") == "extra_forbidden":
+        if first.get("type") == "json_invalid":
+            # pydantic's location here is the character offset, not a field.
+            param = "body"
+            detail = (first.get("ctx") or {}).get("error", message)
+            message = f"The request body is not valid JSON: {detail} (at character {raw_loc[-1]})."
+        elif first.get("type") == "extra_forbidden":
             message = f"Unknown field {param!r}: it is not a parameter of this endpoint."
         elif param:
             message = f"Invalid value for {param!r}: {message}"
@@ -83,8 +90,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error",
-                          "param": None, "code": None}}
+        message, param, code = str(exc.detail), None, None
+        if exc.status_code == 400 and message == _UNPARSABLE_BODY:
+            # FastAPI's answer to a body json.loads gave up on (bad UTF-8, nested too deep).
+            message, param, code = ("The request body could not be parsed: send one JSON "
+                                    "object, UTF-8 encoded, nested at most a few hundred "
+                                    "levels deep.", "body", "invalid_body")
+        body = {"error": {"message": message, "type": "invalid_request_error",
+                          "param": param, "code": code}}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
@@ -94,6 +107,9 @@ def _install_error_handlers(app: FastAPI) -> None:
                           "param": None, "code": None}}
         return JSONResponse(body, status_code=500)
 
+
+_UNPARSABLE_BODY = "There was an error parsing the body"
+"""FastAPI's detail when decoding a JSON body raised something other than a JSON error."""
 
 # Parts of a pydantic error location that name the schema branch, not the caller's field.
 _SCHEMA_TAGS = frozenset({"body", "query", "path", "header", "int", "float", "str", "bool"})

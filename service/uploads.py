@@ -258,19 +258,26 @@ async def _handle(form: _Form, upload: Upload, sink: StorageSink | None, storage
                   key: str, limit: int) -> StorageSink | None:
     """Act on the events of one parsed chunk; returns the open sink (None between parts)."""
     events, form.events = form.events, []
-    for kind, value in events:
-        if kind == "start":
-            if upload.has_file:
-                raise InvalidRequest("Send one file per upload.", param="file",
-                                     code="too_many_files")
-            upload.has_file, upload.filename = True, value  # type: ignore[assignment]
-            sink = StorageSink(storage, key)
-        elif kind == "data" and sink is not None:
-            upload.size += len(value)  # type: ignore[arg-type]
-            if upload.size > limit:
-                raise _too_large(limit)
-            await sink.write(value)  # type: ignore[arg-type]
-        elif kind == "end" and sink is not None:
-            await sink.close()
-            sink = None
+    try:
+        for kind, value in events:
+            if kind == "start":
+                if upload.has_file:
+                    raise InvalidRequest("Send one file per upload.", param="file",
+                                         code="too_many_files")
+                upload.has_file, upload.filename = True, value  # type: ignore[assignment]
+                sink = StorageSink(storage, key)
+            elif kind == "data" and sink is not None:
+                upload.size += len(value)  # type: ignore[arg-type]
+                if upload.size > limit:
+                    raise _too_large(limit)
+                await sink.write(value)  # type: ignore[arg-type]
+            elif kind == "end" and sink is not None:
+                await sink.close()
+                sink = None
+    except BaseException:
+        # A sink opened by this call is not yet known to the caller: abort it here, or its
+        # storage write waits for data forever and holds a worker thread.
+        if sink is not None:
+            await sink.abort()
+        raise
     return sink

@@ -121,12 +121,10 @@ class Engine:
         self.default_max_tokens = default_max_tokens
         self.max_rank = max_rank
         self.max_context = int(model.config.max_position_embeddings)
-        self.batch, self.modules = attach_lora(model)
+        self.lora, self.modules = attach_lora(model)
         self._lock = threading.Condition()
         self._waiting: deque[Row] = deque()
-        self._rows: list[Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [B, L] 1 = real token, 0 = left padding
+        self._batch = RunningBatch()  # touched by the generation thread only
         self._adapters: dict[str, _Slot] = {}
         self._next_slot = 0
         self._thread: threading.Thread | None = None
@@ -299,7 +297,7 @@ class Engine:
             self._finish(row, None)
             return
         cache = DynamicCache(config=self.model.config)
-        self.batch.segments = [(row.slot, 0, 1)] if row.slot >= 0 else []
+        self.lora.segments = [(row.slot, 0, 1)] if row.slot >= 0 else []
         out = self.model(input_ids=torch.tensor([row.prompt]), cache=cache, use_cache=True,
                          logits_to_keep=1)
         row.pos = len(row.prompt)
@@ -314,7 +312,7 @@ class Engine:
         self._batch.drop_finished()
         if not self._batch:
             return
-        self.batch.segments = self._batch.segments()
+        self.lora.segments = self._batch.segments()
         out = self.model(**self._batch.step_inputs(), use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
         for i, row in enumerate(self._batch.rows):

@@ -7,6 +7,7 @@ never lands in memory whole: its bytes are skipped and the line is reported as t
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -88,4 +89,19 @@ def decode_line(number: int, raw: bytes | None, max_line_bytes: int) -> Any | No
         raise LineProblem("invalid_json", f"invalid JSON: {exc}") from None
     if value is None:  # a literal ``null`` is not a blank line: callers skip None
         raise LineProblem("not_an_object", "expected a JSON object, got null")
+    if _SURROGATE_ESCAPE.search(text) and not _encodable(value):
+        raise LineProblem("invalid_unicode", "a string holds an unpaired UTF-16 surrogate "
+                          "escape (such as \\ud800), which is not a character")
     return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+"""A ``\\uD800``-``\\uDFFF`` escape; paired ones (emoji) are fine, lone ones are not text."""
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,0 +1,66 @@
+"""DPO makes the built-in SmolLM2 answer concisely: after a short run on the toy preference set
+(concise vs. rambling answers), held-out reward accuracy is ≥ 0.9 and its greedy answers to
+held-out questions are clearly shorter than the base model's."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from peft import PeftModel
+
+from service.storage import open_storage
+from service.storage_config import StorageConfig
+from tests.test_dpo_loss import load_make_preferences
+from training import chat, models
+from training.config import TrainSpec
+from training.run import run_training
+
+pytestmark = pytest.mark.slow
+
+JOB = "ftjob-" + "b" * 24
+TRAIN, HELDOUT = "file-" + "6" * 24, "file-" + "7" * 24
+N_PROMPTS = 8
+MAX_NEW_TOKENS = 40
+
+
+def greedy_lengths(model, tokenizer, rows: list[dict]) -> list[int]:
+    """New tokens of each greedy answer, up to and including its end-of-turn token."""
+    stop = chat.end_of_turn_ids(tokenizer)
+    lengths = []
+    for row in rows:
+        ids = torch.tensor([chat.render_prompt(tokenizer, row["prompt"])])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=MAX_NEW_TOKENS, eos_token_id=stop,
+                                 pad_token_id=tokenizer.pad_token_id)
+        lengths.append(out.shape[1] - ids.shape[1])
+    return lengths
+
+
+def test_dpo_shortens_smollm2_answers(ray_local, tmp_path):
+    config = StorageConfig(uri=str(tmp_path / "storage"))
+    storage = open_storage(config)
+    toy = load_make_preferences()
+    train, heldout = toy.make_preferences(64, 32, seed=5)
+    storage.put(f"files/{TRAIN}/content", toy.to_jsonl(train))
+    storage.put(f"files/{HELDOUT}/content", toy.to_jsonl(heldout))
+    spec = TrainSpec(job_id=JOB, base_model=models.BUILTIN_MODEL_ID, method="dpo",
+                     training_files=((TRAIN, 1.0),), validation_file=HELDOUT, n_epochs=1,
+                     batch_size=8, cpus_per_worker=2, checkpoint_every_steps=0, seed=1)
+    result = run_training(spec, config)
+    assert result["full_valid_rewards/accuracies"] >= 0.9
+    assert result["full_valid_rewards/margins"] > 0
+
+    model_dir = models.resolve_model(models.BUILTIN_MODEL_ID)
+    tokenizer = models.load_tokenizer(model_dir)
+    storage.download_prefix(f"adapters/{JOB}/final", str(tmp_path / "adapter"))
+    tuned = PeftModel.from_pretrained(models.load_model(model_dir), str(tmp_path / "adapter"))
+    tuned.eval()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    questions = heldout[:N_PROMPTS]
+    with tuned.disable_adapter():
+        before = greedy_lengths(tuned, tokenizer, questions)
+    after = greedy_lengths(tuned, tokenizer, questions)
+    assert sum(after) <= 0.7 * sum(before), (before, after)
