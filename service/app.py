@@ -11,6 +11,7 @@ import logging
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import dashboard, health, logs, metrics
@@ -49,8 +50,37 @@ def create_app(settings: Settings | None = None, *, chat=None, runner=None) -> F
     app.include_router(dashboard.router)
     authed = [Depends(get_tenant)]
     for router in _api_routers():
-        app.include_router(router, prefix="/v1", dependencies=authed)
+        app.include_router(router, prefix="/v1", dependencies=authed, responses=ERROR_RESPONSES)
     return app
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    """The field, header or line at fault, when there is one."""
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, which every 4xx and 5xx of the API carries."""
+
+    error: ErrorDetail
+
+
+# Documented on every /v1 operation, so the OpenAPI document lists what a client can get
+# (FastAPI's own 422 entry is replaced: request validation answers 400 here).
+ERROR_RESPONSES: dict[int | str, dict] = {status: {"model": ErrorResponse, "description": text}
+                                          for status, text in {
+    400: "Invalid request; `param` names the field, header or line.",
+    401: "Missing or wrong API key.",
+    404: "No such object for this key's tenant.",
+    409: "The request conflicts with the object's state.",
+    413: "The body is larger than the limit.",
+    422: "An Idempotency-Key reused with another body.",
+    429: "At capacity; retry after `Retry-After` seconds.",
+    503: "Storage or the chat deployment is unavailable.",
+}.items()}
 
 
 def _api_routers() -> list:

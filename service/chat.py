@@ -7,11 +7,11 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.auth import get_tenant
@@ -24,16 +24,29 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["chat"])
 
 
+def _utf8(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON can carry a lone surrogate ("\\ud800"); no tokenizer can take it.
+        raise ValueError("the text holds an unpaired UTF-16 surrogate, which is not a character") \
+            from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
     name: str | None = None
 
     def plain(self) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """The ``tuneserve`` command: ``up`` runs the service; ``train`` runs one training run without
-the API; ``files``, ``jobs``, ``models`` and ``chat`` talk to a running service
+the API; ``files``, ``jobs``, ``models``, ``chat`` and ``eval`` talk to a running service
 (``service.cli_client``)."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import httpx
 from pydantic import ValidationError
 
 from service import logs
-from service.cli_client import DEFAULT_BASE_URL, CliError
+from service import cli_eval
+from service.cli_client import DEFAULT_BASE_URL, CliError, client_options
 from service.cli_client import add_commands as add_client_commands
 
 log = logging.getLogger("tuneserve")
@@ -36,8 +37,17 @@ def _settings(args: argparse.Namespace):
         raise SystemExit(f"tuneserve: invalid settings: {problems}") from None
 
 
+LOOPBACK_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray 2.60 turns ``_node_ip_address="127.0.0.1"`` into the host's reachable address, and its
+GCS, raylet, agents and workers then listen on every interface. With this set to 0, Ray takes
+its single-machine mode (the default on macOS and Windows): loopback is the node address and
+every Ray server listens there. Read when ``ray`` is imported, so set before that."""
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if not settings.ray_address:
+        os.environ.setdefault(LOOPBACK_RAY_ENV, "0")
     import ray
     from ray import serve
 
@@ -95,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     add_client_commands(sub)
+    cli_eval.add_command(sub, client_options())
     return parser
 
 

@@ -11,6 +11,14 @@ Auto = Literal["auto"]
 _SUFFIX = re.compile(r"^[A-Za-z0-9._-]*$")
 
 
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -109,6 +117,9 @@ class CreateJobRequest(Strict):
         for key, item in value.items():
             if not key or len(key) > 64 or len(item) > 512:
                 raise ValueError("metadata keys are 1-64 characters, values at most 512")
+            if not (_is_text(key) and _is_text(item)):
+                # A lone surrogate ("\\ud800") is stored fine but cannot be sent back as UTF-8.
+                raise ValueError("metadata holds an unpaired UTF-16 surrogate, which is not text")
         return value
 
     @field_validator("integrations")

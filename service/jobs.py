@@ -7,12 +7,12 @@ import json
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from service import idempotency
 from service.auth import get_tenant
-from service.errors import Conflict, InvalidRequest, NotFound
+from service.errors import Conflict, InvalidRequest
 from service.job_requests import CreateJobRequest
 from service.job_store import ACTIVE, TERMINAL, JobRecord, JobStore, new_job_id
 from service.model_names import base_model_ids, parse_tuned_model

@@ -30,7 +30,7 @@ from transformers import DynamicCache
 from service.errors import InvalidRequest, RateLimited
 from serving.adapters import DEFAULT_MAX_RANK, LoadedAdapter, read_adapter
 from serving.batch import Row, RunningBatch
-from serving.lora import attach_lora
+from serving.lora import MixedPlan, attach_lora
 from serving.sampling import SamplingParams, StopText, make_generator, sample_token
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: deque[Row] = deque()
         self._batch = RunningBatch()  # touched by the generation thread only
+        self._plan_key: list[int] = []
         self._adapters: dict[str, _Slot] = {}
         self._next_slot = 0
         self._thread: threading.Thread | None = None
@@ -161,6 +162,7 @@ class Engine:
             # A new slot is in no running segment yet, so the loop thread never sees it half set.
             for path, factors in adapter.factors.items():
                 self.modules[path].factors[slot] = factors
+            self.lora.ranks[slot] = next(iter(adapter.factors.values()))[0].shape[0]
             self._adapters[adapter.adapter_id] = _Slot(slot)
 
     def remove_adapter(self, adapter_id: str) -> bool:
@@ -183,6 +185,7 @@ class Engine:
         slot = self._adapters.pop(adapter_id).slot
         for module in self.modules.values():
             module.factors.pop(slot, None)
+        self.lora.ranks.pop(slot, None)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -298,6 +301,7 @@ class Engine:
             return
         cache = DynamicCache(config=self.model.config)
         self.lora.segments = [(row.slot, 0, 1)] if row.slot >= 0 else []
+        self.lora.mixed = None
         out = self.model(input_ids=torch.tensor([row.prompt]), cache=cache, use_cache=True,
                          logits_to_keep=1)
         row.pos = len(row.prompt)
@@ -312,13 +316,22 @@ class Engine:
         self._batch.drop_finished()
         if not self._batch:
             return
-        self.lora.segments = self._batch.segments()
+        self._plan_adapters()
         out = self.model(**self._batch.step_inputs(), use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
         for i, row in enumerate(self._batch.rows):
             row.pos += 1
             self._accept(row, sample_token(logits[i], row.params, row.generator))
         self._batch.drop_finished()
+
+    def _plan_adapters(self) -> None:
+        """Segments for a batch with at most one adapter, a mixed plan for several."""
+        row_slots = [row.slot for row in self._batch.rows]
+        if len({s for s in row_slots if s >= 0}) <= 1:
+            self.lora.segments, self.lora.mixed = self._batch.segments(), None
+        elif self.lora.mixed is None or self._plan_key != row_slots:
+            self.lora.mixed = MixedPlan.build(row_slots, self.lora.ranks)
+            self._plan_key = row_slots
 
     def _accept(self, row: Row, token: int) -> None:
         """Record a sampled token and send whatever text it settles."""

@@ -285,7 +285,7 @@ JOB_SPECS = [
          "limit"),
     Case("file-id-traversal", "GET", "/v1/files/..%2F..%2Fjobs", None, words=("not found",),
          status=404),
-    Case("file-id-dotdot", "GET", "/v1/files/..", None, words=("file",), status=404),
+    Case("file-id-dotdot", "GET", "/v1/files/..", None, words=("not found",), status=404),
     Case("file-other-tenants-content", "GET", "/v1/files/{file-key-bob}/content", None,
          words=("file",), status=404),
     Case("file-other-tenants-delete", "DELETE", "/v1/files/{file-key-bob}", None,
@@ -298,8 +298,8 @@ CHATS = [
     raw_json("chat-invalid-utf8", CHAT, b'{"model": "\xc3\x28"}', "body"),
     raw_json("chat-lone-surrogate", CHAT, b'{"model": "%s", "max_tokens": 2, "messages": '
              b'[{"role": "user", "content": "a\\ud800b"}]}' % TINY.encode(), "messages.0.content"),
-    raw_json("job-metadata-lone-surrogate", JOBS, b'{"model": "%s", "training_file": "f", '
-             b'"metadata": {"k": "\\udfff"}}' % TINY.encode(), "metadata.k"),
+    raw_json("job-metadata-lone-surrogate", JOBS, b'{"model": "%s", "training_file": "{file-key-alice}", '
+             b'"metadata": {"k": "\\udfff"}}' % TINY.encode(), "metadata"),
     raw_json("chat-oversize-body", CHAT, json.dumps(chat(messages=[
         {"role": "user", "content": "x" * (2 * MAX_REQUEST)}])).encode(), "body", status=413),
     Case("chat-no-messages", "POST", CHAT, "messages", json=chat(messages=[])),
@@ -351,9 +351,12 @@ def test_there_are_at_least_60_hostile_cases():
 
 def _fill(value: Any, ids: dict[str, str]) -> Any:
     """Put the fixture's ids into ``{file-key-alice}``-style placeholders."""
-    if isinstance(value, str):
+    if isinstance(value, str | bytes):
         for name, real in ids.items():
-            value = value.replace("{" + name + "}", real)
+            placeholder, real = "{" + name + "}", real
+            if isinstance(value, bytes):
+                placeholder, real = placeholder.encode(), real.encode()
+            value = value.replace(placeholder, real)
         return value
     if isinstance(value, dict):
         return {k: _fill(v, ids) for k, v in value.items()}
@@ -370,7 +373,7 @@ def test_hostile_input_is_4xx_naming_the_field_and_changes_nothing(world, case: 
     if case.json is not None:
         kwargs["json"] = _fill(case.json, ids)
     if case.content is not None:
-        kwargs["content"] = case.content
+        kwargs["content"] = _fill(case.content, ids)
     if case.files is not None:
         kwargs["files"], kwargs["data"] = case.files, case.data
     r = client.request(case.method, _fill(case.path, ids), **kwargs)
@@ -385,3 +388,21 @@ def test_hostile_input_is_4xx_naming_the_field_and_changes_nothing(world, case: 
     for word in case.words:
         assert word.lower() in message, error
     assert snapshot(app) == before
+
+
+def test_refused_uploads_leave_no_storage_write_waiting(world):
+    """Every refused upload's storage write was finished or abandoned. (A 413 raised in the
+    chunk that opened the file part once left its write waiting for data forever, holding a
+    worker thread per request, and hung the app's shutdown.)"""
+    import gc
+
+    from service.uploads import Pipe
+
+    client = world["client"]
+    r = client.post("/v1/files", files={"file": ("t.jsonl", b"x" * (MAX_UPLOAD + 1))},
+                    data={"purpose": "fine-tune"}, headers=auth())
+    assert r.status_code == 413
+    gc.collect()
+    waiting = [p for p in gc.get_objects() if isinstance(p, Pipe)
+               and not (p._eof or p._aborted or p._reader_gone)]
+    assert not waiting

@@ -221,6 +221,12 @@ def test_adapter_with_pickled_weights_is_refused(world):
     assert not [a for a in engine.adapters if a.startswith(world["pickled"].rsplit(":", 1)[1])]
 
 
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 from a dual-stack socket
+    return (mapped or ip).is_loopback
+
+
 def _listening(pid: int) -> list[tuple[str, str, int]]:
     """(process name, address, port) of every listening TCP socket of ``pid`` and its children."""
     found = []
@@ -247,5 +253,5 @@ def test_embedded_mode_listens_on_loopback_only(tmp_path):
     finally:
         service.stop()
     assert len(sockets) >= 4, sockets  # the proxy, GCS, raylet, object manager at least
-    exposed = [s for s in sockets if not ipaddress.ip_address(s[1]).is_loopback]
+    exposed = [s for s in sockets if not _is_loopback(s[1])]
     assert not exposed, f"listening beyond loopback: {exposed}"

@@ -1,0 +1,268 @@
+"""DPO step throughput and memory: tuneserve's DPO step against TRL's ``DPOTrainer``.
+
+Same model (the built-in SmolLM2-135M-Instruct), same data (the toy preference set of
+``bench/data/make_preferences.py``), same batch (8 pairs per optimizer step), same β, LoRA r=16 on
+all linear layers, bf16 autocast, 2 threads. Variants, each in a fresh process so that peak
+memory is its own, run interleaved for several rounds:
+
+- ``ours``: the worker's DPO step (``training.dpo_loop.DPOTrainer.train_step``, the production
+  code, driven without Ray) with reference log-probs precomputed in one pass before training;
+- ``ours_inline``: the same step, but the reference computed inside every step (a no-grad
+  forward with the adapter disabled), as TRL does by default: the difference is what
+  precomputing saves;
+- ``trl``: TRL's ``DPOTrainer`` with a PEFT model and no separate reference model, TRL's defaults
+  (reference forward in every step with the adapter disabled; gradient checkpointing on);
+- ``trl_precompute``: TRL with ``precompute_ref_log_probs=True`` and gradient checkpointing off,
+  its fastest setting here.
+
+Per run: warm-up steps, then timed steps (monotonic clock around each optimizer step); the run's
+step time is the median, pairs/s = batch / median step time; peak memory is the process's
+peak RSS (``ru_maxrss``). Reported: medians over rounds, ratios against each TRL variant.
+
+    .venv/bin/python bench/dpo_vs_trl.py [--rounds 3] [--steps 5] [--warmup 1]
+
+writes ``bench/results/dpo.json`` and ``bench/results/dpo.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+VARIANTS = ("ours", "ours_inline", "trl", "trl_precompute")
+BATCH = 8
+BETA = 0.1
+LORA_R, LORA_ALPHA = 16, 32
+MAX_LENGTH = 512
+THREADS = 2
+N_PAIRS = 128
+SEED = 0
+
+
+def toy_pairs() -> list[dict]:
+    sys.path.insert(0, str(REPO / "bench" / "data"))
+    from make_preferences import make_preferences
+
+    train, _ = make_preferences(N_PAIRS, 0, seed=SEED)
+    return train
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- ours ----------------------------------------------------------------------------------------
+
+def run_ours(steps: int, warmup: int, inline_reference: bool) -> dict:
+    """Drive ``DPOTrainer.train_step`` in this process (rank 0 of 1, no Ray)."""
+    import torch
+
+    from training import chat, models, reference
+    from training.config import TrainSpec, resolve_hyperparameters
+    from training.dpo_loop import DPOTrainer
+    from training.loop import SFTTrainer, bf16_supported
+    from training.preference_data import Pair
+
+    class InlineReference(DPOTrainer):
+        """The reference forward inside every step (what precomputing avoids)."""
+
+        def batch_loss(self, batch):
+            with reference.reference_mode(self.model, None), torch.no_grad():
+                ref_chosen, ref_rejected = self.score(batch)
+            return super().batch_loss({**batch, "reference_chosen": ref_chosen,
+                                       "reference_rejected": ref_rejected})
+
+    torch.manual_seed(SEED)
+    trainer = (InlineReference if inline_reference else DPOTrainer).__new__(
+        InlineReference if inline_reference else DPOTrainer)
+    trainer.spec = TrainSpec(job_id="ftjob-" + "0" * 24, base_model=models.BUILTIN_MODEL_ID,
+                             training_files=(("file-" + "0" * 24, 1.0),), method="dpo",
+                             batch_size=BATCH, n_epochs=1, beta=BETA, lora_r=LORA_R,
+                             lora_alpha=LORA_ALPHA, max_length=MAX_LENGTH, cpus_per_worker=THREADS)
+    trainer.rank, trainer.world_size, trainer.events = 0, 1, None
+    trainer.device = torch.device("cpu")
+    trainer.use_bf16 = bf16_supported(trainer.device)
+    model_dir = models.resolve_model(models.BUILTIN_MODEL_ID)
+    trainer.tokenizer = models.load_tokenizer(model_dir)
+    pairs = []
+    for i, row in enumerate(toy_pairs()):
+        p = chat.tokenize_preference(trainer.tokenizer, row["prompt"], row["chosen"],
+                                     row["rejected"], MAX_LENGTH)
+        pairs.append(Pair(i, (p.chosen.input_ids, p.chosen.labels),
+                          (p.rejected.input_ids, p.rejected.labels)))
+    n_steps = warmup + steps
+    trainer.hp = resolve_hyperparameters(trainer.spec, len(pairs), 0)
+    trainer.total_steps = n_steps
+    SFTTrainer.setup_model(trainer, model_dir)
+    trainer.setup_optimizer()
+    used = pairs[:n_steps * BATCH]
+    started = time.perf_counter()
+    if inline_reference:
+        reference_seconds = 0.0
+    else:  # the one pass before training (cached in storage by a real run)
+        with reference.reference_mode(trainer.model, None):
+            logps = reference.compute(trainer.score, trainer.batches(used), len(pairs))
+        used = logps.attach(used)
+        reference_seconds = time.perf_counter() - started
+    times = []
+    for step in range(n_steps):
+        started = time.perf_counter()
+        trainer.train_step(used[step * BATCH:(step + 1) * BATCH])
+        times.append(time.perf_counter() - started)
+    return {"step_seconds": times[warmup:], "reference_pass_seconds": reference_seconds,
+            "reference_pass_pairs": 0 if inline_reference else len(used)}
+
+
+# -- TRL -----------------------------------------------------------------------------------------
+
+def run_trl(steps: int, warmup: int, precompute: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from training import models
+    from training.lora import TARGET_MODULES
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.started)
+
+    torch.manual_seed(SEED)
+    model_dir = models.resolve_model(models.BUILTIN_MODEL_ID)
+    tokenizer = models.load_tokenizer(model_dir)
+    model = models.load_model(model_dir, torch.float32, attn_implementation="sdpa")
+    rows = [{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in toy_pairs()]
+    n_steps = warmup + steps
+    output = tempfile.mkdtemp(prefix="trl-dpo-")
+    args = DPOConfig(
+        output_dir=output, use_cpu=True, bf16=True, per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1, max_steps=n_steps, learning_rate=1e-3, beta=BETA,
+        max_length=MAX_LENGTH, save_strategy="no", report_to=[], logging_steps=1, seed=SEED,
+        dataloader_num_workers=0, precompute_ref_log_probs=precompute,
+        gradient_checkpointing=not precompute)
+    timer = StepTimer()
+    peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                             target_modules=list(TARGET_MODULES["llama"]), task_type="CAUSAL_LM")
+    started = time.perf_counter()
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[timer])
+    setup_seconds = time.perf_counter() - started  # includes the reference pass if precomputed
+    trainer.train()
+    return {"step_seconds": timer.times[warmup:], "setup_seconds": setup_seconds,
+            "reference_pass_pairs": len(rows) if precompute else 0}
+
+
+# -- driver --------------------------------------------------------------------------------------
+
+def run_variant(variant: str, steps: int, warmup: int) -> dict:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    runners = {
+        "ours": lambda: run_ours(steps, warmup, inline_reference=False),
+        "ours_inline": lambda: run_ours(steps, warmup, inline_reference=True),
+        "trl": lambda: run_trl(steps, warmup, precompute=False),
+        "trl_precompute": lambda: run_trl(steps, warmup, precompute=True),
+    }
+    result = runners[variant]()
+    median = statistics.median(result["step_seconds"])
+    return {"variant": variant, **result, "median_step_seconds": median,
+            "pairs_per_second": BATCH / median, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_in_subprocess(variant: str, steps: int, warmup: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--variant", variant, "--steps", str(steps),
+         "--warmup", str(warmup)], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"})
+    if out.returncode != 0:
+        raise RuntimeError(f"{variant} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict]) -> dict:
+    by_variant = {v: [r for r in runs if r["variant"] == v] for v in VARIANTS}
+    med = {v: {"median_step_seconds": statistics.median(r["median_step_seconds"] for r in rs),
+               "pairs_per_second": statistics.median(r["pairs_per_second"] for r in rs),
+               "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs)}
+           for v, rs in by_variant.items() if rs}
+    ours = med["ours"]
+    ratios = {f"pairs_per_second_vs_{t}": ours["pairs_per_second"] / med[t]["pairs_per_second"]
+              for t in ("trl", "trl_precompute") if t in med}
+    ratios.update({f"peak_memory_vs_{t}": ours["peak_rss_mb"] / med[t]["peak_rss_mb"]
+                   for t in ("trl", "trl_precompute") if t in med})
+    if "ours_inline" in med:
+        ratios["step_time_cut_by_precomputed_reference"] = (
+            1 - ours["median_step_seconds"] / med["ours_inline"]["median_step_seconds"])
+    return {"medians": med, "ratios": ratios}
+
+
+def markdown(summary: dict, config: dict) -> str:
+    med, ratios = summary["medians"], summary["ratios"]
+    lines = ["# DPO: tuneserve vs TRL DPOTrainer", "",
+             f"SmolLM2-135M-Instruct, LoRA r={LORA_R} (all linear layers), β={BETA}, {BATCH} "
+             f"pairs per step, bf16 autocast, {THREADS} CPU threads; {config['rounds']} "
+             f"interleaved rounds × {config['steps']} timed steps (medians). "
+             "Command: `.venv/bin/python bench/dpo_vs_trl.py`.", "",
+             "| variant | step time (s) | pairs/s | peak RSS (MB) |", "|---|---|---|---|"]
+    for variant, m in med.items():
+        lines.append(f"| {variant} | {m['median_step_seconds']:.2f} | "
+                     f"{m['pairs_per_second']:.2f} | {m['peak_rss_mb']:.0f} |")
+    lines += ["", "| ratio | value | target |", "|---|---|---|"]
+    targets = {"pairs_per_second_vs_trl": "≥ 1.2", "step_time_cut_by_precomputed_reference":
+               "≥ 0.30", "peak_memory_vs_trl": "≤ 1.0"}
+    for name, value in ratios.items():
+        lines.append(f"| {name} | {value:.2f} | {targets.get(name, '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="DPO: tuneserve vs TRL")
+    parser.add_argument("--variant", choices=VARIANTS, help="run one variant (internal)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.variant:
+        sys.stdout.write(json.dumps(run_variant(args.variant, args.steps, args.warmup)) + "\n")
+        return
+    runs = []
+    for round_ in range(args.rounds):
+        for variant in VARIANTS:  # interleaved: machine noise hits every variant alike
+            run = run_in_subprocess(variant, args.steps, args.warmup)
+            runs.append({**run, "round": round_})
+            sys.stderr.write(f"round {round_} {variant}: {run['median_step_seconds']:.2f} s/step, "
+                             f"{run['peak_rss_mb']:.0f} MB\n")
+    config = {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+              "batch_pairs": BATCH, "beta": BETA, "lora_r": LORA_R, "threads": THREADS,
+              "max_length": MAX_LENGTH, "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+              "load_average": os.getloadavg()}
+    summary = summarise(runs)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "dpo.json").write_text(json.dumps(
+        {"config": config, **summary, "runs": runs}, indent=2) + "\n")
+    (RESULTS / "dpo.md").write_text(markdown(summary, config))
+    sys.stdout.write(markdown(summary, config))
+
+
+if __name__ == "__main__":
+    main()

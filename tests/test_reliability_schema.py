@@ -1,0 +1,91 @@
+"""schemathesis over the service's OpenAPI document, in process (ASGI), with every check.
+
+Two tenants' keys are given as Web Fuzzing Commons identities and named as peers, so
+``object_level_authorization`` replays each tenant's reads of its own objects as the other, and
+``ignored_auth`` strips or spoils the key of every successful call. The seed and the example
+count are fixed, so a failure replays; the run is bounded in time. Jobs run no training here
+(``runner=None``); chat runs the tiny model in process with a small token cap.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from service.app import create_app
+from service.chat_backend import LocalChatBackend
+from service.settings import Settings
+
+schemathesis = pytest.importorskip("schemathesis")
+
+KEYS = {"key-alice": "alice", "key-bob": "bob"}
+SEED = 20251125
+MAX_EXAMPLES = 12
+MAX_SECONDS = 150
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory) -> Iterator:
+    settings = Settings(storage=str(tmp_path_factory.mktemp("store")), api_keys=KEYS,
+                        builtin_models=False, max_tokens_cap=4, max_request_bytes=256 * 1024,
+                        max_upload_bytes=1024 * 1024, max_line_bytes=64 * 1024)
+    backend = LocalChatBackend(settings, dtype="float32", max_batch=4)
+    yield create_app(settings, chat=backend)
+    backend.close()
+
+
+def schemathesis_config(tmp_path):
+    from schemathesis.config import SchemathesisConfig
+
+    identities = tmp_path / "identities.json"
+    identities.write_text(json.dumps({"auth": [
+        {"name": tenant, "fixedHeaders": [{"name": "Authorization", "value": f"Bearer {key}"}]}
+        for key, tenant in KEYS.items()]}))
+    return SchemathesisConfig.from_dict({
+        "seed": SEED,
+        "max-time": MAX_SECONDS,
+        "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True},
+        "checks": {"enabled": True},
+        "auth": {"wfc": {"path": str(identities), "peers": list(KEYS.values())}},
+    })
+
+
+def _failures(events) -> tuple[list[str], list[str], set[str]]:
+    """(failures, errors, operations tested) from the engine's event stream."""
+    from schemathesis.engine import events as ev
+
+    failures, errors, tested = [], [], set()
+    for event in events:
+        if isinstance(event, ev.ScenarioFinished):
+            tested.add(event.recorder.label)
+            for checks in event.recorder.checks.values():
+                for check in checks:
+                    if check.failure_info is not None:
+                        failure = check.failure_info.failure
+                        failures.append(f"{event.recorder.label}: {check.name}: "
+                                        f"{failure.title} — {failure.message[:400]}\n"
+                                        f"{check.failure_info.code_sample[:600]}")
+        elif isinstance(event, ev.NonFatalError):
+            errors.append(f"{event.label}: {event.info.message[:400]}")
+        elif isinstance(event, ev.EngineFinished):
+            failures += [f"{f.operation}: {f.title} — {f.message[:400]}" for f in event.failures]
+        elif isinstance(event, ev.FatalError):
+            errors.append(f"fatal: {event.exception!r}")
+    return failures, errors, tested
+
+
+def test_schemathesis_finds_nothing(app, tmp_path):
+    started = time.monotonic()
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app,
+                                            config=schemathesis_config(tmp_path))
+    failures, errors, tested = _failures(schemathesis.engine.from_schema(schema).execute())
+    seconds = time.monotonic() - started
+    assert not errors, "\n".join(errors)
+    assert not failures, "\n".join(sorted(set(failures)))
+    # Every operation of the document was exercised (files, jobs, models, chat).
+    operations = {f"{m.upper()} {p}" for p, ops in app.openapi()["paths"].items() for m in ops}
+    assert tested >= operations - {"GET /healthz", "GET /readyz"}, operations - tested
+    assert seconds < MAX_SECONDS + 60
