@@ -51,7 +51,28 @@ def create_app(settings: Settings | None = None, *, chat=None, runner=None) -> F
     authed = [Depends(get_tenant)]
     for router in _api_routers():
         app.include_router(router, prefix="/v1", dependencies=authed, responses=ERROR_RESPONSES)
+    _document_limits(app, settings)
     return app
+
+
+def _document_limits(app: FastAPI, settings: Settings) -> None:
+    """Put this deployment's limits into the OpenAPI document, so that what it calls valid
+    is what the service accepts (the request models are static, the caps are settings)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            chat = schema.get("components", {}).get("schemas", {}).get("ChatCompletionRequest")
+            for name in ("max_tokens", "max_completion_tokens"):
+                field = (chat or {}).get("properties", {}).get(name, {})
+                for option in field.get("anyOf", [field]):
+                    if option.get("type") == "integer":
+                        option["maximum"] = settings.max_tokens_cap
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class ErrorDetail(BaseModel):
@@ -126,9 +147,14 @@ def _install_error_handlers(app: FastAPI) -> None:
             message, param, code = ("The request body could not be parsed: send one JSON "
                                     "object, UTF-8 encoded, nested at most a few hundred "
                                     "levels deep.", "body", "invalid_body")
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route that matched the path; the
+            # others (GET and DELETE of one resource are two routes) belong in Allow too.
+            headers["Allow"] = ", ".join(_allowed_methods(request.app, request.scope))
         body = {"error": {"message": message, "type": "invalid_request_error",
                           "param": param, "code": code}}
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
@@ -136,6 +162,21 @@ def _install_error_handlers(app: FastAPI) -> None:
         body = {"error": {"message": "Internal server error.", "type": "server_error",
                           "param": None, "code": None}}
         return JSONResponse(body, status_code=500)
+
+
+def _allowed_methods(app: FastAPI, scope: dict) -> list[str]:
+    """Every method some route serves at this path."""
+    try:
+        from fastapi.routing import iter_route_contexts
+        routes = list(iter_route_contexts(app.routes))
+    except ImportError:  # FastAPI before included routers were kept as nodes
+        routes = list(app.routes)
+    methods: set[str] = set()
+    for route in routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(scope["path"]) and route.methods:
+            methods |= set(route.methods)
+    return sorted(methods)
 
 
 _UNPARSABLE_BODY = "There was an error parsing the body"

@@ -35,6 +35,7 @@ def _utf8(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_utf8)]
+NonEmpty = Annotated[str, Field(min_length=1), AfterValidator(_utf8)]
 
 
 class TextPart(BaseModel):
@@ -70,7 +71,8 @@ class ChatCompletionRequest(BaseModel):
     """OpenAI's newer name for ``max_tokens``; wins when both are given."""
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] | None = None
+    """Up to 4 strings that end the answer."""
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -106,9 +106,9 @@ def list_files(storage: Storage, tenant: str, *, after: str | None = None, limit
     if order == "desc":
         ids.reverse()
     if after is not None:
-        if after not in ids:
-            raise InvalidRequest(f"Invalid 'after': no file {after!r} in this list.", param="after",
-                                 code="invalid_cursor")
+        if after not in ids:  # another tenant's file, or a deleted one: "not found" alike
+            raise NotFound(f"Invalid 'after': no file {after!r} in this list.", param="after",
+                           code="invalid_cursor")
         ids = ids[ids.index(after) + 1:]
     page: list[dict] = []
     for file_id in ids:

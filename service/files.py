@@ -157,7 +157,8 @@ async def create_file(request: Request, tenant: Tenant, storage: Store) -> FileO
 
 
 @router.get("/files")
-def list_files(tenant: Tenant, storage: Store, after: str | None = None,
+def list_files(tenant: Tenant, storage: Store,
+               after: Annotated[str | None, Query(pattern=r"^file-[0-9a-f]{24}$")] = None,
                limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
                order: Literal["asc", "desc"] = "desc", purpose: str | None = None) -> FileList:
     page, has_more = file_store.list_files(storage, tenant, after=after, limit=limit, order=order,

@@ -4,6 +4,7 @@ through legal status transitions. Storage is the single source of truth for ever
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -86,6 +87,9 @@ class JobRecord(BaseModel):
 PUBLIC_EXTENSIONS = frozenset({"lora", "num_workers", "use_gpu", "training_files"})
 
 
+JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
+
+
 def new_job_id() -> str:
     return f"ftjob-{secrets.token_hex(12)}"
 
@@ -150,6 +154,8 @@ class JobStore:
 
     def read(self, job_id: str) -> tuple[JobRecord, str]:
         """The record and the version it was read at (for a compare-and-swap)."""
+        if not JOB_ID.match(job_id):  # no storage key is ever built from a malformed id
+            raise NotFound(f"No fine-tuning job with id {job_id!r}.", param="fine_tuning_job_id")
         key = job_key(job_id)
         for _ in range(5):
             before = self.storage.head(key)

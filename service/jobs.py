@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 
 from service import idempotency
 from service.auth import get_tenant
-from service.errors import Conflict, InvalidRequest
+from service.errors import Conflict, InvalidRequest, NotFound
 from service.job_requests import CreateJobRequest
 from service.job_store import ACTIVE, TERMINAL, JobRecord, JobStore, new_job_id
 from service.model_names import base_model_ids, parse_tuned_model
@@ -60,7 +60,7 @@ def create_job(request: Request, body: CreateJobRequest, tenant: Tenant, store: 
 
 @router.get("")
 def list_jobs(tenant: Tenant, store: Store, request: Request,
-              after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
+              after: Annotated[str | None, Query(pattern=r"^ftjob-[0-9a-f]{24}$")] = None, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
     wanted = {k[len("metadata["):-1]: v for k, v in request.query_params.items()
               if k.startswith("metadata[") and k.endswith("]")}
     jobs = [j for j in store.list(tenant)
@@ -101,7 +101,8 @@ def resume_job(request: Request, job: Job, store: Store) -> dict:
 
 
 @router.get("/{job_id}/events")
-async def list_events(request: Request, job: Job, after: str | None = None,
+async def list_events(request: Request, job: Job,
+                      after: Annotated[str | None, Query(pattern=r"^ftevent-\d+-\d+$")] = None,
                       limit: Annotated[int, Query(ge=1, le=1000)] = 20,
                       stream: bool = False):
     storage: Storage = request.app.state.storage
@@ -115,7 +116,8 @@ async def list_events(request: Request, job: Job, after: str | None = None,
 
 
 @router.get("/{job_id}/checkpoints")
-def list_checkpoints(request: Request, job: Job, after: str | None = None,
+def list_checkpoints(request: Request, job: Job,
+                     after: Annotated[str | None, Query(pattern=r"^ftckpt-[0-9a-f]{24}-\d+$")] = None,
                      limit: Annotated[int, Query(ge=1, le=100)] = 10) -> dict:
     checkpoints = read_checkpoints(request.app.state.storage, job)
     page, has_more = _page(checkpoints, after, limit, key=lambda c: c["id"])
@@ -227,7 +229,10 @@ def _page(items: list, after: str | None, limit: int, key) -> tuple[list, bool]:
     if after is not None:
         ids = [key(item) for item in items]
         if after not in ids:
-            raise InvalidRequest(f"Unknown cursor {after!r}.", param="after")
+            # Well-formed (the pattern checked that) but not in this list: like any id that
+            # names nothing the caller can see, "not found".
+            raise NotFound(f"Invalid 'after': {after!r} is not in this list.", param="after",
+                           code="invalid_cursor")
         start = ids.index(after) + 1
     page = items[start:start + limit]
     return page, start + limit < len(items)

@@ -8,7 +8,6 @@ is "not found", never "forbidden": we do not confirm that it exists.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from datetime import datetime

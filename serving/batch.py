@@ -50,11 +50,11 @@ class RunningBatch:
     def clear(self) -> None:
         self.rows, self.cache, self.mask = [], None, None
 
-    def join(self, row: Row, cache: DynamicCache) -> None:
-        """Add a prefilled row (``cache`` holds its prompt), left-padding the shorter side."""
-        mask = torch.ones(1, len(row.prompt), dtype=torch.long)
+    def join(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Add prefilled rows (``cache`` and ``mask`` [n, L] hold their left-padded prompts),
+        left-padding the shorter side."""
         if not self.rows:
-            self.rows, self.cache, self.mask = [row], cache, mask
+            self.rows, self.cache, self.mask = list(rows), cache, mask
             return
         assert self.cache is not None and self.mask is not None
         length = max(self.mask.shape[1], mask.shape[1])
@@ -63,7 +63,7 @@ class RunningBatch:
             big.values = torch.cat([_left_pad(big.values, length),
                                     _left_pad(small.values, length)])
         self.mask = torch.cat([_left_pad(self.mask, length), _left_pad(mask, length)])
-        self.rows.append(row)
+        self.rows.extend(rows)
         order = sorted(range(len(self.rows)), key=lambda i: self.rows[i].slot)
         if order != list(range(len(self.rows))):
             self._select(order)
@@ -78,17 +78,6 @@ class RunningBatch:
                 # Without padding SDPA takes its plain causal path: the bare model's speed.
                 "attention_mask": self.mask if padded else None,
                 "cache": self.cache}
-
-    def segments(self) -> list[Segment]:
-        """Runs of rows sharing an adapter slot; rows on the bare base model need none."""
-        segments: list[Segment] = []
-        start = 0
-        for i in range(1, len(self.rows) + 1):
-            if i == len(self.rows) or self.rows[i].slot != self.rows[start].slot:
-                if self.rows[start].slot >= 0:
-                    segments.append((self.rows[start].slot, start, i))
-                start = i
-        return segments
 
     def drop_finished(self) -> None:
         keep = [i for i, row in enumerate(self.rows) if not row.done]
@@ -113,6 +102,18 @@ class RunningBatch:
         self.cache.batch_select_indices(index)
         self.mask = self.mask[index]
         self.rows = [self.rows[i] for i in order]
+
+
+def segments_of(row_slots: list[int]) -> list[Segment]:
+    """Runs of rows (sorted by slot) sharing an adapter; rows on the bare base need none."""
+    segments: list[Segment] = []
+    start = 0
+    for i in range(1, len(row_slots) + 1):
+        if i == len(row_slots) or row_slots[i] != row_slots[start]:
+            if row_slots[start] >= 0:
+                segments.append((row_slots[start], start, i))
+            start = i
+    return segments
 
 
 def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:

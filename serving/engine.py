@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from service.errors import InvalidRequest, RateLimited
 from serving.adapters import DEFAULT_MAX_RANK, LoadedAdapter, read_adapter
-from serving.batch import Row, RunningBatch
+from serving.batch import Row, RunningBatch, segments_of
 from serving.lora import MixedPlan, attach_lora
 from serving.sampling import SamplingParams, StopText, make_generator, sample_token
 
@@ -125,7 +125,7 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: deque[Row] = deque()
         self._batch = RunningBatch()  # touched by the generation thread only
-        self._plan_key: list[int] = []
+        self._plan_key: tuple[list[int], int] = ([], 0)
         self._adapters: dict[str, _Slot] = {}
         self._next_slot = 0
         self._thread: threading.Thread | None = None
@@ -285,8 +285,8 @@ class Engine:
                     admitted = [self._waiting.popleft() for _ in
                                 range(min(len(self._waiting), self.max_batch - len(self._batch)))]
                 try:
-                    for row in admitted:
-                        self._prefill(row)
+                    if admitted:
+                        self._prefill(admitted)
                     if self._batch:
                         self._decode_step()
                 except Exception as exc:  # a bug or OOM: fail the batch, keep serving
@@ -295,18 +295,27 @@ class Engine:
                         self._finish(row, None, error=exc)
                     self._batch.clear()
 
-    def _prefill(self, row: Row) -> None:
-        if row.generation.cancelled:
-            self._finish(row, None)
+    def _prefill(self, rows: list[Row]) -> None:
+        """Run the new requests' prompts in one forward pass (left-padded), join the batch."""
+        for row in rows:
+            if row.generation.cancelled:
+                self._finish(row, None)
+        rows = sorted((r for r in rows if not r.done), key=lambda r: r.slot)
+        if not rows:
             return
+        width = max(len(r.prompt) for r in rows)
+        pads = [width - len(r.prompt) for r in rows]
+        ids = torch.tensor([[0] * pad + r.prompt for pad, r in zip(pads, rows)])
+        mask = torch.tensor([[0] * pad + [1] * len(r.prompt) for pad, r in zip(pads, rows)])
+        self._plan_adapters(rows, tokens_per_row=width)
         cache = DynamicCache(config=self.model.config)
-        self.lora.segments = [(row.slot, 0, 1)] if row.slot >= 0 else []
-        self.lora.mixed = None
-        out = self.model(input_ids=torch.tensor([row.prompt]), cache=cache, use_cache=True,
-                         logits_to_keep=1)
-        row.pos = len(row.prompt)
-        self._batch.join(row, cache)
-        self._accept(row, sample_token(out.logits[0, -1], row.params, row.generator))
+        out = self.model(input_ids=ids, attention_mask=mask if any(pads) else None,
+                         position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0), cache=cache,
+                         use_cache=True, logits_to_keep=1)
+        self._batch.join(rows, cache, mask)
+        for i, row in enumerate(rows):
+            row.pos = len(row.prompt)
+            self._accept(row, sample_token(out.logits[i, -1], row.params, row.generator))
         self._batch.drop_finished()
 
     def _decode_step(self) -> None:
@@ -316,7 +325,7 @@ class Engine:
         self._batch.drop_finished()
         if not self._batch:
             return
-        self._plan_adapters()
+        self._plan_adapters(self._batch.rows)
         out = self.model(**self._batch.step_inputs(), use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
         for i, row in enumerate(self._batch.rows):
@@ -324,14 +333,14 @@ class Engine:
             self._accept(row, sample_token(logits[i], row.params, row.generator))
         self._batch.drop_finished()
 
-    def _plan_adapters(self) -> None:
-        """Segments for a batch with at most one adapter, a mixed plan for several."""
-        row_slots = [row.slot for row in self._batch.rows]
+    def _plan_adapters(self, rows: list[Row], tokens_per_row: int = 1) -> None:
+        """Segments for rows (sorted by slot) with at most one adapter, else a mixed plan."""
+        row_slots = [row.slot for row in rows]
         if len({s for s in row_slots if s >= 0}) <= 1:
-            self.lora.segments, self.lora.mixed = self._batch.segments(), None
-        elif self.lora.mixed is None or self._plan_key != row_slots:
-            self.lora.mixed = MixedPlan.build(row_slots, self.lora.ranks)
-            self._plan_key = row_slots
+            self.lora.segments, self.lora.mixed = segments_of(row_slots), None
+        elif self.lora.mixed is None or self._plan_key != (row_slots, tokens_per_row):
+            self.lora.mixed = MixedPlan.build(row_slots, self.lora.ranks, tokens_per_row)
+            self._plan_key = (row_slots, tokens_per_row)
 
     def _accept(self, row: Row, token: int) -> None:
         """Record a sampled token and send whatever text it settles."""

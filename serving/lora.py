@@ -44,10 +44,11 @@ class MixedPlan:
 
     slots: tuple[int, ...]
     mask: torch.Tensor
-    """[rows, ΣR] fp32: 1 where the column belongs to the row's adapter."""
+    """[rows × tokens per row, ΣR] fp32: 1 where the column belongs to the row's adapter."""
 
     @classmethod
-    def build(cls, row_slots: list[int], ranks: dict[int, int]) -> MixedPlan:
+    def build(cls, row_slots: list[int], ranks: dict[int, int],
+              tokens_per_row: int = 1) -> MixedPlan:
         slots = tuple(sorted({s for s in row_slots if s >= 0}))
         offsets, total = {}, 0
         for slot in slots:
@@ -56,7 +57,8 @@ class MixedPlan:
         for i, slot in enumerate(row_slots):
             if slot >= 0:
                 mask[i, offsets[slot]:offsets[slot] + ranks[slot]] = 1.0
-        return cls(slots, mask)
+        # A prefill feeds tokens_per_row tokens per row, flattened row-major.
+        return cls(slots, mask.repeat_interleave(tokens_per_row, dim=0))
 
 
 @dataclass

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from service.chat_backend import ChatCall, ChatOutput
 from service.errors import InvalidRequest

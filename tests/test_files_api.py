@@ -202,7 +202,7 @@ def test_list_pages_with_after_limit_order_and_purpose(client, app) -> None:
     assert [f["id"] for f in only] == [result] and only[0]["description"] is None
     assert len(client.get("/v1/files", params={"purpose": "fine-tune"}).json()["data"]) == 3
     assert client.get("/v1/files", params={"limit": 0}).status_code == 400
-    assert client.get("/v1/files", params={"after": "file-" + "0" * 24}).status_code == 400
+    assert client.get("/v1/files", params={"after": "file-" + "0" * 24}).status_code == 404
 
 
 def test_large_uploads_and_rejections_on_each_backend(storage_config, tmp_path) -> None:

@@ -11,7 +11,6 @@ import httpx
 import openai
 import pytest
 
-from service.job_store import JobRecord, JobStore  # noqa: F401  (used by add_tuned_model)
 from service.model_names import deployment_name
 from service.settings import Settings
 from service.storage import open_storage

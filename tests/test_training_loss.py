@@ -58,16 +58,16 @@ def test_normalised_loss_divides_by_the_global_count():
 
 # -- tiny models of each family ---------------------------------------------------------------
 
-COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=2)
+COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
+              intermediate_size=64, num_key_value_heads=2)
 FAMILIES = {
-    "llama": lambda: transformers.LlamaConfig(**COMMON, intermediate_size=64, num_key_value_heads=2),
-    "mistral": lambda: transformers.MistralConfig(**COMMON, intermediate_size=64,
-                                                  num_key_value_heads=2, sliding_window=None),
-    "qwen2": lambda: transformers.Qwen2Config(**COMMON, intermediate_size=64, num_key_value_heads=2),
-    "gemma": lambda: transformers.GemmaConfig(**COMMON, intermediate_size=64, num_key_value_heads=2,
-                                              head_dim=8),
-    "falcon": lambda: transformers.FalconConfig(**COMMON, new_decoder_architecture=True,
-                                                num_kv_heads=2, alibi=False, bias=False),
+    "llama": lambda: transformers.LlamaConfig(**COMMON),
+    "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=None),
+    "qwen2": lambda: transformers.Qwen2Config(**COMMON),
+    "gemma": lambda: transformers.GemmaConfig(**COMMON, head_dim=8),
+    "falcon": lambda: transformers.FalconConfig(
+        vocab_size=96, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
+        new_decoder_architecture=True, num_kv_heads=2, alibi=False, bias=False),
 }
 
 
@@ -137,7 +137,8 @@ def test_bf16_frozen_weights_keep_the_autocast_loss():
     fp32 = apply_adapter(tiny_model("llama"), spec())
     bf16 = apply_adapter(tiny_model("llama"), spec(), frozen_dtype=torch.bfloat16)
     assert bf16.get_base_model().model.embed_tokens.weight.dtype == torch.float32
-    assert bf16.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.bfloat16
+    up_proj = bf16.get_base_model().model.layers[0].mlp.up_proj
+    assert up_proj.base_layer.weight.dtype == torch.bfloat16
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         a = loss_sums(fp32, collate_packed(EXAMPLES)).loss.item()
         b = loss_sums(bf16, collate_packed(EXAMPLES)).loss.item()
@@ -165,7 +166,8 @@ def test_one_micro_batch_of_4_equals_4_accumulated_micro_batches_of_1():
     model.zero_grad()
 
     for example in EXAMPLES:
-        normalised_loss(loss_sums(model, collate_padded([example], pad_id=0)), global_count).backward()
+        sums = loss_sums(model, collate_padded([example], pad_id=0))
+        normalised_loss(sums, global_count).backward()
     accumulated = gradients(model)
     model.zero_grad()
 

@@ -52,11 +52,18 @@ def checkpoint_name(step: int) -> str:
 
 def local_dir(job_id: str, rank: int, name: str) -> Path:
     """A fresh folder only this rank of this job uses."""
-    root = Path(tempfile.gettempdir()) / "tuneserve" / job_id / f"rank-{rank}"
-    path = root / name
+    path = local_dir_root(job_id, rank) / name
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
+
+
+def local_dir_root(job_id: str, rank: int) -> Path:
+    return Path(tempfile.gettempdir()) / "tuneserve" / job_id / f"rank-{rank}"
+
+
+def remove_local_dirs(job_id: str, rank: int) -> None:
+    shutil.rmtree(local_dir_root(job_id, rank), ignore_errors=True)
 
 
 def rng_states() -> dict[str, Any]:

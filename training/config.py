@@ -70,9 +70,10 @@ class TrainSpec:
     """Tokens per example; longer examples are truncated (never silently: see data.py)."""
     packing: bool = True
     """Pack several examples per row (they do not attend to each other)."""
-    pack_length: int = 1024
+    pack_length: int = 512
     """Tokens per packed row (= one micro-batch); an example longer than this gets its own row.
-    Kept below max_length because CPU attention over a packed row costs O(pack_length²)."""
+    Kept small because attention over a packed row costs O(pack_length²) (CPU kernels do not
+    skip the masked blocks) and activation memory grows with it; 512 rows keep CPU matmuls busy."""
     micro_batch_size: int = 8
     """Examples per micro-batch when packing is off."""
     seed: int = 42

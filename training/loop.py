@@ -408,3 +408,4 @@ class SFTTrainer:
     def cleanup(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+        checkpoints.remove_local_dirs(self.spec.job_id, self.rank)

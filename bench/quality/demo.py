@@ -178,8 +178,9 @@ def run_job(client: Client, args: argparse.Namespace, body: dict[str, Any]) -> d
     if job["status"] != "succeeded":
         raise SystemExit(f"job {job['id']} {job['status']}: {job.get('error')}")
     events = all_events(client, job["id"])
-    settings = next((e["data"] for e in events if "hyperparameters" in (e.get("data") or {})),
-                    {})
+    # The "Verified settings" event holds the resolved numbers ("auto" turned into values).
+    settings = next((e["data"] for e in reversed(events)
+                     if "initial_loss" in (e.get("data") or {})), {})
     metrics = [e["data"] for e in events if e.get("type") == "metrics"]
     return {"id": job["id"], "fine_tuned_model": job["fine_tuned_model"],
             "seconds": job["finished_at"] - job["created_at"],

@@ -1,0 +1,225 @@
+"""Faults during training, done to the real processes of ``tuneserve up`` on SeaweedFS S3.
+
+Each test drives a real job on the tiny model, breaks something mid-run, and then asserts what
+a user relies on: the job ends in a true final state within a bounded time (never stuck in
+``running``), it resumed from the checkpoint it should have, and whatever it left is whole —
+a succeeded job has a complete adapter that loads, and its record and events read back.
+
+Not repeated here (tests/test_jobs_e2e.py has them): a killed API replica, a full restart;
+tests/test_training_run.py kills a training worker inside one Ray Train run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import time
+
+import openai
+import psutil
+import pytest
+
+from service.job_store import JobRecord, JobStore
+from service.storage import open_storage
+from service.storage_config import StorageConfig
+from tests.helpers import Service, wait_until
+
+pytestmark = pytest.mark.slow
+
+TINY = "tuneserve/tiny-llama"
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def chat_file(n: int) -> bytes:
+    rows = [{"messages": [{"role": "user", "content": f"Repeat the word number {i}."},
+                          {"role": "assistant", "content": f"word {i % 7}"}]} for i in range(n)]
+    return "\n".join(json.dumps(r) for r in rows).encode()
+
+
+@pytest.fixture(scope="module")
+def service_env(s3_server):
+    prefix = f"faults-{os.getpid()}-{int(time.time())}"
+    env = {**s3_server.env, "TUNESERVE_S3_ENDPOINT_URL": s3_server.endpoint_url,
+           "TUNESERVE_CPUS_PER_WORKER": "1"}
+    return f"s3://{s3_server.bucket}/{prefix}", env
+
+
+@pytest.fixture(scope="module")
+def service(service_env):
+    storage, env = service_env
+    with Service(storage, env=env) as svc:
+        yield svc
+
+
+@pytest.fixture
+def client(service):
+    return openai.OpenAI(base_url=f"{service.url}/v1", api_key="local", max_retries=2, timeout=60)
+
+
+@pytest.fixture
+def storage(service_env, monkeypatch):
+    uri, env = service_env
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return open_storage(StorageConfig(uri=uri, endpoint_url=env["TUNESERVE_S3_ENDPOINT_URL"]))
+
+
+def upload(client, n: int) -> str:
+    return client.files.create(file=("train.jsonl", io.BytesIO(chat_file(n))),
+                               purpose="fine-tune").id
+
+
+def final_job(client, job_id: str, timeout: float):
+    """The job once it is final; fails the test if it is still unfinished after ``timeout``."""
+    def done():
+        try:
+            job = client.fine_tuning.jobs.retrieve(job_id)
+        except (openai.APIConnectionError, openai.InternalServerError):
+            return None  # storage or the API briefly down: the job is what we wait for
+        return job if job.status in TERMINAL else None
+    return wait_until(done, timeout, interval=1, what=f"job {job_id} to finish")
+
+
+def events(storage, job_id: str) -> list[dict]:
+    return [json.loads(storage.get(i.key)) for i in storage.iter(f"jobs/{job_id}/events/")]
+
+
+def resumed_steps(storage, job_id: str) -> list[int]:
+    return [e["data"]["resumed_from_step"] for e in events(storage, job_id)
+            if "resumed_from_step" in (e.get("data") or {})]
+
+
+def registered_checkpoint(storage, job_id: str) -> int:
+    """The newest checkpoint Ray Train's controller registered (what a restart resumes from)."""
+    key = f"jobs/{job_id}/run/{job_id}/checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(storage.get(key)).get("latest_checkpoint_result") or {}
+    except Exception:  # noqa: BLE001 - absent, or being rewritten
+        return 0
+    return int(latest.get("checkpoint_dir_name", "checkpoint-step-0").rsplit("-", 1)[1])
+
+
+def service_processes(service, marker: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.Process(service.proc.pid).children(recursive=True):
+        try:
+            if marker in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def assert_whole(client, storage, job) -> None:
+    """A succeeded job's adapter is complete and loads; its record and events read back."""
+    record = JobRecord.model_validate_json(storage.get(f"jobs/{job.id}/job.json"))
+    assert record.status == job.status
+    assert client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    if job.status != "succeeded":
+        assert job.error and job.error.message, job
+        assert job.fine_tuned_model is None
+        return
+    prefix = f"adapters/{job.id}/final"
+    names = {i.key.rsplit("/", 1)[1] for i in storage.iter(prefix + "/")}
+    assert {"manifest.json", "adapter_model.safetensors", "adapter_config.json"} <= names
+    manifest = json.loads(storage.get(f"{prefix}/manifest.json"))
+    assert manifest["job_id"] == job.id and manifest["step"] > 0
+    assert job.fine_tuned_model == f"ft:{TINY}::{job.id}" and job.finished_at
+    _load_adapter(storage, prefix)
+
+
+def _load_adapter(storage, prefix: str) -> None:
+    import tempfile
+
+    import torch
+    from peft import PeftModel
+
+    from training import models
+
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.download_prefix(prefix, tmp)
+        base = models.load_model(models.resolve_model(TINY)).eval()
+        tuned = PeftModel.from_pretrained(base, tmp).eval()
+        with torch.no_grad():
+            logits = tuned(torch.tensor([[1, 2, 3]])).logits
+        assert torch.isfinite(logits).all()
+
+
+def start_job(client, n_examples: int, n_epochs: int) -> str:
+    job = client.fine_tuning.jobs.create(
+        model=TINY, training_file=upload(client, n_examples),
+        hyperparameters={"n_epochs": n_epochs, "batch_size": 4})
+    return job.id
+
+
+def test_killed_run_driver_is_noticed_and_resumed_from_its_checkpoint(client, service, storage):
+    job_id = start_job(client, 32, 8)  # 8 steps per epoch, a checkpoint at each epoch's end
+    wait_until(lambda: registered_checkpoint(storage, job_id) >= 8, 300, interval=0.5,
+               what="the first registered checkpoint")
+    drivers = service_processes(service, "JobDriver")
+    registered = registered_checkpoint(storage, job_id)
+    assert drivers, "the run's driver actor should be visible"
+    for proc in drivers:
+        proc.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    job = final_job(client, job_id, 400)
+    assert job.status == "succeeded", job.error
+    resumed = resumed_steps(storage, job_id)
+    # Resumed once, from the newest checkpoint registered at the kill (or one registered
+    # between our look and the kill), never from the start.
+    assert len(resumed) == 1 and resumed[0] >= registered and resumed[0] % 8 == 0, resumed
+    warned = [e for e in events(storage, job_id) if "was lost" in e["message"]]
+    assert warned, "the scheduler should say it noticed the lost run"
+    assert JobStore(storage).get(job_id).attempts == 2
+    assert time.monotonic() - killed_at < 400
+    assert_whole(client, storage, job)
+
+
+def test_s3_outage_mid_run_ends_true_and_whole(client, service, storage, s3_server):
+    job_id = start_job(client, 32, 6)
+    wait_until(lambda: registered_checkpoint(storage, job_id) >= 8, 300, interval=0.5,
+               what="the first registered checkpoint")
+    s3_server.stop()
+    try:
+        time.sleep(20)
+    finally:
+        s3_server.start()
+    job = final_job(client, job_id, 500)
+    if job.status == "failed":  # allowed, but only as a storage failure, said so
+        text = f"{job.error.code} {job.error.message}".lower()
+        assert any(w in text for w in ("storage", "s3", "connect", "unreachable")), job.error
+    else:
+        assert job.status == "succeeded", job
+        resumed = resumed_steps(storage, job_id)
+        assert all(step >= 8 for step in resumed), resumed
+    assert_whole(client, storage, job)
+
+
+def test_exhausted_max_failures_fail_the_job_with_a_clear_message(client, service, storage):
+    """``max_failures=0`` (not an API field: set on the record, as an operator would) and one
+    killed worker: the job fails, saying why, within a bounded time — no endless retries."""
+    file_id = upload(client, 32)
+    job_id = f"ftjob-{os.urandom(12).hex()}"
+    JobStore(storage).create(JobRecord(
+        id=job_id, created_at=int(time.time()), model=TINY, training_file=file_id, seed=1,
+        organization_id="local", hyperparameters={"n_epochs": 20, "batch_size": 4},
+        method={"type": "supervised", "supervised": {"hyperparameters": {
+            "n_epochs": 20, "batch_size": 4}}},
+        extensions={"max_failures": 0, "num_workers": 1}))
+    client.fine_tuning.jobs.list()  # any request wakes the scheduler soon enough
+    wait_until(lambda: registered_checkpoint(storage, job_id) >= 8, 300, interval=0.5,
+               what="the first registered checkpoint")
+    workers = service_processes(service, "RayTrainWorker")
+    assert workers
+    workers[0].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    job = final_job(client, job_id, 240)
+    assert job.status == "failed", job
+    assert time.monotonic() - killed_at < 240
+    message = job.error.message.lower()
+    assert job.error.code and ("worker" in message or "fail" in message), job.error
+    assert not storage.exists(f"adapters/{job_id}/final/manifest.json")
+    assert_whole(client, storage, job)
