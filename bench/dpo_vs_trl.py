@@ -49,6 +49,11 @@ N_PAIRS = 128
 SEED = 0
 
 
+def set_batch(pairs: int) -> None:
+    global BATCH
+    BATCH = pairs
+
+
 def toy_pairs() -> list[dict]:
     sys.path.insert(0, str(REPO / "bench" / "data"))
     from make_preferences import make_preferences
@@ -152,6 +157,7 @@ def run_trl(steps: int, warmup: int, precompute: bool) -> dict:
     rows = [{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in toy_pairs()]
     n_steps = warmup + steps
+    rows = rows[:n_steps * BATCH]  # the pairs the run uses (TRL precomputes over all it gets)
     output = tempfile.mkdtemp(prefix="trl-dpo-")
     args = DPOConfig(
         output_dir=output, use_cpu=True, bf16=True, per_device_train_batch_size=BATCH,
@@ -192,7 +198,7 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
 def run_in_subprocess(variant: str, steps: int, warmup: int) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--variant", variant, "--steps", str(steps),
-         "--warmup", str(warmup)], cwd=REPO, capture_output=True, text=True,
+         "--warmup", str(warmup), "--batch", str(BATCH)], cwd=REPO, capture_output=True, text=True, check=False,
         env={**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"})
     if out.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{out.stderr[-4000:]}")
@@ -219,10 +225,10 @@ def summarise(runs: list[dict]) -> dict:
 def markdown(summary: dict, config: dict) -> str:
     med, ratios = summary["medians"], summary["ratios"]
     lines = ["# DPO: tuneserve vs TRL DPOTrainer", "",
-             f"SmolLM2-135M-Instruct, LoRA r={LORA_R} (all linear layers), β={BETA}, {BATCH} "
-             f"pairs per step, bf16 autocast, {THREADS} CPU threads; {config['rounds']} "
-             f"interleaved rounds × {config['steps']} timed steps (medians). "
-             "Command: `.venv/bin/python bench/dpo_vs_trl.py`.", "",
+             (f"SmolLM2-135M-Instruct, LoRA r={LORA_R} (all linear layers), β={BETA}, {BATCH} "
+              f"pairs per step, bf16 autocast, {THREADS} CPU threads; {config['rounds']} "
+              f"interleaved rounds × {config['steps']} timed steps (medians). "
+              "Command: `.venv/bin/python bench/dpo_vs_trl.py`."), "",
              "| variant | step time (s) | pairs/s | peak RSS (MB) |", "|---|---|---|---|"]
     for variant, m in med.items():
         lines.append(f"| {variant} | {m['median_step_seconds']:.2f} | "
@@ -241,7 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=BATCH, help="pairs per optimizer step")
     args = parser.parse_args(argv)
+    set_batch(args.batch)
     if args.variant:
         sys.stdout.write(json.dumps(run_variant(args.variant, args.steps, args.warmup)) + "\n")
         return

@@ -49,14 +49,14 @@ log = logging.getLogger("bench")
 # -- data ------------------------------------------------------------------------------------
 
 def synthetic_chats(n: int, seed: int = 0) -> list[dict]:
-    """Prompt and response lengths drawn from a log-normal (long tail), medians ~60 words."""
+    """Prompt and response lengths drawn from a log-normal (long tail), medians 30 words."""
     rng = random.Random(seed)
 
     def text(median: float) -> str:
-        words = max(3, min(600, int(rng.lognormvariate(0, 0.8) * median)))
+        words = max(3, min(400, int(rng.lognormvariate(0, 0.8) * median)))
         return " ".join(rng.choice(WORDS) for _ in range(words))
-    return [{"messages": [{"role": "user", "content": text(45)},
-                          {"role": "assistant", "content": text(45)}]} for _ in range(n)]
+    return [{"messages": [{"role": "user", "content": text(30)},
+                          {"role": "assistant", "content": text(30)}]} for _ in range(n)]
 
 
 def tokenised(tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
@@ -79,6 +79,38 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class RssSampler:
+    """Peak resident memory while training steps run (model loading excluded: both load the
+    same fp32 checkpoint first), sampled every 5 ms."""
+
+    def __init__(self):
+        import psutil
+
+        self.process = psutil.Process()
+        self.peak = 0
+        self.running = False
+
+    def start(self) -> None:
+        import threading
+
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.005)
+
+    def stop(self) -> float:
+        self.running = False
+        self.thread.join()
+        return self.peak / 2 ** 20
+
+
+SAMPLER = RssSampler()
+
+
 def child(config: str, steps: int, warmup: int) -> dict:
     import torch
 
@@ -97,7 +129,8 @@ def child(config: str, steps: int, warmup: int) -> dict:
             "supervised_tokens": counts, "losses": losses,
             "supervised_tokens_per_second": sum(c for _, c in timed) / sum(t for t, _ in timed),
             "tokens_per_step": total_tokens / (steps + warmup),
-            "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": loaded_rss}
+            "peak_rss_mb": SAMPLER.stop(), "process_max_rss_mb": peak_rss_mb(),
+            "rss_before_model_mb": loaded_rss}
 
 
 def run_ours(config: str, model_dir, tokenizer, examples, n_steps: int):
@@ -118,6 +151,7 @@ def run_ours(config: str, model_dir, tokenizer, examples, n_steps: int):
     lines = "\n".join(json.dumps(e) for e in synthetic_chats(len(examples)))
     trainer.storage.put(f"files/{file_id}/content", lines.encode())
     trainer.setup()
+    SAMPLER.start()
     times, counts, losses = [], [], []
     for step in range(n_steps):
         batch = examples[step * BATCH:(step + 1) * BATCH]
@@ -160,7 +194,8 @@ def trl_trainer(config: str, model_dir, examples, n_steps: int, mean_len: float)
 
     packing = config == "trl_packing"
     args = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=n_steps, learning_rate=LEARNING_RATE,
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=n_steps,
+        learning_rate=LEARNING_RATE,
         per_device_train_batch_size=1 if packing else BATCH, bf16=True, use_cpu=True,
         # A packed row holds about BATCH examples, so one row per step is the same batch.
         max_length=int(mean_len * BATCH) if packing else 1024, packing=packing,
@@ -182,6 +217,7 @@ def trl_trainer(config: str, model_dir, examples, n_steps: int, mean_len: float)
 def run_trl(config: str, model_dir, tokenizer, examples, n_steps: int):
     mean_len = statistics.mean(len(ids) for ids, _ in examples)
     trainer, timer = trl_trainer(config, model_dir, examples, n_steps, mean_len)
+    SAMPLER.start()
     trainer.train()
     return timer.times, trainer.counts, trainer.losses
 
@@ -253,7 +289,7 @@ def summarise(runs: list[dict], loss_check: dict, peak: float, n_params: int) ->
         by_config[config] = {
             "supervised_tokens_per_second": tps, "median_step_seconds": step,
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in mine),
-            "train_rss_mb": statistics.median(r["peak_rss_mb"] - r["rss_after_load_mb"] for r in mine),
+            "process_max_rss_mb": statistics.median(r["process_max_rss_mb"] for r in mine),
             "final_loss": statistics.median(r["losses"][-1] for r in mine),
             # Model FLOPs (6 N per token, all tokens) over the measured bf16 matmul peak.
             "mfu": 6 * n_params * tokens_per_step / step / (peak * 1e12), "runs": len(mine)}
@@ -274,7 +310,8 @@ def summarise(runs: list[dict], loss_check: dict, peak: float, n_params: int) ->
 
 
 def markdown(summary: dict, meta: dict) -> str:
-    rows = ["| configuration | supervised tok/s | step s (median) | peak RSS MB | MFU | final loss |",
+    rows = ["| configuration | supervised tok/s | step s (median) | peak RSS while training, MB "
+            "| MFU | final loss |",
             "|---|---|---|---|---|---|"]
     for name, c in summary["configs"].items():
         rows.append(f"| {name} | {c['supervised_tokens_per_second']:.1f} | "

@@ -54,7 +54,7 @@ def add_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     cmd.add_argument("--n", type=int, default=200, help="held-out prompts to score")
     cmd.add_argument("--seed", type=int, default=0, help="the data seed (as make_data.py)")
     cmd.add_argument("--file", help="a chat JSONL of held-out conversations instead")
-    cmd.add_argument("--max-tokens", type=int, default=96, help="the length cap per answer")
+    cmd.add_argument("--max-tokens", type=int, default=64, help="the length cap per answer")
     cmd.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     cmd.set_defaults(func=cmd_eval)
 

@@ -96,7 +96,9 @@ def test_sequence_logps_sums_supervised_tokens_per_sequence():
                            [IGNORE_INDEX, 1, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])
     owners = torch.tensor([[0, 0, 0, 1, 1], [2, 2, -1, -1, -1]])
     got = dpo.sequence_logps(hidden, labels, owners, 3, head)
-    ls = lambda logits, y: F.log_softmax(torch.tensor(logits), -1)[y].item()  # noqa: E731
+
+    def ls(logits: list[float], y: int) -> float:
+        return F.log_softmax(torch.tensor(logits), -1)[y].item()
     expected = torch.tensor([ls([2.0, 0, 0], 0) + ls([0, 1.0, 0], 1), ls([1.0, 1, 3], 2),
                              ls([0, 4.0, 0], 1)])
     torch.testing.assert_close(got, expected)
@@ -227,8 +229,8 @@ def test_step0_loss_is_ln2_against_the_disabled_adapter(tiny, tmp_path):
 
 
 def test_cache_key_changes_with_everything_the_values_depend_on():
-    base = dict(data_hashes=["a"], template_hash="t", max_length=512, base_weights_hash="w",
-                reference_adapter_hash=None, bf16=True)
+    base = {"data_hashes": ["a"], "template_hash": "t", "max_length": 512,
+            "base_weights_hash": "w", "reference_adapter_hash": None, "bf16": True}
     key = reference.cache_key(**base)
     assert key.startswith("cache/ref-logps/") and key.endswith(".safetensors")
     assert reference.cache_key(**base) == key
@@ -244,9 +246,9 @@ def test_toy_preferences_are_deterministic_and_splits_never_overlap(tmp_path):
     train, heldout = module.make_preferences(256, 64, seed=0)
     assert (train, heldout) == module.make_preferences(256, 64, seed=0)
     assert module.make_preferences(256, 64, seed=1) != (train, heldout)
-    question = lambda row: row["prompt"][-1]["content"]  # noqa: E731
-    assert not {question(r) for r in train} & {question(r) for r in heldout}
-    assert len({question(r) for r in train}) == 256
+    train_questions = {row["prompt"][-1]["content"] for row in train}
+    assert not train_questions & {row["prompt"][-1]["content"] for row in heldout}
+    assert len(train_questions) == 256
     for row in train + heldout:
         assert len(row["chosen"]) < len(row["rejected"]) / 4
         assert row["chosen"].rstrip(".") in row["rejected"]  # the same answer, wrapped in filler

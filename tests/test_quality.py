@@ -113,19 +113,29 @@ def test_eval_names_a_bad_file_line(tmp_path):
     assert f"{bad}:1:" in done.stderr and "reference answer last" in done.stderr
 
 
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("quality") / "storage"
+    with Service(str(storage), env={"TUNESERVE_CPUS_PER_WORKER": "1"}) as svc:
+        yield svc
+
+
+def run_demo(service: Service, results, *extra: str) -> int:
+    return demo.main(["--model", TINY, "--n-train", "64", "--n-eval", "8", "--max-tokens", "16",
+                      "--base-url", f"{service.url}/v1", "--results", str(results), "--quiet",
+                      *extra])
+
+
 @pytest.mark.slow
-def test_demo_runs_end_to_end_on_the_tiny_model(tmp_path):
+def test_demo_runs_end_to_end_on_the_tiny_model(service, tmp_path):
     results = tmp_path / "results"
-    with Service(str(tmp_path / "storage"), env={"TUNESERVE_CPUS_PER_WORKER": "1"}) as svc:
-        assert demo.main(["--model", TINY, "--n-train", "64", "--n-eval", "8", "--max-tokens",
-                          "16", "--base-url", f"{svc.url}/v1", "--results", str(results),
-                          "--quiet"]) == 0
-        result = json.loads((results / "quality.json").read_text())
-        tuned_model = result["rows"]["tuned"]["model"]
-        done = subprocess.run(
-            [sys.executable, "-m", "service.cli", "eval", tuned_model, "--task", "sort", "--n",
-             "4", "--max-tokens", "8", "--json", "--base-url", f"{svc.url}/v1"],
-            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run_demo(service, results) == 0
+    result = json.loads((results / "quality.json").read_text())
+    tuned_model = result["rows"]["tuned"]["model"]
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "eval", tuned_model, "--task", "sort", "--n", "4",
+         "--max-tokens", "8", "--json", "--base-url", f"{service.url}/v1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert set(result["rows"]) == {"base", "tuned"}
     for row in result["rows"].values():
         assert row["n"] == 8
@@ -143,3 +153,17 @@ def test_demo_runs_end_to_end_on_the_tiny_model(tmp_path):
     # 8 tokens cannot hold a 4–7 number list from a random model: every answer hit the cap.
     assert report["end_of_turn"] == 0 and {a["finish_reason"] for a in report["answers"]} == \
         {"length"}
+
+
+@pytest.mark.slow
+def test_dpo_demo_runs_sft_then_dpo_and_reports_preference_accuracy(service, tmp_path):
+    results = tmp_path / "results"
+    assert run_demo(service, results, "--dpo", "--dpo-n-train", "16") == 0
+    result = json.loads((results / "quality-dpo.json").read_text())
+    assert list(result["rows"]) == ["base", "sft", "sft+dpo"]
+    sft, dpo = result["jobs"]["sft"], result["jobs"]["dpo"]
+    # The DPO job continues from the SFT model: same base, its own job id.
+    assert result["rows"]["sft"]["model"] == sft["fine_tuned_model"]
+    assert dpo["fine_tuned_model"].startswith(f"ft:{TINY}:sort-dpo:{dpo['id']}")
+    assert 0 <= result["heldout_preference_accuracy"] <= 1
+    assert "Held-out preference accuracy" in (results / "quality-dpo.md").read_text()

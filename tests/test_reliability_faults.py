@@ -223,3 +223,27 @@ def test_exhausted_max_failures_fail_the_job_with_a_clear_message(client, servic
     assert job.error.code and ("worker" in message or "fail" in message), job.error
     assert not storage.exists(f"adapters/{job_id}/final/manifest.json")
     assert_whole(client, storage, job)
+
+
+def test_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(client, service, storage):
+    """The run's newest checkpoint is broken (a truncated optimizer state, as a partial upload
+    leaves it) when the run has to resume: it resumes from the checkpoint before, and
+    finishes. (Before, every retry failed on the same file until the job failed.)"""
+    job_id = start_job(client, 32, 8)
+    wait_until(lambda: registered_checkpoint(storage, job_id) >= 16, 300, interval=0.5,
+               what="two registered checkpoints")
+    for proc in service_processes(service, "JobDriver"):
+        proc.send_signal(signal.SIGKILL)
+    newest = registered_checkpoint(storage, job_id)
+    folder = f"jobs/{job_id}/run/{job_id}/checkpoint-step-{newest:06d}"
+    state = f"{folder}/trainer_state.pt"
+    assert storage.exists(state), [i.key for i in storage.iter(folder)]
+    storage.put(state, storage.get(state)[:100])
+
+    job = final_job(client, job_id, 400)
+    assert job.status == "succeeded", job.error
+    resumed = resumed_steps(storage, job_id)
+    assert resumed == [newest - 8], (resumed, newest)
+    steps = [e["data"]["step"] for e in events(storage, job_id) if e["type"] == "metrics"]
+    assert max(steps) == 64
+    assert_whole(client, storage, job)

@@ -60,7 +60,7 @@ def world(tmp_path_factory) -> Iterator[dict]:
         assert r.status_code == 200, r.text
         file_id = r.json()["id"]
         jobs = {}
-        for name in ("tuned", "pickled"):
+        for name in ("tuned", "pickled", "corrupt"):
             job_id = new_job_id()
             write_adapter(storage, tiny_dir, TINY, seed=1, job_id=job_id, tenant="alice",
                           model=base)
@@ -74,7 +74,10 @@ def world(tmp_path_factory) -> Iterator[dict]:
         # A pickle next to the safetensors: loading it could run code, so nothing may load it.
         storage.put(join_key("adapters", jobs["pickled"], "final", "adapter_model.bin"),
                     b"\x80\x04cos\nsystem\n.")
-        yield {"app": app, "client": client, "file": file_id, "job": jobs["tuned"],
+        # A checkpoint export whose weights were cut short (a partial copy into storage).
+        weights = join_key("adapters", jobs["corrupt"], "final", "adapter_model.safetensors")
+        storage.put(weights, storage.get(weights)[:1000])
+        yield {"corrupt": f"ft:{TINY}:s:{jobs['corrupt']}", "app": app, "client": client, "file": file_id, "job": jobs["tuned"],
                "model": f"ft:{TINY}:s:{jobs['tuned']}",
                "pickled": f"ft:{TINY}:s:{jobs['pickled']}", "backend": backend}
     backend.close()
@@ -264,3 +267,17 @@ def test_embedded_mode_listens_on_loopback_only(tmp_path):
     upstream = [s for s in exposed if s[0].startswith(SERVE_REPLICA) and s[1] in ("::", "0.0.0.0")]
     assert len(upstream) <= 4, upstream  # one per replica at most
     assert not set(exposed) - set(upstream), f"listening beyond loopback: {exposed}"
+
+
+def test_adapter_with_corrupt_weights_is_refused_and_others_still_answer(world):
+    client = world["client"]
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    r = client.post("/v1/chat/completions", headers=auth("key-alice"),
+                    json={"model": world["corrupt"], **body})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    error = r.json()["error"]
+    assert error["param"] == "model" and "adapter" in error["message"].lower(), error
+    for model in (world["model"], TINY):
+        ok = client.post("/v1/chat/completions", headers=auth("key-alice"),
+                         json={"model": model, **body})
+        assert ok.status_code == 200, ok.text

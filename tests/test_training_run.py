@@ -117,6 +117,20 @@ def test_killed_worker_resumes_from_the_last_checkpoint(finished_run):
     assert result["step"] == result["total_steps"] == 120  # 320 examples / 8 × 3 epochs
 
 
+def test_recomputed_steps_reproduce_the_unbroken_run(finished_run):
+    """Steps done after the resumed checkpoint but before the kill ran twice: same examples
+    (the batch plan is a function of seed and step), same weights, optimizer and RNG states,
+    hence the same losses (torchtune's test_training_state_on_resume)."""
+    losses: dict[int, list[float]] = {}
+    for event in finished_run["events"]:
+        if event["type"] == "metrics":
+            losses.setdefault(event["data"]["step"], []).append(event["data"]["train_loss"])
+    twice = {step: values for step, values in losses.items() if len(values) == 2}
+    assert set(losses) == set(range(1, 121))  # every step reported, none skipped
+    for step, (before, after) in twice.items():
+        assert after == pytest.approx(before, rel=1e-4), f"step {step} differs after resuming"
+
+
 def test_loss_falls_and_metrics_are_reported(finished_run):
     metrics = [e["data"] for e in finished_run["events"] if e["type"] == "metrics"]
     first, last = metrics[0], finished_run["result"]

@@ -101,22 +101,62 @@ def restore_checkpoint(checkpoint: ray.train.Checkpoint | None, job_id: str, ran
                        model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        scheduler: Any) -> TrainState | None:
     """Load ``checkpoint`` (``ray.train.get_checkpoint()``: the run's latest) into this rank's
-    model, optimizer, scheduler and RNGs; return its state, or None without a checkpoint."""
-    if checkpoint is None:
+    model, optimizer, scheduler and RNGs; return its state, or None without a checkpoint.
+
+    A checkpoint that cannot be read (a partial upload, a corrupt file) is skipped in favour
+    of the one before it (``CheckpointConfig(num_to_keep=2)`` keeps one); with none readable
+    the run starts over rather than failing the same way on every retry.
+    """
+    latest = checkpoint
+    if latest is None:
         return None
+    for candidate in _newest_first(latest):
+        try:
+            state = _restore(candidate, job_id, rank, model, optimizer, scheduler)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file means: try the previous
+            log.warning("rank %d: checkpoint %s is unreadable (%s: %s); trying the one before",
+                        rank, candidate.path, type(exc).__name__, exc)
+            continue
+        log.info("rank %d resumed from step %d", rank, state.step)
+        return state
+    log.warning("rank %d: no readable checkpoint; starting over", rank)
+    return None
+
+
+def _newest_first(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The reported checkpoint, then the older ones beside it in the run's folder."""
+    import pyarrow.fs
+
+    found = [latest]
+    parent, _, name = str(latest.path).rstrip("/").rpartition("/")
+    try:
+        infos = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    except Exception:  # noqa: BLE001 - without a listing, only the reported one is known
+        return found
+    older = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
+                    and i.base_name.startswith("checkpoint-step-") and i.base_name < name),
+                   reverse=True)
+    found += [ray.train.Checkpoint(f"{parent}/{n}", filesystem=latest.filesystem) for n in older]
+    return found
+
+
+def _restore(checkpoint: ray.train.Checkpoint, job_id: str, rank: int, model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
     path = local_dir(job_id, rank, "restore")
-    checkpoint.to_directory(str(path))
-    saved = torch.load(path / STATE_FILE, weights_only=False)
-    load_weights(model, path / ADAPTER_DIR)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    rng_file = path / f"rng-rank{rank}.pt"
-    if rng_file.exists():  # absent when the world size changed: the data plan still holds
-        set_rng_states(torch.load(rng_file, weights_only=False))
-    shutil.rmtree(path, ignore_errors=True)
-    state = TrainState(**saved["state"])
-    log.info("rank %d resumed from step %d", rank, state.step)
-    return state
+    try:
+        checkpoint.to_directory(str(path))
+        saved = torch.load(path / STATE_FILE, weights_only=False)
+        # Read everything before changing anything, so a bad file leaves the model as it was.
+        rng_file = path / f"rng-rank{rank}.pt"
+        rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
+        load_weights(model, path / ADAPTER_DIR)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if rng is not None:  # absent when the world size changed: the data plan still holds
+            set_rng_states(rng)
+        return TrainState(**saved["state"])
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:

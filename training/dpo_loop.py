@@ -273,7 +273,12 @@ class DPOTrainer(SFTTrainer):
         return pair_metrics(self.all_reduce(sums))
 
     def valid_metrics(self, examples: list, prefix: str) -> dict[str, float]:
-        return {f"{prefix}{name}": value for name, value in self.evaluate(examples).items()}
+        # The final full validation often scores exactly what the last checkpoint scored (a
+        # small validation file, same step, same weights): reuse that instead of a second pass.
+        key = (self.state.step, len(examples))
+        if getattr(self, "_last_validation", (None, None))[0] != key:
+            self._last_validation = (key, self.evaluate(examples))
+        return {f"{prefix}{name}": value for name, value in self._last_validation[1].items()}
 
     def verify_settings(self) -> None:
         """Score two micro-batches before step 1; at a fresh start the loss is ln 2."""

@@ -66,9 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--auto", action="store_true",
                    help="send no hyperparameters: use the service's 'auto' choices")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tokens", type=int, default=96, help="length cap per answer")
+    p.add_argument("--max-tokens", type=int, default=64, help="length cap per answer")
     p.add_argument("--dpo", action="store_true", help="SFT on mixed-style answers, then DPO")
-    p.add_argument("--dpo-n-train", type=int, default=512, help="preference pairs")
+    p.add_argument("--dpo-n-train", type=int, default=256, help="preference pairs")
     p.add_argument("--base-url", help="a running service's /v1 URL (else one is started)")
     p.add_argument("--api-key", default=os.environ.get("TUNESERVE_API_KEY"))
     p.add_argument("--storage", help="storage of the started service (default: a temp dir)")
