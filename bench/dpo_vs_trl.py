@@ -39,7 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-VARIANTS = ("ours", "ours_inline", "trl", "trl_precompute")
+VARIANTS = ("ours", "trl", "ours_inline", "trl_precompute")
 BATCH = 8
 BETA = 0.1
 LORA_R, LORA_ALPHA = 16, 32
@@ -211,7 +211,9 @@ def summarise(runs: list[dict]) -> dict:
                "pairs_per_second": statistics.median(r["pairs_per_second"] for r in rs),
                "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs)}
            for v, rs in by_variant.items() if rs}
-    ours = med["ours"]
+    ours = med.get("ours")
+    if ours is None:
+        return {"medians": med, "ratios": {}}
     ratios = {f"pairs_per_second_vs_{t}": ours["pairs_per_second"] / med[t]["pairs_per_second"]
               for t in ("trl", "trl_precompute") if t in med}
     ratios.update({f"peak_memory_vs_{t}": ours["peak_rss_mb"] / med[t]["peak_rss_mb"]
@@ -257,19 +259,24 @@ def main(argv: list[str] | None = None) -> None:
     for round_ in range(args.rounds):
         for variant in VARIANTS:  # interleaved: machine noise hits every variant alike
             run = run_in_subprocess(variant, args.steps, args.warmup)
-            runs.append({**run, "round": round_})
+            runs.append({**run, "round": round_, "load_average": os.getloadavg()})
             sys.stderr.write(f"round {round_} {variant}: {run['median_step_seconds']:.2f} s/step, "
                              f"{run['peak_rss_mb']:.0f} MB\n")
-    config = {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
-              "batch_pairs": BATCH, "beta": BETA, "lora_r": LORA_R, "threads": THREADS,
-              "max_length": MAX_LENGTH, "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-              "load_average": os.getloadavg()}
+            write_results(args, runs, rounds_done=round_ + (variant == VARIANTS[-1]))
+    sys.stdout.write((RESULTS / "dpo.md").read_text())
+
+
+def write_results(args: argparse.Namespace, runs: list[dict], rounds_done: int) -> None:
+    """Rewritten after every run, so a long benchmark stopped early still leaves its figures."""
+    config = {"rounds": rounds_done, "rounds_planned": args.rounds, "steps": args.steps,
+              "warmup": args.warmup, "batch_pairs": BATCH, "beta": BETA, "lora_r": LORA_R,
+              "threads": THREADS, "max_length": MAX_LENGTH,
+              "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "cpus": os.cpu_count()}
     summary = summarise(runs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "dpo.json").write_text(json.dumps(
         {"config": config, **summary, "runs": runs}, indent=2) + "\n")
     (RESULTS / "dpo.md").write_text(markdown(summary, config))
-    sys.stdout.write(markdown(summary, config))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import logging
 import os
 import platform
 import random
+import shutil
 import statistics
 import tempfile
 import threading
@@ -397,6 +398,7 @@ def run(dtype: str, threads: int, rank: int, *, repeats: int, decode_tokens: int
             clients=8, tokens=tokens, threads=threads)
         save(result)
     engine.close()
+    shutil.rmtree(work, ignore_errors=True)
     result["config"]["load_average_end"] = os.getloadavg()[0]
     return result
 

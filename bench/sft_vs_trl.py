@@ -274,8 +274,10 @@ def matmul_peak_tflops() -> float:
 
 def spawn(args: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run([sys.executable, "-m", "bench.sft_vs_trl", *args], env=env, check=True,
+    out = subprocess.run([sys.executable, "-m", "bench.sft_vs_trl", *args], env=env,
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -125,6 +125,13 @@ class ChatModel:
         """(running, waiting) requests in the engine."""
         return self.server.engine.load
 
+    def __del__(self) -> None:
+        # Serve calls this when it stops the replica: end the generation thread, drop the
+        # local adapter copies.
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.close()
+
     def check_health(self) -> None:
         if not self.server.engine.healthy:
             raise RuntimeError(f"the generation loop of {self.base_model} stopped")

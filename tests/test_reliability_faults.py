@@ -247,3 +247,25 @@ def test_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(client, servi
     steps = [e["data"]["step"] for e in events(storage, job_id) if e["type"] == "metrics"]
     assert max(steps) == 64
     assert_whole(client, storage, job)
+
+
+def test_load_during_training_has_no_errors(client, service, storage):
+    """The short CI form of ``bench/load.py`` (which runs 60 s and writes the latencies):
+    50 clients polling the job and its events and 8 streaming chats, for 15 s, while the job
+    trains. Zero errors, and the job keeps running."""
+    import asyncio
+
+    from bench.load import run_load
+
+    job_id = start_job(client, 64, 50)
+    try:
+        wait_until(lambda: any(e["type"] == "metrics" for e in events(storage, job_id)), 300,
+                   interval=1, what="the job's first step")
+        result = asyncio.run(run_load(service.url, job_id, seconds=15, pollers=50, chats=8))
+        assert result["errors"] == 0, result["error_samples"]
+        kinds = result["kinds"]
+        assert kinds["job"]["requests"] >= 50 and kinds["events"]["requests"] >= 50, kinds
+        assert kinds["chat_stream"]["requests"] >= 8, kinds
+        assert client.fine_tuning.jobs.retrieve(job_id).status == "running"
+    finally:
+        client.fine_tuning.jobs.cancel(job_id)

@@ -48,7 +48,7 @@ from service.cli_jobs import follow  # noqa: E402
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 RESULTS = REPO / "bench" / "results"
 # The settings that reach the target on the built-in model (see bench/results/quality.md).
-DEFAULTS = {"n_train": 3000, "n_epochs": 1, "batch_size": 8, "lr_multiplier": 2.0,
+DEFAULTS = {"n_train": 1600, "n_epochs": 1, "batch_size": 8, "lr_multiplier": 2.0,
             "lora_r": 32, "lora_alpha": 64}
 
 
