@@ -19,7 +19,6 @@ import asyncio
 import io
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -161,11 +160,11 @@ async def run_load(base_url: str, job_id: str, *, seconds: float = 60, pollers: 
 def write_results(result: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "load.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Load while training ({result['window_s']} s, {result['pollers']} pollers, "
-             f"{result['chats']} streaming chats, loopback)", "",
+    lines = [(f"# Load while training ({result['window_s']} s, {result['pollers']} pollers, "
+              f"{result['chats']} streaming chats, loopback)"), "",
              f"Machine: {result['machine']}. Errors: **{result['errors']}**.", "",
-             "| request | requests | errors | p50 ms | p99 ms | max ms | per s | "
-             "unloaded p50 ms | p50 ratio |", "|---|---|---|---|---|---|---|---|---|"]
+             ("| request | requests | errors | p50 ms | p99 ms | max ms | per s | "
+              "unloaded p50 ms | p50 ratio |"), "|---|---|---|---|---|---|---|---|---|"]
     for kind, s in result["kinds"].items():
         base = result["unloaded"].get(kind, {}).get("p50_ms")
         ratio = f"{s['p50_ms'] / base:.1f}×" if base and s["p50_ms"] else "–"

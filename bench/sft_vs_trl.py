@@ -12,7 +12,8 @@ and repeated, and medians are reported:
 - ``trl_packing``: ``packing=True`` (BFD, padding-free rows holding ~8 examples);
 - ``trl_padding_free``: ``padding_free=True`` (each batch of 8 flattened into one row);
 - ``ours_packed`` / ``ours_unpacked``: ``training.loop.SFTTrainer.train_step``, the step the
-  Ray Train workers run, packed (default) or padded.
+  Ray Train workers run, packed (default) or padded; ``ours_packed_ckpt`` with activation
+  checkpointing (as TRL's default does).
 
 Also: the loss of the first batch (before any update) from TRL's ``compute_loss`` and ours, the
 final loss of packed vs unpacked runs over the same batches, and MFU against the bf16 matmul
@@ -38,7 +39,8 @@ BATCH = 8
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 LEARNING_RATE = 1e-3
 THREADS = 2
-CONFIGS = ["ours_packed", "trl_default", "trl_packing", "trl_padding_free", "ours_unpacked"]
+CONFIGS = ["ours_packed", "trl_default", "trl_packing", "ours_packed_ckpt", "trl_padding_free",
+           "ours_unpacked"]
 RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = ("the a model data train token value list step loss rate batch file job event run "
          "adapter chat answer question result number order sort short long text").split()
@@ -144,7 +146,8 @@ def run_ours(config: str, model_dir, tokenizer, examples, n_steps: int):
     spec = TrainSpec(job_id="ftjob-" + "0" * 24, base_model=str(model_dir),
                      training_files=((file_id, 1.0),), n_epochs=1, batch_size=BATCH,
                      lora_r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                     packing=config == "ours_packed", micro_batch_size=BATCH,
+                     packing=config.startswith("ours_packed"), micro_batch_size=BATCH,
+                     activation_checkpointing=config.endswith("_ckpt"),
                      cpus_per_worker=THREADS, max_length=1024)
     trainer = SFTTrainer(spec, storage_config, in_ray=False)
     # The engine reads its data from storage: hand it the bench's examples as a chat file.
@@ -295,19 +298,22 @@ def summarise(runs: list[dict], loss_check: dict, peak: float, n_params: int) ->
             "final_loss": statistics.median(r["losses"][-1] for r in mine),
             # Model FLOPs (6 N per token, all tokens) over the measured bf16 matmul peak.
             "mfu": 6 * n_params * tokens_per_step / step / (peak * 1e12), "runs": len(mine)}
-    ours = by_config["ours_packed"]
     trl = {k: v for k, v in by_config.items() if k.startswith("trl")}
     best = max(trl, key=lambda k: trl[k]["supervised_tokens_per_second"])
+
+    def ratios(ours: dict) -> dict:
+        return {"speedup_vs_trl_best": ours["supervised_tokens_per_second"]
+                / trl[best]["supervised_tokens_per_second"],
+                "speedup_vs_trl_default": ours["supervised_tokens_per_second"]
+                / trl["trl_default"]["supervised_tokens_per_second"],
+                "memory_ratio_vs_trl_best": ours["peak_rss_mb"] / trl[best]["peak_rss_mb"]}
     return {
         "configs": by_config, "bf16_matmul_peak_tflops": peak, "first_step_loss": loss_check,
         "trl_best_config": best,
-        "speedup_vs_trl_best": ours["supervised_tokens_per_second"]
-        / trl[best]["supervised_tokens_per_second"],
-        "speedup_vs_trl_default": ours["supervised_tokens_per_second"]
-        / trl["trl_default"]["supervised_tokens_per_second"],
-        "memory_ratio_vs_trl_best": ours["peak_rss_mb"] / trl[best]["peak_rss_mb"],
-        "packed_vs_unpacked_final_loss_difference":
-            abs(ours["final_loss"] - by_config["ours_unpacked"]["final_loss"]),
+        **ratios(by_config["ours_packed"]),
+        "with_activation_checkpointing": ratios(by_config["ours_packed_ckpt"]),
+        "packed_vs_unpacked_final_loss_difference": abs(
+            by_config["ours_packed"]["final_loss"] - by_config["ours_unpacked"]["final_loss"]),
     }
 
 
@@ -324,6 +330,9 @@ def markdown(summary: dict, meta: dict) -> str:
              f"**{summary['speedup_vs_trl_best']:.2f}×** supervised tokens/s at "
              f"**{summary['memory_ratio_vs_trl_best']:.2f}×** its peak memory",
              f"- ours vs TRL defaults: **{summary['speedup_vs_trl_default']:.2f}×**",
+             "- ours with activation checkpointing vs TRL best: "
+             f"{summary['with_activation_checkpointing']['speedup_vs_trl_best']:.2f}× at "
+             f"{summary['with_activation_checkpointing']['memory_ratio_vs_trl_best']:.2f}× memory",
              f"- first-step loss: TRL {first['trl_first_loss']:.5f}, ours "
              f"{first['our_first_loss']:.5f} (relative difference "
              f"{first['relative_difference']:.1e})",

@@ -144,9 +144,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         message, param, code = str(exc.detail), None, None
         if exc.status_code == 400 and message == _UNPARSABLE_BODY:
             # FastAPI's answer to a body json.loads gave up on (bad UTF-8, nested too deep).
-            message, param, code = ("The request body could not be parsed: send one JSON "
-                                    "object, UTF-8 encoded, nested at most a few hundred "
-                                    "levels deep.", "body", "invalid_body")
+            message = ("The request body could not be parsed: send one JSON object, UTF-8 "
+                       "encoded, nested at most a few hundred levels deep.")
+            param, code = "body", "invalid_body"
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             # Starlette names the methods of the first route that matched the path; the

@@ -44,6 +44,14 @@ its single-machine mode (the default on macOS and Windows): loopback is the node
 every Ray server listens there. Read when ``ray`` is imported, so set before that."""
 
 
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not settings.ray_address:
@@ -64,9 +72,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     if settings.ray_address:
         ray.init(address=settings.ray_address, runtime_env=runtime_env)
     else:
-        # Embedded mode: a local Ray on loopback only, no dashboard (it would listen on a port).
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", namespace="tuneserve", runtime_env=runtime_env)
+        # Embedded mode: a local Ray on loopback only (LOOPBACK_RAY_ENV). The dashboard runs,
+        # on loopback, because it serves Ray's State API: Ray Train's PlacementGroupCleaner
+        # asks it whether a run's controller died, and without it the CPUs of a run whose
+        # driver was killed stay reserved forever, so the resumed run never starts.
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=_free_loopback_port(), _node_ip_address="127.0.0.1",
+                 namespace="tuneserve", runtime_env=runtime_env)
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(build_app(settings.model_dump(mode="json", exclude=SECRET_SETTINGS)), name="tuneserve",

@@ -21,7 +21,7 @@ import secrets
 import time
 from typing import IO, Any, Literal
 
-from service.errors import InvalidRequest, NotFound
+from service.errors import NotFound
 from service.storage import Storage, join_key
 
 FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")

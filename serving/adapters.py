@@ -178,11 +178,12 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if len(data) < 8 or 8 + size > len(data):
             raise ValueError("the header runs past the end of the file")
         header = json.loads(data[8:8 + size])
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
     except (ValueError, UnicodeDecodeError) as exc:  # a cut-short or corrupt copy
         raise AdapterIncompatible(f"{path.name} is not a complete safetensors file ({exc}); "
                                   "the adapter was written incompletely.") from None
+    if not isinstance(header, dict):
+        raise AdapterIncompatible(
+            f"{path.name} is not a safetensors file: its header is not a JSON object.")
     start = 8 + size
     tensors = {}
     for name, info in header.items():

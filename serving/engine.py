@@ -126,6 +126,8 @@ class Engine:
         self._waiting: deque[Row] = deque()
         self._batch = RunningBatch()  # touched by the generation thread only
         self._plan_key: tuple[list[int], int] = ([], 0)
+        self._in_flight = 0
+        """Requests submitted and not finished (guarded by ``_lock``)."""
         self._adapters: dict[str, _Slot] = {}
         self._next_slot = 0
         self._thread: threading.Thread | None = None
@@ -198,7 +200,7 @@ class Engine:
     def load(self) -> tuple[int, int]:
         """(running rows, waiting requests)."""
         with self._lock:
-            return len(self._batch), len(self._waiting)
+            return self._in_flight - len(self._waiting), len(self._waiting)
 
     def submit(self, prompt: list[int], params: SamplingParams,
                adapter_id: str | None = None) -> Generation:
@@ -214,7 +216,9 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            if len(self._batch) + len(self._waiting) >= self.max_pending:
+            # Counted from submit to finish: rows being prefilled are in neither the queue nor
+            # the batch for a moment.
+            if self._in_flight >= self.max_pending:
                 raise RateLimited(f"The {self.base_model} deployment is at capacity "
                                   f"({self.max_pending} requests in flight); retry shortly.",
                                   retry_after=1, code="capacity_exceeded")
@@ -227,6 +231,7 @@ class Engine:
                 slot = known.slot
             self._waiting.append(Row(generation, list(prompt), params, adapter_id, slot,
                                       budget, make_generator(params.seed), StopText(params.stop)))
+            self._in_flight += 1
             self._start_thread()
             self._lock.notify()
         return generation
@@ -361,13 +366,13 @@ class Engine:
         if row.done:
             return
         row.done = True
-        if row.adapter_id is not None:  # before the last chunk: a reader sees the slot freed
-            with self._lock:
-                known = self._adapters.get(row.adapter_id)
-                if known is not None:
-                    known.users -= 1
-                    if known.retired and known.users == 0:
-                        self._drop_slot(row.adapter_id)
+        with self._lock:  # before the last chunk: a reader sees the slot and adapter freed
+            self._in_flight -= 1
+            known = self._adapters.get(row.adapter_id) if row.adapter_id else None
+            if known is not None:
+                known.users -= 1
+                if known.retired and known.users == 0:
+                    self._drop_slot(row.adapter_id)
         if error is not None:
             row.generation._put(error)
         elif reason is not None:

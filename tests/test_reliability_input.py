@@ -353,7 +353,7 @@ def _fill(value: Any, ids: dict[str, str]) -> Any:
     """Put the fixture's ids into ``{file-key-alice}``-style placeholders."""
     if isinstance(value, str | bytes):
         for name, real in ids.items():
-            placeholder, real = "{" + name + "}", real
+            placeholder = "{" + name + "}"
             if isinstance(value, bytes):
                 placeholder, real = placeholder.encode(), real.encode()
             value = value.replace(placeholder, real)

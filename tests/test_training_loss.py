@@ -179,3 +179,23 @@ def test_one_micro_batch_of_4_equals_4_accumulated_micro_batches_of_1():
     for a, b in zip(big_batch, accumulated):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert any(not torch.allclose(a, c, rtol=1e-3, atol=1e-6) for a, c in zip(big_batch, naive))
+
+
+def test_activation_checkpointing_keeps_the_gradients():
+    """Recomputing layers in the backward pass (to save memory) must not change a gradient."""
+    model = apply_adapter(tiny_model("llama"), spec())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    model.train()
+    sums = loss_sums(model, collate_packed(EXAMPLES))
+    normalised_loss(sums, sums.count).backward()
+    plain = gradients(model)
+    model.zero_grad()
+    model.get_base_model().gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+    sums = loss_sums(model, collate_packed(EXAMPLES))
+    normalised_loss(sums, sums.count).backward()
+    for a, b in zip(plain, gradients(model)):
+        torch.testing.assert_close(a, b)

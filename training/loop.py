@@ -197,6 +197,10 @@ class SFTTrainer:
         self.decoder = causal_lm.base_model  # the transformer body, without the output head
         self.lm_head = causal_lm.get_output_embeddings()
         self.softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+        if self.spec.activation_checkpointing:
+            # Non-reentrant checkpointing needs no input that requires grad (frozen embeddings).
+            causal_lm.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def setup_optimizer(self) -> None:
