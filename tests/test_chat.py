@@ -7,7 +7,6 @@ with weight 1, each followed by its end-of-turn marker — or the example is ref
 
 from __future__ import annotations
 
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -275,18 +274,6 @@ def test_template_hash_changes_with_the_template(model_dir):
     assert before == template_hash(load_tokenizer(model_dir))  # stable across loads
     tok.chat_template = next(t for t in TEMPLATES if t.name == "qwen2").template
     assert template_hash(tok) != before
-
-
-def test_tokenizing_is_fast(smol):
-    messages = [{"role": "system", "content": "You sort lists."}]
-    for i in range(3):
-        messages += [{"role": "user", "content": f"Sort {i} 9 4 7 1 " * 5},
-                     {"role": "assistant", "content": "1 4 7 9 " * 5}]
-    started = time.perf_counter()
-    for _ in range(200):
-        tokenize_conversation(smol, messages)
-    per_example = (time.perf_counter() - started) / 200
-    assert per_example < 0.01, f"{per_example * 1000:.2f} ms per 6-turn example"
 
 
 def test_module_exports():
