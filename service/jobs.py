@@ -109,9 +109,7 @@ async def list_events(request: Request, job: Job,
     if stream:
         return StreamingResponse(_event_stream(request, storage, job.id),
                                  media_type="text/event-stream")
-    events = await asyncio.to_thread(read_events, storage, job.id)
-    events.reverse()  # newest first, as OpenAI lists them
-    page, has_more = _page(events, after, limit, key=lambda e: e["id"])
+    page, has_more = await asyncio.to_thread(read_event_page, storage, job.id, after, limit)
     return {"object": "list", "data": page, "has_more": has_more}
 
 
@@ -190,6 +188,21 @@ def _create_record(store: JobStore, body: CreateJobRequest, tenant: str) -> JobR
     return record
 
 
+def read_event_page(storage: Storage, job_id: str, after: str | None,
+                    limit: int) -> tuple[list[dict], bool]:
+    """One page of the job's events, newest first: one listing, then only the page's objects.
+
+    (Reading every event to return twenty made each poll cost one storage read per training
+    step so far; fifty pollers on a long job starved the API.)
+    """
+    from training.events import event_id_from_key
+
+    keys = [info.key for info in storage.iter(join_key("jobs", job_id, "events") + "/")]
+    keys.reverse()  # newest first, as OpenAI lists them
+    chosen, has_more = _page(keys, after, limit, key=event_id_from_key)
+    return [json.loads(storage.get(key)) for key in chosen], has_more
+
+
 def read_events(storage: Storage, job_id: str) -> list[dict]:
     """The job's events, oldest first."""
     prefix = join_key("jobs", job_id, "events") + "/"
@@ -238,22 +251,29 @@ def _page(items: list, after: str | None, limit: int, key) -> tuple[list, bool]:
     return page, start + limit < len(items)
 
 
+def _unseen_events(storage: Storage, job_id: str, seen: set[str]) -> list[dict]:
+    """The events not in ``seen``, oldest first (a listing, then only the new objects)."""
+    from training.events import event_id_from_key
+
+    prefix = join_key("jobs", job_id, "events") + "/"
+    return [json.loads(storage.get(info.key)) for info in storage.iter(prefix)
+            if event_id_from_key(info.key) not in seen]
+
+
 async def _event_stream(request: Request, storage: Storage, job_id: str):
     """Server-sent events: every event as it is written, until the job ends."""
     seen: set[str] = set()
     store = JobStore(storage)
     while True:
-        events = await asyncio.to_thread(read_events, storage, job_id)
+        events = await asyncio.to_thread(_unseen_events, storage, job_id, seen)
         for event in events:
-            if event["id"] not in seen:
-                seen.add(event["id"])
-                yield f"data: {json.dumps(event)}\n\n"
+            seen.add(event["id"])
+            yield f"data: {json.dumps(event)}\n\n"
         job = await asyncio.to_thread(store.get, job_id)
         if job.status not in ACTIVE and job.status != "paused":
             # One more read after the end so the final events are not lost to the race.
-            for event in await asyncio.to_thread(read_events, storage, job_id):
-                if event["id"] not in seen:
-                    yield f"data: {json.dumps(event)}\n\n"
+            for event in await asyncio.to_thread(_unseen_events, storage, job_id, seen):
+                yield f"data: {json.dumps(event)}\n\n"
             yield "data: [DONE]\n\n"
             return
         if await request.is_disconnected():

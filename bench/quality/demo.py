@@ -323,6 +323,15 @@ def write_results(result: dict[str, Any], results_dir: Path, name: str) -> tuple
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the service started here is stopped with the demo.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return run(args, argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     started = time.time()
     meta = {"task": args.task, "model": args.model, "n_train": args.n_train,
             "n_eval": args.n_eval, "max_tokens": args.max_tokens, "seed": args.seed,
