@@ -224,13 +224,17 @@ def summarise(runs: list[dict]) -> dict:
     return {"medians": med, "ratios": ratios}
 
 
-def markdown(summary: dict, config: dict) -> str:
+def markdown(summary: dict, config: dict, runs: list[dict]) -> str:
     med, ratios = summary["medians"], summary["ratios"]
+    loads = [load[0] for r in runs for load in [r.get("load_average") or [0.0]]]
     lines = ["# DPO: tuneserve vs TRL DPOTrainer", "",
              (f"SmolLM2-135M-Instruct, LoRA r={LORA_R} (all linear layers), β={BETA}, {BATCH} "
               f"pairs per step, bf16 autocast, {THREADS} CPU threads; {config['rounds']} "
               f"interleaved rounds × {config['steps']} timed steps (medians). "
-              "Command: `.venv/bin/python bench/dpo_vs_trl.py`."), "",
+              "Command: `.venv/bin/python bench/dpo_vs_trl.py`."),
+             (f"1-minute load average at the end of the runs: {min(loads):.0f}–{max(loads):.0f} "
+              f"on {config.get('cpus')} CPUs shared with other jobs: absolute times are "
+              "inflated and the ratios noisy; rerun on an idle machine for clean figures."), "",
              "| variant | step time (s) | pairs/s | peak RSS (MB) |", "|---|---|---|---|"]
     for variant, m in med.items():
         lines.append(f"| {variant} | {m['median_step_seconds']:.2f} | "
@@ -250,8 +254,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=BATCH, help="pairs per optimizer step")
+    parser.add_argument("--summarise", action="store_true",
+                        help="rewrite dpo.md from the runs in dpo.json (e.g. after a stopped run)")
     args = parser.parse_args(argv)
     set_batch(args.batch)
+    if args.summarise:
+        stored = json.loads((RESULTS / "dpo.json").read_text())
+        set_batch(stored["config"]["batch_pairs"])
+        (RESULTS / "dpo.md").write_text(markdown(summarise(stored["runs"]), stored["config"],
+                                                 stored["runs"]))
+        return
     if args.variant:
         sys.stdout.write(json.dumps(run_variant(args.variant, args.steps, args.warmup)) + "\n")
         return
@@ -276,7 +288,7 @@ def write_results(args: argparse.Namespace, runs: list[dict], rounds_done: int) 
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "dpo.json").write_text(json.dumps(
         {"config": config, **summary, "runs": runs}, indent=2) + "\n")
-    (RESULTS / "dpo.md").write_text(markdown(summary, config))
+    (RESULTS / "dpo.md").write_text(markdown(summary, config, runs))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,10 @@ def build_app(args: dict | None = None) -> Application:
         return create_app(replica_settings, chat=ServeChatBackend(replica_settings),
                           runner=RayJobRunner(replica_settings))
 
-    @serve.deployment(name=API_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
+    # The API's requests wait on storage and on the chat deployment, not on this CPU: Serve's
+    # default of 5 requests in flight per replica queued 50 pollers behind 8 chat streams.
+    @serve.deployment(name=API_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
+                      max_ongoing_requests=128)
     @serve.ingress(build_api)
     class Api:
         def __init__(self, *chat_deployments):
