@@ -48,6 +48,7 @@ def schemathesis_config(tmp_path):
         "seed": SEED,
         "max-time": MAX_SECONDS,
         "request-timeout": 60,  # in process, but the machine is shared
+        "cache": {"enabled": False},  # no state carried between runs: a run replays by seed
         "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True, "no-shrink": True},
         "checks": {"enabled": True},
         "phases": {"stateful": {"max-steps": 6}},
