@@ -14,8 +14,7 @@ import threading
 import httpx
 from pydantic import ValidationError
 
-from service import logs
-from service import cli_eval
+from service import cli_eval, logs
 from service.cli_client import DEFAULT_BASE_URL, CliError, client_options
 from service.cli_client import add_commands as add_client_commands
 

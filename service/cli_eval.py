@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from service import eval_tasks
-from service.cli_client import CliError, Client, emit_json, make_client
+from service.cli_client import Client, CliError, emit_json, make_client
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from service.cli_eval import Answer, summarize
 from tests.helpers import REPO, Service
 
 sys.path.insert(0, str(REPO / "bench" / "quality"))
-import demo  # noqa: E402
-import make_data  # noqa: E402
+import demo
+import make_data
 
-from training.formats import iter_normalised  # noqa: E402
+from training.formats import iter_normalised
 
 TINY = "tuneserve/tiny-llama"
 
@@ -108,7 +108,7 @@ def test_eval_names_a_bad_file_line(tmp_path):
     bad = tmp_path / "heldout.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     done = subprocess.run([sys.executable, "-m", "service.cli", "eval", "m", "--task", "sort",
-                           "--file", str(bad)], cwd=REPO, capture_output=True, text=True)
+                           "--file", str(bad)], check=False, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 1
     assert f"{bad}:1:" in done.stderr and "reference answer last" in done.stderr
 
@@ -135,7 +135,7 @@ def test_demo_runs_end_to_end_on_the_tiny_model(service, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "service.cli", "eval", tuned_model, "--task", "sort", "--n", "4",
          "--max-tokens", "8", "--json", "--base-url", f"{service.url}/v1"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert set(result["rows"]) == {"base", "tuned"}
     for row in result["rows"].values():
         assert row["n"] == 8

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from service import eval_tasks  # noqa: E402
+from service import eval_tasks
 
 OPENINGS = (
     "Sure! I would be happy to help you with this task.",
