@@ -17,8 +17,9 @@ from training import chat, models
 from training.config import TrainSpec
 from training.run import run_training
 
-# About 2 minutes on an idle 2-core machine; the timeout leaves room for a busy one.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+# Estimated at a few minutes on an idle 2-core machine but not yet seen passing (it ran past
+# 28 min at load 44), so it is kept out of the default run until it is measured.
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(2400)]
 
 JOB = "ftjob-" + "b" * 24
 TRAIN, HELDOUT = "file-" + "6" * 24, "file-" + "7" * 24
