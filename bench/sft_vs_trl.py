@@ -201,7 +201,10 @@ def trl_trainer(config: str, model_dir, examples, n_steps: int, mean_len: float)
         learning_rate=LEARNING_RATE,
         per_device_train_batch_size=1 if packing else BATCH, bf16=True, use_cpu=True,
         # A packed row holds about BATCH examples, so one row per step is the same batch.
-        max_length=int(mean_len * BATCH) if packing else 1024, packing=packing,
+        # padding_free without packing refuses a max_length (the inputs are already truncated)
+        max_length=(int(mean_len * BATCH) if packing
+                    else None if config == "trl_padding_free" else 1024),
+        packing=packing,
         padding_free=config == "trl_padding_free", logging_steps=1, report_to="none",
         save_strategy="no", dataloader_num_workers=0, seed=0, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, disable_tqdm=True)

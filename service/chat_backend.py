@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from service.errors import RateLimited, TuneserveError
@@ -27,6 +27,8 @@ class ChatUnavailable(TuneserveError):
 
 CALL_TIMEOUT_S = 600.0
 """Upper bound on one completion through Serve (a 2048-token answer on CPU takes minutes)."""
+REPLICA_LOST_RETRIES = 2
+"""How often a call is sent again when the chat replica died under it (see ``_replica_lost``)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,22 @@ class ChatCall:
 
 
 @dataclass(frozen=True)
+class ReplicaStats:
+    """What the replica that answered tells the API about its adapters, for ``/metrics``.
+
+    Chat replicas are processes of their own, so counters kept there never reach the API's
+    ``/metrics``; instead each answer carries this small record (a few bytes) back.
+    """
+
+    replica: str
+    """The Serve replica (``<deployment>#<replica tag>``), or ``local`` in process."""
+    adapters_loaded: int
+    """Adapters held by that replica right after this request started."""
+    adapter_load_seconds: float | None = None
+    """Set when this request hot-loaded its adapter: how long fetching and loading took."""
+
+
+@dataclass(frozen=True)
 class ChatOutput:
     """A whole answer, or one piece of a stream; the last piece has ``finish_reason``."""
 
@@ -51,6 +69,8 @@ class ChatOutput:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    replica: ReplicaStats | None = None
+    """On a whole answer and on a stream's first piece; None elsewhere."""
 
 
 class ChatBackend(Protocol):
@@ -99,24 +119,29 @@ class LocalChatBackend:
                                                 server.load_adapter, server.unload_adapter)
         self._servers[base_model] = server
 
-    async def _start(self, call: ChatCall) -> Any:
+    async def _start(self, call: ChatCall) -> tuple[Any, ReplicaStats]:
         server, cache = await self._server(call.base_model)
+        load_seconds = None
         if call.adapter_id is not None:
-            await cache.get(call.adapter_id)
-        return server.start(call)  # no await since cache.get: the adapter cannot be evicted
+            load_seconds = await cache.get(call.adapter_id)
+        stats = ReplicaStats("local", len(cache.loaded), load_seconds)
+        # No await since cache.get: the adapter cannot be evicted before it is submitted.
+        return server.start(call), stats
 
     async def complete(self, call: ChatCall) -> ChatOutput:
         from serving.server import collect
 
-        return await collect(await self._start(call))
+        generation, stats = await self._start(call)
+        return replace(await collect(generation), replica=stats)
 
     async def stream(self, call: ChatCall) -> AsyncIterator[ChatOutput]:
         from serving.server import outputs
 
-        generation = await self._start(call)
+        generation, stats = await self._start(call)
         try:
             async for output in outputs(generation):
-                yield output
+                yield replace(output, replica=stats) if stats is not None else output
+                stats = None
         finally:
             generation.cancel()  # the client went away: free the batch row
 
@@ -162,26 +187,46 @@ class ServeChatBackend:
             handle = handle.options(multiplexed_model_id=call.adapter_id)
         return handle.options(stream=True) if stream else handle
 
+    # A chat call has no side effects, so when its replica dies under it (SIGKILL, OOM, a
+    # node lost) it is sent again: Serve's router has then marked that replica dead and routes
+    # the call to another one, or holds it until the controller has started the replacement.
+    # A stream is sent again only while nothing of it has reached the caller: once text has
+    # gone out, a new generation could contradict it, so the stream fails instead.
+
     async def complete(self, call: ChatCall) -> ChatOutput:
-        response = self._routed(call).complete.remote(call)
-        try:
-            return await asyncio.wait_for(response, CALL_TIMEOUT_S)
-        except Exception as exc:
-            raise _unwrap(exc) from None
+        for attempt in range(REPLICA_LOST_RETRIES + 1):
+            response = self._routed(call).complete.remote(call)
+            try:
+                return await asyncio.wait_for(response, CALL_TIMEOUT_S)
+            except Exception as exc:
+                if not (_replica_lost(exc) and attempt < REPLICA_LOST_RETRIES):
+                    raise _unwrap(exc) from None
+                log.warning("chat replica lost during a completion; sending it again: %s",
+                            _first_line(exc))
+        raise AssertionError("unreachable")
 
     async def stream(self, call: ChatCall) -> AsyncIterator[ChatOutput]:
-        responses = self._routed(call, stream=True).stream.remote(call)
-        try:
-            while True:
-                try:
-                    output = await asyncio.wait_for(responses.__anext__(), CALL_TIMEOUT_S)
-                except StopAsyncIteration:
-                    return
-                except Exception as exc:
-                    raise _unwrap(exc) from None
-                yield output
-        finally:
-            responses.cancel()  # propagates to the replica, which frees the batch row
+        attempt = 0
+        while True:
+            responses = self._routed(call, stream=True).stream.remote(call)
+            yielded = False
+            try:
+                while True:
+                    try:
+                        output = await asyncio.wait_for(responses.__anext__(), CALL_TIMEOUT_S)
+                    except StopAsyncIteration:
+                        return
+                    except Exception as exc:
+                        if yielded or not _replica_lost(exc) or attempt >= REPLICA_LOST_RETRIES:
+                            raise _unwrap(exc) from None
+                        log.warning("chat replica lost before the first piece; sending the "
+                                    "call again: %s", _first_line(exc))
+                        break
+                    yielded = True
+                    yield output
+            finally:
+                responses.cancel()  # propagates to the replica, which frees the batch row
+            attempt += 1
 
     async def evict(self, adapter_id: str, base_model: str | None = None) -> None:
         """Drop the adapter from the replicas that hold it.
@@ -204,6 +249,18 @@ class ServeChatBackend:
                     break
 
 
+def _replica_lost(exc: BaseException) -> bool:
+    """The replica's process died or is unreachable (not: our code in it raised)."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(exc, RayActorError) or isinstance(getattr(exc, "cause", None),
+                                                        RayActorError)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     """Our errors raised in a replica arrive wrapped by Ray; give the API the original."""
     cause = getattr(exc, "cause", None)
@@ -211,6 +268,9 @@ def _unwrap(exc: BaseException) -> BaseException:
         return cause
     if isinstance(exc, TuneserveError):
         return exc
+    if _replica_lost(exc):
+        return ChatUnavailable("The chat replica serving this request stopped; retry shortly.",
+                               code="replica_lost")
     if isinstance(exc, asyncio.TimeoutError):
         return ChatUnavailable("The chat deployment did not answer in time.", code="timeout")
     if type(exc).__name__ == "BackPressureError":  # Serve's own queue bound (max_queued_requests)

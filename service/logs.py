@@ -6,6 +6,8 @@ apply, and never a secret.
 drivers, training workers); a Serve application started another way (KubeRay) calls it when its
 API replica builds the app. ``RequestContextMiddleware`` gives each HTTP request an id and binds
 it (and the job id in the path) to the logging context; ``service.auth`` binds the tenant.
+A training run's processes (the job's driver and its Ray Train workers) enter
+``job_logging(job_id)``, so every line they write carries the job id, from any thread.
 
 Secrets: the configured API keys, the AWS secret and session token, and anything that looks like
 an ``Authorization`` header or a bearer token are replaced by ``[REDACTED]`` in every line our
@@ -14,6 +16,7 @@ handler writes, whatever logger or exception text it comes from.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime as dt
 import json
@@ -23,7 +26,7 @@ import re
 import secrets as _secrets
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 REDACTED = "[REDACTED]"
@@ -65,6 +68,36 @@ def bind(**values: str | None) -> None:
 
 def context() -> dict[str, str]:
     return dict(_context.get() or {})
+
+
+_process_fields: dict[str, str] = {}
+"""Fields for every line of this process, under the context's: set by ``job_logging``."""
+
+
+@contextlib.contextmanager
+def job_logging(job_id: str) -> Iterator[None]:
+    """Every line this process logs inside the block carries ``job_id``.
+
+    For the processes of one training run: a Ray Train worker or the job's driver actor runs
+    one job, so the id is set process-wide (threads that torch, datasets or Ray start do not
+    inherit the context), and bound in this thread's context too, which wins should another
+    job's id ever be bound elsewhere in the process.
+
+    In a process the service set up (``setup_logging`` ran) whose JSON handler a framework
+    has since removed, it is put back first: see ``_restore_handler``.
+    """
+    _restore_handler()
+    previous = _process_fields.get("job_id")
+    _process_fields["job_id"] = job_id
+    token = new_context(**{**context(), "job_id": job_id})
+    try:
+        yield
+    finally:
+        reset_context(token)
+        if previous is None:
+            _process_fields.pop("job_id", None)
+        else:
+            _process_fields["job_id"] = previous
 
 
 def new_context(**values: str) -> contextvars.Token:
@@ -148,10 +181,13 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        line.update(context())
+        ours = {**_process_fields, **context()}
         for name, value in vars(record).items():
             if name not in _STANDARD_ATTRS and not name.startswith("_"):
-                line[name] = value
+                # Ray's CoreContextFilter stamps *its* job id (``01000000``) on records in
+                # Ray workers: ours names the fine-tuning job and wins; Ray's is kept aside.
+                line[f"ray_{name}" if name in ours and value != ours[name] else name] = value
+        line.update(ours)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         elif record.exc_text:
@@ -160,9 +196,14 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(line, default=str, ensure_ascii=False))
 
 
+_set_up: dict[str, Any] = {}
+"""The last ``setup_logging`` arguments in this process (empty: never called)."""
+
+
 def setup_logging(level: str | int | None = None, *, stream=None,
                   secrets: Iterable[str] = ()) -> None:
     """JSON lines on stderr for the root logger, with redaction; safe to call more than once."""
+    _set_up.update(level=level, stream=stream)
     add_secrets(secrets_from_env())
     add_secrets(secrets)
     root = logging.getLogger()
@@ -181,6 +222,22 @@ def setup_logging(level: str | int | None = None, *, stream=None,
     root.setLevel(level or os.environ.get("TUNESERVE_LOG_LEVEL", "INFO").upper())
     for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _restore_handler() -> None:
+    """Ray Train configures its workers' logging with ``dictConfig`` after our setup hook ran:
+    the root logger loses our JSON handler (and the redaction on the others) and gets Ray's
+    plain console handler instead. In a process the service had set up, put ours back, and
+    drop that console handler, which would write every line a second time, unredacted."""
+    root = logging.getLogger()
+    if not _set_up or any(getattr(h, "_tuneserve", False) for h in root.handlers):
+        return
+    for handler in list(root.handlers):
+        if type(handler).__name__ == "PlainRayHandler" or (
+                type(handler) is logging.StreamHandler
+                and handler.stream in (sys.stderr, sys.stdout)):
+            root.removeHandler(handler)
+    setup_logging(_set_up.get("level"), stream=_set_up.get("stream"))
 
 
 def ray_worker_setup() -> None:

@@ -13,9 +13,14 @@ The request and chat figures are per process: under Ray Serve each API replica k
 registry, and a scrape through the Serve proxy reaches one replica. That is exact with one API
 replica (the default); with several, scrape each replica or sum what they report.
 
-Not here yet: adapters loaded per chat replica and adapter hot-load time. They live in the chat
-replicas (``serving/``), separate processes that expose no counters yet; once they do (e.g.
-``ray.util.metrics`` in the deployment), they belong in Ray's metrics export, not here.
+- Adapters loaded per chat replica and adapter hot-load time: the chat replicas are processes
+  of their own (Ray Serve actors), so counters kept there would never reach this ``/metrics``
+  (``ray.util.metrics`` goes to Ray's metrics agent, another scrape target). Instead every chat
+  answer carries a small ``ReplicaStats`` (replica, adapters it holds, hot-load seconds if this
+  request loaded the adapter), and ``InstrumentedChat`` records it: the histogram
+  ``tuneserve_adapter_load_seconds`` and the gauge ``tuneserve_adapters_loaded{replica}`` as
+  last reported. A replica that answered nothing for ``REPLICA_TTL_S`` (stopped, replaced, or
+  idle) drops out of the gauge rather than reporting a stale count forever.
 
 No label holds a tenant, a job id or a model name: ``/metrics`` needs no API key, like the
 health probes, and tells nothing about anyone's data.
@@ -47,6 +52,9 @@ SCAN_TTL_S = 5.0
 """Job figures come from storage; scrapes within this many seconds reuse the last read."""
 
 _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+REPLICA_TTL_S = 900.0
+"""A chat replica not heard from for this long leaves ``tuneserve_adapters_loaded``."""
 
 
 class Metrics:
@@ -74,6 +82,11 @@ class Metrics:
                                           ["model_type"], buckets=_LATENCY_BUCKETS, registry=r)
         self.chat_tokens = Counter("tuneserve_chat_tokens", "Tokens of chat completions.",
                                    ["model_type", "kind"], registry=r)
+        self.adapter_load = Histogram("tuneserve_adapter_load_seconds", "Adapter hot-loads "
+                                      "on chat replicas: fetch, check and load time.",
+                                      buckets=_LOAD_BUCKETS, registry=r)
+        self.adapters = AdaptersCollector()
+        r.register(self.adapters)
         self.jobs = JobsCollector(storage)
         r.register(self.jobs)
 
@@ -154,6 +167,37 @@ class JobsCollector:
         return latest
 
 
+# --- chat replicas, as their answers report them ------------------------------------------
+
+
+class AdaptersCollector:
+    """``tuneserve_adapters_loaded{replica}``: what each chat replica last reported."""
+
+    def __init__(self, ttl: float = REPLICA_TTL_S):
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._replicas: dict[str, tuple[int, float]] = {}
+
+    def note(self, replica: str, adapters_loaded: int) -> None:
+        with self._lock:
+            self._replicas[replica] = (adapters_loaded, time.monotonic())
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        family = GaugeMetricFamily("tuneserve_adapters_loaded", "Adapters held by each chat "
+                                   "replica, as its latest answer reported.", labels=["replica"])
+        now = time.monotonic()
+        with self._lock:
+            for replica, (count, seen) in list(self._replicas.items()):
+                if now - seen > self.ttl:
+                    del self._replicas[replica]
+                else:
+                    family.add_metric([replica], count)
+        yield family
+
+
 # --- HTTP -----------------------------------------------------------------------------------
 
 
@@ -226,6 +270,7 @@ class InstrumentedChat:
         except BaseException:
             self._metrics.chat_requests.labels(kind, "error").inc()
             raise
+        self._replica(output)
         self._done(kind, started, output)
         return output
 
@@ -239,6 +284,7 @@ class InstrumentedChat:
                 if last is None:
                     self._metrics.chat_first_token.labels(kind).observe(
                         time.perf_counter() - started)
+                self._replica(output)
                 last = output
                 yield output
         except Exception:
@@ -252,6 +298,14 @@ class InstrumentedChat:
                 self._done(kind, started, last)
             else:
                 self._metrics.chat_requests.labels(kind, outcome).inc()
+
+    def _replica(self, output) -> None:
+        stats = getattr(output, "replica", None)
+        if stats is None:
+            return
+        self._metrics.adapters.note(stats.replica, stats.adapters_loaded)
+        if stats.adapter_load_seconds is not None:
+            self._metrics.adapter_load.observe(stats.adapter_load_seconds)
 
     def _done(self, kind: str, started: float, output) -> None:
         m = self._metrics

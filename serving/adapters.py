@@ -15,6 +15,7 @@ import math
 import re
 import shutil
 import tempfile
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -253,25 +254,33 @@ class AdapterCache:
         """Adapter ids from least to most recently used."""
         return list(self._loaded)
 
-    async def get(self, adapter_id: str) -> None:
-        """Make sure ``adapter_id`` is loaded, marking it most recently used."""
+    async def get(self, adapter_id: str) -> float | None:
+        """Make sure ``adapter_id`` is loaded, marking it most recently used.
+
+        Returns the seconds the load took if this call started it (a hot-load), else None.
+        """
         if adapter_id in self._loaded:
             self._loaded.move_to_end(adapter_id)
-            return
+            return None
         task = self._loading.get(adapter_id)
-        if task is None:
-            task = asyncio.create_task(self._fetch(adapter_id))
-            self._loading[adapter_id] = task
-        await asyncio.shield(task)
+        if task is not None:  # another request is loading it: share that load
+            await asyncio.shield(task)
+            return None
+        task = asyncio.create_task(self._fetch(adapter_id))
+        self._loading[adapter_id] = task
+        return await asyncio.shield(task)
 
-    async def _fetch(self, adapter_id: str) -> None:
+    async def _fetch(self, adapter_id: str) -> float:
+        started = time.perf_counter()
         try:
             await asyncio.to_thread(self._load, adapter_id)
+            seconds = time.perf_counter() - started
             self._loaded[adapter_id] = None
             while len(self._loaded) > self.capacity:
                 evicted, _ = self._loaded.popitem(last=False)
                 log.info("evicting adapter %s (LRU)", evicted)
                 self._unload(evicted)
+            return seconds
         finally:
             self._loading.pop(adapter_id, None)
 

@@ -10,13 +10,16 @@ adapter on first use, evicting the least recently used one beyond ``max_adapters
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from ray import serve
 
-from service.chat_backend import ChatCall, ChatOutput
+from service.chat_backend import ChatCall, ChatOutput, ReplicaStats
 from service.settings import Settings
 from service.storage_config import StorageConfig
 from serving.engine import AdapterNotLoaded
@@ -68,9 +71,20 @@ class ChatModel:
             dtype=dtype, max_batch=max_batch, max_pending=settings.chat_max_concurrency,
             default_max_tokens=settings.max_tokens_cap)
         self.max_adapters = max_adapters or settings.max_adapters_per_replica
+        # Per request: where the adapter loader notes its time. ``@serve.multiplexed`` calls
+        # the loader in the requesting task (under its lock), so only the request that caused
+        # the load sees it; requests that waited on that load, or found the adapter loaded,
+        # see nothing. (Made here, not at module level: Serve pickles this class by value,
+        # and a ContextVar does not pickle.)
+        self._hot_load: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
+            "tuneserve_hot_load", default=None)
 
         async def load_adapter_by_id(adapter_id: str) -> _Adapter:
+            started = time.perf_counter()
             await asyncio.to_thread(self.server.load_adapter, adapter_id)
+            noted = self._hot_load.get()
+            if noted is not None:
+                noted.append(time.perf_counter() - started)
             return _Adapter(self.server, adapter_id)
 
         # Decorated here, not on a method, so the LRU size can come from the constructor.
@@ -85,26 +99,42 @@ class ChatModel:
             raise ValueError(f"request routed for {routed!r} but asks for {call.adapter_id!r}")
         await self._load_adapter(call.adapter_id)
 
-    async def _start(self, call: ChatCall) -> Any:
+    async def _start(self, call: ChatCall) -> tuple[Any, ReplicaStats]:
+        noted: list[float] = []
+        self._hot_load.set(noted)  # this request's own context: Serve runs each call in a task
         # An eviction running in Serve's executor can drop the adapter between loading and
         # submitting; loading again is cheap, so retry once.
         for attempt in range(2):
             await self._ensure_adapter(call)
             try:
-                return self.server.start(call)
+                generation = self.server.start(call)
+                break
             except AdapterNotLoaded:
                 if attempt:
                     raise
-        raise AssertionError("unreachable")
+        return generation, self._stats(sum(noted) if noted else None)
+
+    def _stats(self, load_seconds: float | None) -> ReplicaStats:
+        return ReplicaStats(self._replica, len(self.server.engine.adapters), load_seconds)
+
+    @property
+    def _replica(self) -> str:
+        try:
+            context = serve.get_replica_context()
+        except Exception:  # noqa: BLE001 - RayServeException outside a replica: no context
+            return "unknown"
+        return f"{context.deployment}#{context.replica_tag}"
 
     async def complete(self, call: ChatCall) -> ChatOutput:
-        return await collect(await self._start(call))
+        generation, stats = await self._start(call)
+        return replace(await collect(generation), replica=stats)
 
     async def stream(self, call: ChatCall) -> AsyncIterator[ChatOutput]:
-        generation = await self._start(call)
+        generation, stats = await self._start(call)
         try:
             async for output in outputs(generation):
-                yield output
+                yield replace(output, replica=stats) if stats is not None else output
+                stats = None  # only the first piece carries it
         finally:
             generation.cancel()  # the caller went away (Serve cancels us): free the row
 

@@ -76,3 +76,15 @@ class Service:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """``{'name{label="v",…}': value}`` from ``<url>/metrics``, parsed as Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}"] = s.value
+    return samples

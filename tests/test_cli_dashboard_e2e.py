@@ -228,6 +228,8 @@ def test_metrics_parse_and_move_after_a_job_and_a_chat(service, trained, metrics
     assert moved('tuneserve_chat_requests_total{model_type="base",outcome="ok"}') >= 1
     assert moved('tuneserve_chat_tokens_total{kind="completion",model_type="tuned"}') >= 1
     assert moved('tuneserve_chat_request_duration_seconds_count{model_type="tuned"}') >= 1
+    assert moved("tuneserve_adapter_load_seconds_count{}") >= 1  # the tuned chat hot-loaded
+    assert max(v for k, v in after.items() if k.startswith("tuneserve_adapters_loaded{")) >= 1
     assert moved('tuneserve_http_requests_total{method="POST",route="/v1/fine_tuning/jobs",'
                  'status="200"}') >= 1
 
@@ -246,3 +248,7 @@ def test_the_api_key_is_never_logged(service, trained, ray_tmp):
     # The grep read the right logs: the service's own JSON lines, with the tenant, are there.
     texts = "\n".join(p.read_text(errors="replace") for p in files if p.suffix in (".err", ".log"))
     assert '"logger": "tuneserve.access"' in texts and '"tenant": "alice"' in texts
+    # Lines the training workers and the job's driver wrote name the job.
+    training = [json.loads(line[line.index("{"):]) for line in texts.splitlines()
+                if '"logger": "training.' in line and "{" in line]
+    assert training and all(line.get("job_id") == trained["job_id"] for line in training)

@@ -29,6 +29,7 @@ def captured():
             root.removeHandler(handler)
     root.handlers[:] = before[0]
     root.setLevel(before[1])
+    logs._set_up.clear()  # this process is pytest's again, not one the service set up
 
 
 def lines(stream: io.StringIO) -> list[dict]:
@@ -86,3 +87,72 @@ def test_each_request_gets_an_id_and_an_access_line_with_the_tenant(captured, tm
     given = client.get("/healthz", headers={"X-Request-ID": "trace-42"})
     assert given.headers["x-request-id"] == "trace-42"
     assert KEY not in captured.getvalue()
+
+
+def test_every_line_a_training_worker_writes_names_its_job(captured, tmp_path):
+    """The worker function Ray Train runs (here in Ray Train's local mode: the same function
+    in this process), two steps on the tiny model: each line from the training code, from any
+    thread, carries the job id; lines after the run do not."""
+    import threading
+    from dataclasses import asdict
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from service.storage import open_storage
+    from service.storage_config import StorageConfig
+    from tests.test_training_run import sorting_lines
+    from training import models
+    from training.config import TrainSpec
+    from training.loop import train_loop_per_worker
+
+    job, file_id = "ftjob-" + "7" * 24, "file-" + "8" * 24
+    config = StorageConfig(uri=str(tmp_path))
+    storage = open_storage(config)
+    storage.put(f"files/{file_id}/content", sorting_lines(16, seed=1))
+    spec = TrainSpec(job_id=job, base_model=models.TINY_MODEL_ID,
+                     training_files=((file_id, 1.0),), n_epochs=1, batch_size=8, num_workers=1,
+                     cpus_per_worker=1, seed=3)
+
+    TorchTrainer(train_loop_per_worker, train_loop_config={"spec": spec.to_dict(), "storage": asdict(config)},
+                 scaling_config=ScalingConfig(num_workers=0),  # local mode: no Ray workers
+                 run_config=RunConfig(name=job, storage_path=str(tmp_path / "run"))).fit()
+    assert storage.exists(f"adapters/{job}/final/manifest.json")
+
+    training = [line for line in lines(captured) if line["logger"].startswith("training.")]
+    messages = " | ".join(line["message"] for line in training)
+    assert "Verified settings" in messages and "Final adapter written" in messages, messages
+    assert [line for line in training if line.get("job_id") != job] == []
+
+    # A thread started inside a job's block (as torch, datasets or Ray start them) names the
+    # job too; nothing does once the block is left.
+    with logs.job_logging(job):
+        thread = threading.Thread(
+            target=lambda: logging.getLogger("training.thread").info("from a thread"))
+        thread.start()
+        thread.join()
+    logging.getLogger("training.after").info("after the run")
+    by_logger = {line["logger"]: line for line in lines(captured)}
+    assert by_logger["training.thread"]["job_id"] == job
+    assert "job_id" not in by_logger["training.after"]
+
+
+def test_job_lines_stay_json_after_ray_train_replaces_the_root_handlers(captured):
+    """Ray Train's workers run ``dictConfig`` after the service's setup hook, leaving only its
+    plain console handler on the root logger; the job's block puts the JSON handler back."""
+    import logging.config
+
+    job = "ftjob-" + "6" * 24
+    logging.config.dictConfig({  # what ray.train.v2's LoggingManager does to a worker's root
+        "version": 1, "disable_existing_loggers": False,
+        "handlers": {"console": {"class": "ray._private.log.PlainRayHandler"}},
+        "root": {"level": "INFO", "handlers": ["console"]}})
+    with logs.job_logging(job):
+        # Ray's CoreContextFilter sets the Ray job's id on records in the same attribute.
+        logging.getLogger("training.loop").info("step 1 with key %s", KEY,
+                                                extra={"job_id": "01000000"})
+    [line] = [line for line in lines(captured) if line["logger"] == "training.loop"]
+    assert line["job_id"] == job and KEY not in line["message"]
+    assert line["ray_job_id"] == "01000000"
+    names = [type(h).__name__ for h in logging.getLogger().handlers]
+    assert "PlainRayHandler" not in names  # no second, plain and unredacted copy of each line

@@ -20,7 +20,7 @@ from service.app import create_app
 from service.chat_backend import LocalChatBackend
 from service.job_store import JobRecord, JobStore
 from service.settings import Settings
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, scrape_metrics, wait_until
 from tests.serving_adapters import new_job_id, write_adapter
 from training import models
 
@@ -130,6 +130,21 @@ def test_job_that_just_succeeded_answers_its_first_request(service):
                                                     temperature=0)
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert reply.choices[0].message.content != ask(service, TINY, max_tokens=8)
+
+
+def test_metrics_report_adapter_hot_loads_and_adapters_loaded(service):
+    loads = "tuneserve_adapter_load_seconds_count{}"
+    before = scrape_metrics(service["url"])
+    name = add_tuned_model(service["storage"], "alice", seed=8, suffix="metered")
+    ask(service, name, max_tokens=4)  # the first request hot-loads the adapter
+    after = scrape_metrics(service["url"])
+    assert after[loads] == before.get(loads, 0) + 1
+    assert after["tuneserve_adapter_load_seconds_sum{}"] > before.get(
+        "tuneserve_adapter_load_seconds_sum{}", 0)
+    assert after['tuneserve_adapters_loaded{replica="local"}'] >= 1
+
+    ask(service, name, max_tokens=4, stream=True)  # loaded already: no second hot-load
+    assert scrape_metrics(service["url"])[loads] == after[loads]
 
 
 def test_models_list_and_retrieve_per_tenant(service):

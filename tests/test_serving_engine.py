@@ -165,14 +165,16 @@ def test_concurrent_requests_share_one_adapter_load(engine, store, tmp_path):
 
     cache = AdapterCache(2, load, engine.remove_adapter)
 
-    async def scenario() -> None:
+    async def scenario() -> list[float | None]:
         waiters = [asyncio.create_task(cache.get(ids[0])) for _ in range(3)]
         await asyncio.sleep(0.05)
         release.set()
-        await asyncio.gather(*waiters)
+        return await asyncio.gather(*waiters)
 
-    asyncio.run(scenario())
+    load_seconds = asyncio.run(scenario())
     assert loads == [ids[0]]
+    # The request that caused the hot-load reports its time (for /metrics); the others none.
+    assert sum(s is not None for s in load_seconds) == 1 and max(filter(None, load_seconds)) > 0
     assert engine.adapters == [ids[0]]
 
 

@@ -14,7 +14,7 @@ import pytest
 from service.model_names import deployment_name
 from service.settings import Settings
 from service.storage import open_storage
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, scrape_metrics, wait_until
 from tests.test_serving_api import HI, TINY, add_tuned_model
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,14 @@ def test_chat_through_serve_with_multiplexed_adapters(served):
 
     # Three jobs that succeed while the deployment runs; room for two adapters per replica.
     a, b, c = (add_tuned_model(storage, "alice", seed=s, suffix=f"s{s}") for s in (11, 12, 13))
+    metrics_before = scrape_metrics(served["url"])
     first = {name: ask(served, name) for name in (a, b)}
+    # The replica reports its hot-loads and adapters to the API's /metrics with its answers.
+    metrics = scrape_metrics(served["url"])
+    loads = "tuneserve_adapter_load_seconds_count{}"
+    assert metrics[loads] - metrics_before.get(loads, 0) == 2
+    held = {k: v for k, v in metrics.items() if k.startswith("tuneserve_adapters_loaded{")}
+    assert list(held.values()) == [2] and f'replica="{deployment_name(TINY)}#' in next(iter(held))
     assert first[a] != base and first[b] != base and first[a] != first[b]
     assert sorted(loaded(served)) == sorted(n.rsplit(":", 1)[1] + "/final" for n in (a, b))
 

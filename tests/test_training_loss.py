@@ -13,6 +13,7 @@ from training.chat import IGNORE_INDEX
 from training.config import TrainSpec
 from training.lora import TARGET_MODULES, apply_adapter
 from training.loss import masked_token_sums, normalised_loss, supervised_count
+from training.attention import PACKED, use_packed_attention
 from training.packing import collate_packed, collate_padded
 
 X = IGNORE_INDEX
@@ -71,11 +72,14 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str) -> transformers.PreTrainedModel:
+def tiny_model(family: str, attention: str = "sdpa") -> transformers.PreTrainedModel:
     torch.manual_seed(0)
     config = FAMILIES[family]()
     config._attn_implementation = "sdpa"
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if attention == PACKED:
+        use_packed_attention(model)
+    return model
 
 
 def spec(**overrides) -> TrainSpec:
@@ -98,16 +102,24 @@ def loss_sums(model, batch: dict[str, torch.Tensor]):
     return masked_token_sums(hidden, labels, causal_lm.get_output_embeddings())
 
 
+@pytest.mark.parametrize("attention", ["sdpa", PACKED])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_packed_rows_give_the_loss_of_separate_examples(family: str):
+def test_packed_rows_give_the_loss_of_separate_examples(family: str, attention: str):
     """Packed examples must not attend to each other: the summed loss of one packed row equals
-    that of the same examples padded into separate rows, for every supported family."""
-    model = tiny_model(family)
-    with torch.no_grad():
-        packed = loss_sums(model, collate_packed(EXAMPLES))
-        padded = loss_sums(model, collate_padded(EXAMPLES, pad_id=0))
+    that of the same examples padded into separate rows, for every supported family, with
+    transformers' block-diagonal mask and with our per-example attention (which the trainer
+    uses) — and so do the gradients."""
+    model = tiny_model(family, attention).train()
+    packed = loss_sums(model, collate_packed(EXAMPLES))
+    packed.loss.backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    padded = loss_sums(model, collate_padded(EXAMPLES, pad_id=0))
+    padded.loss.backward()
     assert packed.count == padded.count == 8
     assert packed.loss.item() == pytest.approx(padded.loss.item(), rel=1e-5)
+    for a, p in zip(packed_grads, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

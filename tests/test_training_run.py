@@ -100,6 +100,7 @@ def finished_run(ray_local, s3_server):
         result = run_training(spec, config)
         killer.join(timeout=1)
         yield {"result": result, "storage": storage, "killed": killed, "spec": spec,
+               "config": config, "env": s3_server.env,
                "seconds": time.monotonic() - started, "events": events(storage)}
 
 
@@ -163,3 +164,26 @@ def test_final_adapter_is_complete_and_changes_the_output(finished_run, tmp_path
         tuned = PeftModel.from_pretrained(base, str(tmp_path)).eval()
         after = tuned(inputs).logits
     assert not torch.allclose(before, after, atol=1e-4)
+
+
+def test_training_from_a_tuned_model_continues_its_adapter(finished_run):
+    """A job on an ``ft:`` model starts from that model's adapter (shape and weights), so the
+    loss before its first step is already the tuned model's, not the base model's."""
+    storage, first = finished_run["storage"], finished_run["spec"]
+    job = "ftjob-" + "c" * 24
+    spec = TrainSpec(job_id=job, base_model=models.TINY_MODEL_ID, training_files=((FILE, 1.0),),
+                     n_epochs=1, batch_size=80, cpus_per_worker=1, checkpoint_every_steps=0,
+                     seed=4, lora_r=4, init_adapter=f"adapters/{JOB}/final")
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in finished_run["env"].items():
+            env.setenv(name, value)
+        run_training(spec, finished_run["config"])
+    evs = [json.loads(storage.get(i.key)) for i in storage.iter(f"jobs/{job}/events/")]
+    assert any(e["message"] == f"Starting from the adapter adapters/{JOB}/final" for e in evs)
+    initial = next(e["data"]["initial_loss"] for e in evs if "initial_loss" in e["data"])
+    base_initial = next(e["data"]["initial_loss"] for e in finished_run["events"]
+                        if "initial_loss" in e["data"])
+    assert initial < base_initial - 0.5
+    manifest = json.loads(storage.get(f"adapters/{job}/final/manifest.json"))
+    assert manifest["init_adapter"] == f"adapters/{JOB}/final"
+    assert manifest["lora"]["r"] == first.lora_r  # the adapter's shape, not the spec's r=4

@@ -64,6 +64,7 @@ def build_manifest(spec: TrainSpec, *, fingerprint: dict[str, str], eot_token_id
         "lora": None if spec.full_finetune else {
             "r": spec.lora_r, "alpha": spec.lora_alpha, "dropout": spec.lora_dropout,
             "target_modules": target_modules},
+        "init_adapter": spec.init_adapter,
         "data_hashes": data_hashes,
         "hyperparameters": hyperparameters.as_dict(),
         "seed": spec.seed,
@@ -71,6 +72,14 @@ def build_manifest(spec: TrainSpec, *, fingerprint: dict[str, str], eot_token_id
         "metrics": metrics,
         "step": step,
     }
+
+
+def lora_settings(folder: Path) -> dict[str, Any]:
+    """TrainSpec fields that give a model the shape of the LoRA adapter saved in ``folder``."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    targets = config["target_modules"]
+    return {"lora_r": int(config["r"]), "lora_alpha": config["lora_alpha"],
+            "target_modules": (targets,) if isinstance(targets, str) else tuple(targets)}
 
 
 def export_adapter(storage: Any, local_dir: Path, prefix: str, manifest: dict[str, Any]) -> None:

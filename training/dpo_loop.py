@@ -18,18 +18,14 @@ adapter export. What differs:
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from service.errors import InvalidRequest
 from training import checkpoints, data, dpo, packing, preference_data, reference
-from training.adapter import MANIFEST
 from training.chat import IGNORE_INDEX
 from training.config import resolve_hyperparameters
 from training.loop import SFTTrainer
@@ -60,14 +56,6 @@ def pair_metrics(sums: torch.Tensor) -> dict[str, float]:
     metrics = {name: s[name] / n for name in SUM_FIELDS[:6]}
     metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return metrics
-
-
-def lora_settings(folder: Path) -> dict[str, Any]:
-    """TrainSpec fields that give the policy the shape of the adapter saved in ``folder``."""
-    config = json.loads((folder / "adapter_config.json").read_text())
-    targets = config["target_modules"]
-    return {"lora_r": int(config["r"]), "lora_alpha": config["lora_alpha"],
-            "target_modules": (targets,) if isinstance(targets, str) else tuple(targets)}
 
 
 class DPOTrainer(SFTTrainer):
@@ -134,37 +122,13 @@ class DPOTrainer(SFTTrainer):
     # -- the policy and the reference ------------------------------------------------------------
 
     def setup_model(self, model_dir: Path) -> None:
+        super().setup_model(model_dir)  # the policy: a new adapter, or the init adapter's weights
         spec = self.spec
-        init_dir = self.fetch_adapter(spec.init_adapter, "init-adapter")
-        if init_dir is not None:
-            self.spec = replace(spec, **lora_settings(init_dir))
-        super().setup_model(model_dir)
-        if init_dir is not None:
-            checkpoints.load_weights(self.model, init_dir)
-            self.emit(f"Starting from the adapter {spec.init_adapter}")
         if spec.reference_adapter and spec.reference_adapter == spec.init_adapter:
-            self.reference_dir = init_dir
+            self.reference_dir = self.init_dir
         else:
             self.reference_dir = self.fetch_adapter(spec.reference_adapter, "reference-adapter")
         self.setup_reference()
-
-    def fetch_adapter(self, prefix: str | None, name: str) -> Path | None:
-        """Download a committed LoRA adapter of this base model from storage."""
-        if prefix is None:
-            return None
-        if not self.storage.exists(f"{prefix}/{MANIFEST}"):
-            raise InvalidRequest(f"the adapter {prefix} is missing or incomplete",
-                                 param="model", code="model_not_available")
-        folder = checkpoints.local_dir(self.spec.job_id, self.rank, name)
-        self.storage.download_prefix(prefix, str(folder))
-        manifest = json.loads((folder / MANIFEST).read_text())
-        if manifest.get("base_weights_hash") != self.fingerprint["base_weights_hash"]:
-            raise InvalidRequest(f"the adapter {prefix} was trained on other base weights",
-                                 param="model", code="model_not_available")
-        if not (folder / "adapter_config.json").exists():
-            raise InvalidRequest(f"{prefix} is a fully fine-tuned model; DPO continues from a "
-                                 "LoRA adapter only", param="model")
-        return folder
 
     def setup_reference(self) -> None:
         """Give every pair its reference log-probs: from the cache, or from one pass."""
@@ -212,7 +176,8 @@ class DPOTrainer(SFTTrainer):
     def score(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs (chosen (m,), rejected (m,)) in one forward pass."""
         inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask",
-                                                        "position_ids") if k in batch}
+                                                        "position_ids", "cu_seq_lens_q")
+                  if k in batch}
         m = len(batch["pair_index"])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             hidden = self.decoder(**inputs, use_cache=False).last_hidden_state

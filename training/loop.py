@@ -11,11 +11,13 @@ Ray Train touch points, kept few and visible:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,13 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from service.errors import InvalidRequest
 from service.storage import open_storage
 from service.storage_config import StorageConfig
 from training import chat, checkpoints, data, models, packing
-from training.adapter import adapter_prefix, build_manifest, export_adapter, export_model
+from training.adapter import (MANIFEST, adapter_prefix, build_manifest, export_adapter,
+                              export_model, lora_settings)
+from training.attention import use_packed_attention
 from training.config import MIN_LR_FRACTION, WARMUP_FRACTION, TrainSpec, resolve_hyperparameters
 from training.events import EventLog
 from training.lora import apply_adapter, default_target_modules
@@ -40,11 +45,14 @@ VALID_EXAMPLES = 64
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    from service.logs import job_logging  # (imported here: the logging seam of this worker)
+
     spec = TrainSpec.from_dict(config["spec"])
-    trainer = trainer_class(spec.method)(spec, StorageConfig(**config["storage"]))
-    trainer.setup()
-    trainer.train()
-    trainer.cleanup()
+    with job_logging(spec.job_id):  # every line of this worker names its job
+        trainer = trainer_class(spec.method)(spec, StorageConfig(**config["storage"]))
+        trainer.setup()
+        trainer.train()
+        trainer.cleanup()
 
 
 def trainer_class(method: str) -> type[SFTTrainer]:
@@ -187,7 +195,13 @@ class SFTTrainer:
         return hp
 
     def setup_model(self, model_dir: Path) -> None:
+        """The model to train: a new LoRA adapter (or all weights), or, continuing from a tuned
+        model (``spec.init_adapter``), that adapter with its shape and weights."""
+        self.init_dir = self.fetch_adapter(self.spec.init_adapter, "init-adapter")
+        if self.init_dir is not None:
+            self.spec = replace(self.spec, **lora_settings(self.init_dir))
         model = models.load_model(model_dir, torch.float32, attn_implementation="sdpa")
+        use_packed_attention(model)
         self.target_modules = ([] if self.spec.full_finetune else
                                list(self.spec.target_modules or default_target_modules(model)))
         frozen = torch.bfloat16 if self.use_bf16 else None
@@ -202,6 +216,27 @@ class SFTTrainer:
             causal_lm.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.init_dir is not None:
+            checkpoints.load_weights(self.model, self.init_dir)
+            self.emit(f"Starting from the adapter {self.spec.init_adapter}")
+
+    def fetch_adapter(self, prefix: str | None, name: str) -> Path | None:
+        """Download a committed LoRA adapter of this base model from storage."""
+        if prefix is None:
+            return None
+        if not self.storage.exists(f"{prefix}/{MANIFEST}"):
+            raise InvalidRequest(f"the adapter {prefix} is missing or incomplete",
+                                 param="model", code="model_not_available")
+        folder = checkpoints.local_dir(self.spec.job_id, self.rank, name)
+        self.storage.download_prefix(prefix, str(folder))
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if manifest.get("base_weights_hash") != self.fingerprint["base_weights_hash"]:
+            raise InvalidRequest(f"the adapter {prefix} was trained on other base weights",
+                                 param="model", code="model_not_available")
+        if not (folder / "adapter_config.json").exists():
+            raise InvalidRequest(f"{prefix} is a fully fine-tuned model; training continues from "
+                                 "a LoRA adapter only", param="model")
+        return folder
 
     def setup_optimizer(self) -> None:
         self.optimizer = torch.optim.AdamW(self.params, lr=self.hp.learning_rate,

@@ -89,9 +89,10 @@ def collate_packed(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
     """One row (B=1) of several examples back to back, with position ids restarting at 0.
 
     No attention mask is passed: transformers (≥ 4.54, incl. 5.x) detects the restarts in
-    ``position_ids`` and builds the block-diagonal causal mask for SDPA/eager, or uses varlen
-    kernels for flash-attention. The first label of each example is ignored: it would be
-    "predicted" from the previous example's last token.
+    ``position_ids`` and builds the block-diagonal causal mask for SDPA/eager, and
+    ``cu_seq_lens_q`` (the examples' cumulative lengths) lets ``training.attention.PACKED``
+    attend within each example without that mask. The first label of each example is ignored:
+    it would be "predicted" from the previous example's last token.
     """
     input_ids: list[int] = []
     labels: list[int] = []
@@ -100,8 +101,12 @@ def collate_packed(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         input_ids += ids
         labels += [IGNORE_INDEX, *labs[1:]]
         positions += range(len(ids))
+    bounds = [0]
+    for ids, _ in examples:
+        bounds.append(bounds[-1] + len(ids))
     return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions])}
+            "position_ids": torch.tensor([positions]),
+            "cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32)}
 
 
 def collate_padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from service.errors import TuneserveError
+from service.logs import job_logging
 from service.storage import open_storage
 from service.storage_config import StorageConfig
 from training.adapter import MANIFEST, adapter_prefix
@@ -85,10 +86,11 @@ def run_training(spec: TrainSpec, storage_config: StorageConfig) -> dict[str, An
     metrics. Raises the worker's ``TuneserveError`` (e.g. no trainable example) when there is
     one, so the job fails with its message and ``param``."""
     spec.validate()
-    try:
-        result = build_trainer(spec, storage_config).fit()
-    except ray.train.TrainingFailedError as exc:
-        raise _user_error(exc) or exc
+    with job_logging(spec.job_id):  # the job's driver: its lines name the job too
+        try:
+            result = build_trainer(spec, storage_config).fit()
+        except ray.train.TrainingFailedError as exc:
+            raise _user_error(exc) or exc
     storage = open_storage(storage_config)
     manifest = json.loads(storage.get(f"{adapter_prefix(spec.job_id)}/{MANIFEST}"))
     last_report = result.metrics or {}
