@@ -70,10 +70,11 @@ class TrainSpec:
     """Tokens per example; longer examples are truncated (never silently: see data.py)."""
     packing: bool = True
     """Pack several examples per row (they do not attend to each other)."""
-    pack_length: int = 512
+    pack_length: int = 2048
     """Tokens per packed row (= one micro-batch); an example longer than this gets its own row.
-    Kept small because attention over a packed row costs O(pack_length²) (CPU kernels do not
-    skip the masked blocks) and activation memory grows with it; 512 rows keep CPU matmuls busy."""
+    Attention within a row is per example (``training.attention``), so a long row costs no
+    quadratic attention: it means fewer, larger matmuls (2048 measured ~8 % faster per token
+    than 512 here). Activation memory grows with it; lower it on small-memory GPUs."""
     micro_batch_size: int = 8
     """Examples per micro-batch when packing is off."""
     seed: int = 42
