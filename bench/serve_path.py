@@ -77,20 +77,10 @@ class PlainUvicorn:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60) -> PlainUvicorn:
-        from tests.helpers import wait_until
+        from tests.helpers import start_until_ready
 
-        self.log = open(self.log_path, "ab")  # noqa: SIM115 (closed by stop)
-        self.proc = subprocess.Popen(self.args, cwd=REPO, env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"uvicorn exited early:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_until(up, timeout, interval=0.2, what="plain uvicorn to be ready")
+        self.proc, self.log = start_until_ready(self.args, self.env, self.log_path, self.url,
+                                                timeout, what="plain uvicorn", interval=0.2)
         return self
 
     def stop(self) -> None:

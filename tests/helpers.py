@@ -31,6 +31,26 @@ def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "co
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
+def start_until_ready(args: list[str], env: dict[str, str], log_path: Path, url: str,
+                      timeout: float, what: str, interval: float = 0.5):
+    """Start a server process (its own session, output to ``log_path``) and wait until its
+    ``/readyz`` answers 200; fail at once, with its log, if it exits first.
+    Returns the process and the open log file (the caller closes it when stopping)."""
+    log = open(log_path, "ab")  # noqa: SIM115 - closed by the caller's stop
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited early:\n{log_path.read_text()[-4000:]}")
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+    wait_until(up, timeout, interval=interval, what=f"{what} to be ready")
+    return proc, log
+
+
 class Service:
     """``tuneserve up`` in a subprocess, as a user starts it."""
 
@@ -45,19 +65,24 @@ class Service:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 240) -> Service:
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, cwd=REPO, env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tuneserve up exited early:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_until(up, timeout, what="tuneserve up to be ready")
+        self.proc, self.log = start_until_ready(self.args, self.env, self.log_path, self.url,
+                                                timeout, what="tuneserve up")
         return self
+
+    def processes(self, *markers: str) -> list:
+        """The service's own processes (its Ray is a child of it) whose command line holds
+        one of ``markers`` (Ray titles its workers after their actor, e.g. ``RayTrainWorker``)."""
+        import psutil
+
+        found = []
+        for proc in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                command = " ".join(proc.cmdline())
+            except psutil.Error:
+                continue
+            if any(marker in command for marker in markers):
+                found.append(proc)
+        return found
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc is None or self.proc.poll() is not None:

@@ -60,21 +60,8 @@ def metrics_events(client, job_id: str) -> list:
     return [e for e in events if e.type == "metrics"]
 
 
-def service_processes(service: Service, *markers: str) -> list[psutil.Process]:
-    """The service's own processes (its Ray is a child of it) whose command line has a marker."""
-    found = []
-    for p in psutil.Process(service.proc.pid).children(recursive=True):
-        try:
-            cmd = " ".join(p.cmdline())
-        except psutil.Error:
-            continue
-        if any(m in cmd for m in markers):
-            found.append(p)
-    return found
-
-
 def train_workers(service: Service) -> list[psutil.Process]:
-    return service_processes(service, "RayTrainWorker", "TrainController")
+    return service.processes("RayTrainWorker", "TrainController")
 
 
 def test_job_runs_to_success_with_events_checkpoints_and_results(client):
@@ -122,7 +109,7 @@ def test_api_replica_restart_during_a_run_does_not_stop_it(client, service):
     job = client.fine_tuning.jobs.create(model=TINY, training_file=upload(client, 64),
                                          hyperparameters={"n_epochs": 6, "batch_size": 4})
     wait_until(lambda: metrics_events(client, job.id), 240, interval=1, what="first step")
-    replicas = service_processes(service, "ServeReplica:tuneserve:Api")
+    replicas = service.processes("ServeReplica:tuneserve:Api")
     assert replicas, "the API replica process should be visible"
     for p in replicas:
         p.send_signal(signal.SIGKILL)

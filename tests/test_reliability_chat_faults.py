@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 
 import httpx
-import psutil
 import pytest
 
 from service.storage import open_storage
@@ -53,17 +52,9 @@ def service(tmp_path_factory):
         yield svc
 
 
-def chat_replicas(service: Service) -> list[psutil.Process]:
+def chat_replicas(service: Service) -> list:
     """The service's tiny-model chat replica processes (Ray titles them after the actor)."""
-    found = []
-    for proc in psutil.Process(service.proc.pid).children(recursive=True):
-        try:
-            title = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        if "ServeReplica" in title and "Chat-tiny-llama" in title:
-            found.append(proc)
-    return found
+    return service.processes("ServeReplica:tuneserve:Chat-tiny-llama")
 
 
 def one_request(http: httpx.Client, model: str, stream: bool) -> tuple[bool, str]:

@@ -18,7 +18,6 @@ import signal
 import time
 
 import openai
-import psutil
 import pytest
 
 from service.job_store import JobRecord, JobStore
@@ -101,17 +100,6 @@ def registered_checkpoint(storage, job_id: str) -> int:
     return int(latest.get("checkpoint_dir_name", "checkpoint-step-0").rsplit("-", 1)[1])
 
 
-def service_processes(service, marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.Process(service.proc.pid).children(recursive=True):
-        try:
-            if marker in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
-
-
 def assert_whole(client, storage, job) -> None:
     """A succeeded job's adapter is complete and loads; its record and events read back."""
     record = JobRecord.model_validate_json(storage.get(f"jobs/{job.id}/job.json"))
@@ -158,7 +146,7 @@ def test_killed_run_driver_is_noticed_and_resumed_from_its_checkpoint(client, se
     job_id = start_job(client, 32, 5)  # 8 steps per epoch, a checkpoint at each epoch's end
     wait_until(lambda: registered_checkpoint(storage, job_id) >= 8, 300, interval=0.5,
                what="the first registered checkpoint")
-    drivers = service_processes(service, "JobDriver")
+    drivers = service.processes("JobDriver")
     registered = registered_checkpoint(storage, job_id)
     assert drivers, "the run's driver actor should be visible"
     for proc in drivers:
@@ -212,7 +200,7 @@ def test_exhausted_max_failures_fail_the_job_with_a_clear_message(client, servic
     client.fine_tuning.jobs.list()  # any request wakes the scheduler soon enough
     wait_until(lambda: registered_checkpoint(storage, job_id) >= 8, 300, interval=0.5,
                what="the first registered checkpoint")
-    workers = service_processes(service, "RayTrainWorker")
+    workers = service.processes("RayTrainWorker")
     assert workers
     workers[0].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
@@ -232,7 +220,7 @@ def test_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(client, servi
     job_id = start_job(client, 32, 5)
     wait_until(lambda: registered_checkpoint(storage, job_id) >= 16, 300, interval=0.5,
                what="two registered checkpoints")
-    for proc in service_processes(service, "JobDriver"):
+    for proc in service.processes("JobDriver"):
         proc.send_signal(signal.SIGKILL)
     newest = registered_checkpoint(storage, job_id)
     folder = f"jobs/{job_id}/run/{job_id}/checkpoint-step-{newest:06d}"

@@ -31,22 +31,22 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                         ) -> tuple[torch.Tensor, None]:
     """(B=1, H, T, D) query/key/value → (1, T, H, D), attending within each example only."""
     bounds = kwargs.get("cu_seq_lens_q")
-    window = kwargs.get("sliding_window")
-    if bounds is None or query.shape[0] != 1 or kwargs.get("softcap") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    bounds = bounds.tolist()
-    lengths = [end - start for start, end in zip(bounds, bounds[1:], strict=False)]
-    if window is not None and max(lengths) > window:
+    spans = []
+    if bounds is not None and query.shape[0] == 1 and kwargs.get("softcap") is None:
+        edges = bounds.tolist()
+        spans = [(s, e) for s, e in zip(edges, edges[1:], strict=False) if e > s]
+        window = kwargs.get("sliding_window")
+        if window is not None and max(e - s for s, e in spans) > window:
+            spans = []
+    if not spans:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    p = dropout if module.training else 0.0
     outputs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-                                              dropout_p=p, scale=scaling, is_causal=True)
-               for s, e in zip(bounds, bounds[1:], strict=False) if e > s]
+                                              dropout_p=dropout, scale=scaling, is_causal=True)
+               for s, e in spans]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
