@@ -180,7 +180,10 @@ def test_dashboard_shows_the_job_its_loss_curve_and_answers_in_chat(service, tra
     assert browser.current_url.endswith("/ui/login"), "the dashboard needs the API key"
     browser.find_element(By.ID, "api-key").send_keys(API_KEY)
     browser.find_element(By.ID, "login").click()
-    row = browser.find_element(By.CSS_SELECTOR, f'tr.job[data-job-id="{trained["job_id"]}"]')
+    # A click returns before the next page has loaded: wait for what the test looks for.
+    wait = WebDriverWait(browser, 30)
+    row = wait.until(lambda b: b.find_element(
+        By.CSS_SELECTOR, f'tr.job[data-job-id="{trained["job_id"]}"]'))
     assert row.get_attribute("data-status") == "succeeded"
     cookie = browser.get_cookie("tuneserve_key")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
@@ -190,8 +193,8 @@ def test_dashboard_shows_the_job_its_loss_curve_and_answers_in_chat(service, tra
                        params={"limit": 1000},
                        headers={"Authorization": f"Bearer {API_KEY}"}).json()
     reported = {e["data"]["step"] for e in events["data"] if e["type"] == "metrics"}
-    points = browser.find_elements(
-        By.CSS_SELECTOR, 'svg[data-chart="loss"] circle.point[data-series="train_loss"]')
+    points = wait.until(lambda b: b.find_elements(
+        By.CSS_SELECTOR, 'svg[data-chart="loss"] circle.point[data-series="train_loss"]'))
     assert len(reported) == 8 and len(points) == len(reported)
     assert sorted(int(p.get_attribute("data-step")) for p in points) == sorted(reported)
     assert browser.find_elements(By.CSS_SELECTOR, 'svg[data-chart="accuracy"] circle.point')
@@ -199,13 +202,14 @@ def test_dashboard_shows_the_job_its_loss_curve_and_answers_in_chat(service, tra
     browser.save_screenshot(str(ARTIFACTS / "dashboard-job.png"))
 
     browser.find_element(By.ID, "try-chat").click()
+    wait.until(lambda b: b.find_element(By.ID, "send"))
     assert browser.find_element(By.ID, "model-tuned").get_attribute("value") == trained["model"]
     assert browser.find_element(By.ID, "model-base").get_attribute("value") == TINY
     browser.find_element(By.ID, "max-tokens").clear()
     browser.find_element(By.ID, "max-tokens").send_keys("8")
     browser.find_element(By.ID, "prompt").send_keys("Repeat the word number 3.")
     browser.find_element(By.ID, "send").click()
-    answers = browser.find_elements(By.CSS_SELECTOR, "pre.answer")
+    answers = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "pre.answer"))
     WebDriverWait(browser, 120).until(
         lambda _: all(a.get_attribute("data-done") == "1" for a in answers))
     browser.save_screenshot(str(ARTIFACTS / "dashboard-chat.png"))

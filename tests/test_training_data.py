@@ -147,3 +147,11 @@ def test_auto_hyperparameters_resolve_to_numbers(n_examples, expected):
     fixed = resolve_hyperparameters(spec(n_epochs=2, batch_size=16, learning_rate_multiplier=0.5,
                                          full_finetune=True), n_examples, n_examples * 100)
     assert (fixed.n_epochs, fixed.batch_size, fixed.learning_rate) == (2, 16, pytest.approx(1e-5))
+
+
+def test_dpo_resolves_to_its_own_lower_rate():
+    """DPO at the SFT rate over-optimises (the answers degenerate): its base rate is 20x lower."""
+    lora = resolve_hyperparameters(spec(method="dpo"), 1000, n_tokens=100_000)
+    full = resolve_hyperparameters(spec(method="dpo", full_finetune=True, learning_rate_multiplier=2),
+                                   1000, n_tokens=100_000)
+    assert lora.learning_rate == pytest.approx(5e-5) and full.learning_rate == pytest.approx(1e-6)
