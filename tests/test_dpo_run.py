@@ -82,7 +82,10 @@ def kill_one_worker_after(storage, job_id: str, step: int, killed: dict) -> None
 def dpo_spec(job_id: str, **fields) -> TrainSpec:
     defaults = {"job_id": job_id, "base_model": models.TINY_MODEL_ID, "method": "dpo",
                 "training_files": ((TRAIN, 1.0),), "batch_size": 8, "n_epochs": 1,
-                "num_workers": 1, "cpus_per_worker": 1, "checkpoint_every_steps": 0, "seed": 3}
+                "num_workers": 1, "cpus_per_worker": 1, "checkpoint_every_steps": 0, "seed": 3,
+                # The default DPO rate suits pretrained models over ~100 steps; 16 steps on a
+                # random tiny model need bigger ones to move the held-out loss visibly.
+                "learning_rate_multiplier": 10.0}
     return TrainSpec(**{**defaults, **fields})
 
 
