@@ -13,8 +13,8 @@ from training.chat import IGNORE_INDEX
 from training.config import TrainSpec
 from training.lora import TARGET_MODULES, apply_adapter
 from training.loss import masked_token_sums, normalised_loss, supervised_count
-from training.attention import PACKED, use_packed_attention
-from training.packing import collate_packed, collate_padded
+from training.attention import PACKED, shares_prefixes, use_packed_attention
+from training.packing import collate_packed, collate_padded, shared_prefix_length
 
 X = IGNORE_INDEX
 
@@ -119,6 +119,45 @@ def test_packed_rows_give_the_loss_of_separate_examples(family: str, attention: 
     assert packed.count == padded.count == 8
     assert packed.loss.item() == pytest.approx(padded.loss.item(), rel=1e-5)
     for a, p in zip(packed_grads, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+SHARED = [  # a common unsupervised start (a system prompt, an instruction), then each its own
+    ([3, 4, 5, 6, 7, 8, 9], [X, X, X, X, X, 8, 9]),
+    ([3, 4, 5, 6, 12], [X, X, X, X, 12]),
+    ([3, 4, 5, 6, 15, 16, 17, 18, 19], [X, X, X, X, X, X, 17, 18, 19]),
+]
+
+
+def test_the_shared_prefix_stops_before_anything_supervised():
+    assert shared_prefix_length(SHARED) == 3  # label 12 at position 4 is predicted from token 3
+    assert shared_prefix_length(SHARED[:1]) == 0  # nothing to share in a single example
+    same = [([1, 2, 3], [X, X, X]), ([1, 2, 3], [X, X, X])]
+    assert shared_prefix_length(same) == 2  # each example keeps a token of its own
+    row = collate_packed(SHARED, share_prefix=True)
+    assert row["input_ids"].shape[1] == sum(len(ids) for ids, _ in SHARED) - 2 * 3
+    assert row["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 3, 4, 3, 4, 5, 6, 7, 8]
+    assert row["segment_parents"].tolist() == [-1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_shared_prefix_computed_once_gives_the_loss_and_grads_of_separate_examples(family: str):
+    """The prefix the examples share is computed once per row; each example attends to it and to
+    itself: the loss and every gradient equal those of separate padded examples."""
+    model = tiny_model(family, PACKED).train()
+    if family == "falcon":  # its own attention classes: rows keep the block-diagonal mask
+        assert not shares_prefixes(model)
+        return
+    assert shares_prefixes(model)
+    shared = loss_sums(model, collate_packed(SHARED, share_prefix=True))
+    shared.loss.backward()
+    shared_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    padded = loss_sums(model, collate_padded(SHARED, pad_id=0))
+    padded.loss.backward()
+    assert shared.count == padded.count == 6
+    assert shared.loss.item() == pytest.approx(padded.loss.item(), rel=1e-5)
+    for a, p in zip(shared_grads, model.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
 
 

@@ -9,7 +9,9 @@ its own block; the row can then be long (fewer, larger matmuls elsewhere) at no 
 
 The example boundaries come from ``cu_seq_lens_q`` (cumulative lengths, as flash-attention's
 varlen kernels take them), which ``training.packing.collate_packed`` puts in the batch and the
-model forwards to every attention layer. Without them (padded batches, generation), or where a
+model forwards to every attention layer. With ``segment_parents`` a segment also attends to its
+parent segment (a prefix its examples share, computed once): its queries see the parent's keys
+and then its own, causally, as if the parent's tokens stood in front of it. Without them (padded batches, generation), or where a
 model needs what SDPA alone cannot do per slice (logit soft-capping; a sliding window shorter
 than an example), this falls back to transformers' SDPA path with its mask.
 """
@@ -39,15 +41,46 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         if window is not None and max(e - s for s, e in spans) > window:
             spans = []
     if not spans:
+        if kwargs.get("segment_parents") is not None:
+            raise ValueError("shared-prefix rows need the per-example path (see shares_prefixes)")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    outputs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-                                              dropout_p=dropout, scale=scaling, is_causal=True)
-               for s, e in spans]
+    parents = kwargs.get("segment_parents")
+    parents = parents.tolist() if parents is not None else [-1] * len(spans)
+    outputs = []
+    for (s, e), parent in zip(spans, parents, strict=True):
+        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+        if parent < 0:
+            outputs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout,
+                                                          scale=scaling, is_causal=True))
+            continue
+        ps, pe = spans[parent]
+        k = torch.cat([key[:, :, ps:pe], k], dim=2)
+        v = torch.cat([value[:, :, ps:pe], v], dim=2)
+        outputs.append(F.scaled_dot_product_attention(
+            q, k, v, attn_mask=after_prefix_mask(e - s, pe - ps, q.device), dropout_p=dropout,
+            scale=scaling))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def after_prefix_mask(length: int, prefix: int, device: torch.device) -> torch.Tensor:
+    """(length, prefix + length) bool: every query sees the whole prefix, then its own segment
+    causally (SDPA's ``is_causal`` aligns top-left, which would be wrong here)."""
+    own = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return torch.cat([torch.ones(length, prefix, dtype=torch.bool, device=device), own], dim=1)
+
+
+def shares_prefixes(model: torch.nn.Module) -> bool:
+    """Whether rows with shared prefixes (``segment_parents``) are computed right for ``model``:
+    only on the per-example path, so not where that path falls back to a mask (soft-capping,
+    sliding windows) or is not used at all."""
+    config = model.config
+    return (model.config._attn_implementation == PACKED
+            and getattr(config, "attn_logit_softcapping", None) is None
+            and getattr(config, "sliding_window", None) is None)
 
 
 AttentionInterface.register(PACKED, packed_sdpa_forward)

@@ -32,7 +32,7 @@ from service.storage_config import StorageConfig
 from training import chat, checkpoints, data, models, packing
 from training.adapter import (MANIFEST, adapter_prefix, build_manifest, export_adapter,
                               export_model, lora_settings)
-from training.attention import use_packed_attention
+from training.attention import shares_prefixes, use_packed_attention
 from training.config import MIN_LR_FRACTION, WARMUP_FRACTION, TrainSpec, resolve_hyperparameters
 from training.events import EventLog
 from training.lora import apply_adapter, default_target_modules
@@ -202,6 +202,7 @@ class SFTTrainer:
             self.spec = replace(self.spec, **lora_settings(self.init_dir))
         model = models.load_model(model_dir, torch.float32, attn_implementation="sdpa")
         use_packed_attention(model)
+        self.share_prefix = shares_prefixes(model)
         self.target_modules = ([] if self.spec.full_finetune else
                                list(self.spec.target_modules or default_target_modules(model)))
         frozen = torch.bfloat16 if self.use_bf16 else None
@@ -279,7 +280,8 @@ class SFTTrainer:
         return packing.micro_batches(examples, packing=self.spec.packing,
                                      pack_length=self.spec.pack_length,
                                      micro_batch_size=self.spec.micro_batch_size,
-                                     pad_id=self.tokenizer.pad_token_id or 0)
+                                     pad_id=self.tokenizer.pad_token_id or 0,
+                                     share_prefix=self.share_prefix)
 
     def forward_sums(self, batch: dict[str, torch.Tensor]):
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -296,14 +298,13 @@ class SFTTrainer:
         micro = self.batches(examples)
         local = torch.tensor([float(sum(supervised_count(b["labels"]) for b in micro))])
         global_count = int(self.all_reduce(local).item())
-        sums = torch.zeros(4)
+        # Trained tokens are the examples' own (what the caller sent), however they were batched.
+        sums = torch.tensor([0.0, 0.0, 0.0, float(sum(len(ids) for ids, _ in examples))])
         for batch in micro:
             token_sums = self.forward_sums(batch)
             normalised_loss(token_sums, global_count).backward()
-            mask = batch.get("attention_mask")
-            tokens = mask.sum() if mask is not None else batch["input_ids"].numel()
             sums += torch.tensor([token_sums.loss.item(), token_sums.correct, token_sums.count,
-                                  float(tokens)])
+                                  0.0])
         sums = self.all_reduce_grads(sums)  # [3]
         self.step_optimizer()
         return sums

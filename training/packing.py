@@ -85,28 +85,57 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+def shared_prefix_length(examples: Sequence[Example]) -> int:
+    """Leading tokens that every example of a row shares and that carry no loss.
+
+    Chat data mostly starts the same way: the template's default system prompt, often a fixed
+    instruction. Such a prefix needs computing once per row (``collate_packed``). It stops
+    before the first supervised token and before any label that the prefix's last token would
+    predict, and leaves every example at least one token of its own.
+    """
+    if len(examples) < 2:
+        return 0
+    first = examples[0][0]
+    limit = min(len(ids) for ids, _ in examples) - 1
+    length = 0
+    while length < limit and all(ids[length] == first[length] and labels[length + 1] == IGNORE_INDEX
+                                 for ids, labels in examples):
+        length += 1
+    return length
+
+
+def collate_packed(examples: Sequence[Example], share_prefix: bool = False
+                   ) -> dict[str, torch.Tensor]:
     """One row (B=1) of several examples back to back, with position ids restarting at 0.
 
     No attention mask is passed: transformers (≥ 4.54, incl. 5.x) detects the restarts in
     ``position_ids`` and builds the block-diagonal causal mask for SDPA/eager, and
-    ``cu_seq_lens_q`` (the examples' cumulative lengths) lets ``training.attention.PACKED``
+    ``cu_seq_lens_q`` (the segments' cumulative lengths) lets ``training.attention.PACKED``
     attend within each example without that mask. The first label of each example is ignored:
     it would be "predicted" from the previous example's last token.
+
+    ``share_prefix`` (only with ``PACKED`` attention): the tokens all examples start with
+    (``shared_prefix_length``) come once, as segment 0, and each example continues from it
+    (``segment_parents``: every other segment attends to segment 0 and to itself, its positions
+    continuing the prefix's). Attention sees exactly what it sees unshared, so the loss and the
+    gradients are the same; the prefix's work is done once instead of once per example.
     """
-    input_ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
+    prefix = shared_prefix_length(examples) if share_prefix else 0
+    input_ids: list[int] = list(examples[0][0][:prefix])
+    labels: list[int] = [IGNORE_INDEX] * prefix
+    positions: list[int] = list(range(prefix))
+    bounds = [0, prefix] if prefix else [0]
     for ids, labs in examples:
-        input_ids += ids
-        labels += [IGNORE_INDEX, *labs[1:]]
-        positions += range(len(ids))
-    bounds = [0]
-    for ids, _ in examples:
-        bounds.append(bounds[-1] + len(ids))
-    return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions]),
-            "cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32)}
+        input_ids += ids[prefix:]
+        labels += [IGNORE_INDEX, *labs[prefix + 1:]]
+        positions += range(prefix, len(ids))
+        bounds.append(bounds[-1] + len(ids) - prefix)
+    batch = {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
+             "position_ids": torch.tensor([positions]),
+             "cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32)}
+    if prefix:
+        batch["segment_parents"] = torch.tensor([-1] + [0] * len(examples))
+    return batch
 
 
 def collate_padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -123,13 +152,14 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.
 
 
 def micro_batches(examples: Sequence[Example], *, packing: bool, pack_length: int,
-                  micro_batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+                  micro_batch_size: int, pad_id: int, share_prefix: bool = False
+                  ) -> list[dict[str, torch.Tensor]]:
     """Split one rank's share of a global batch into the micro-batches it accumulates."""
     if not examples:
         return []
     if packing:
         rows = pack_rows([len(ids) for ids, _ in examples], pack_length)
-        return [collate_packed([examples[i] for i in row]) for row in rows]
+        return [collate_packed([examples[i] for i in row], share_prefix) for row in rows]
     # Sorting by length before chunking keeps padding small; the loss is a sum, so the order
     # of examples inside a global batch does not change it.
     ordered = sorted(examples, key=lambda e: len(e[0]))
