@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from training import chat, dpo, models, preference_data, reference
+from training.attention import shares_prefixes, use_packed_attention
 from training.chat import IGNORE_INDEX
 from training.config import TrainSpec
 from training.lora import apply_adapter
+from training.packing import shared_prefix_length
 from training.preference_data import Pair
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,10 +127,11 @@ def test_stacked_batch_puts_chosen_rows_first_then_rejected():
 
 
 def test_packed_batch_restarts_positions_per_sequence():
+    """Each pair's chosen then rejected answer; sequence ids count chosen 0…m-1, rejected m…2m-1."""
     batch = preference_data.collate_packed(toy_pairs())
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 6, 7, 1, 2, 4, 5, 6, 8, 9]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 1, 2]]
-    assert batch["sequence_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3]]
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 1, 2, 4, 5, 6, 7, 6, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 0, 1, 2]]
+    assert batch["sequence_ids"].tolist() == [[0, 0, 0, 2, 2, 2, 2, 1, 1, 3, 3, 3]]
     assert "attention_mask" not in batch
 
 
@@ -170,7 +173,8 @@ def scorer(model):
     body = model.get_base_model()
 
     def score(batch):
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids",
+                                        "cu_seq_lens_q", "segment_parents") if k in batch}
         # use_cache=False: with a cache, transformers ignores the packed position ids
         hidden = body.model(**inputs, use_cache=False).last_hidden_state
         m = len(batch["pair_index"])
@@ -192,6 +196,29 @@ def test_packed_and_stacked_batches_score_the_same(tiny):
     torch.testing.assert_close(packed[1], stacked[1], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(stacked[1], torch.cat([s[1] for s in separately]),
                                atol=1e-4, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_pair_computes_its_prompt_once_and_scores_the_same(tiny):
+    """With the per-example attention, each pair's prompt is computed once for both answers:
+    the log-probs equal those of padded rows, and the row is shorter by each shared prompt."""
+    model, pairs = tiny
+    model.eval()
+    body = model.get_base_model()
+    assert use_packed_attention(body) and shares_prefixes(body)
+    try:
+        score = scorer(model)
+        shared_batch = preference_data.collate_packed(pairs, share_prefix=True)
+        shared = score(shared_batch)
+        stacked = score(preference_data.collate_stacked(pairs, pad_id=0))
+    finally:
+        body.set_attn_implementation("sdpa")
+    prompts = [shared_prefix_length([p.chosen, p.rejected]) for p in pairs]
+    assert min(prompts) > 0
+    assert shared_batch["input_ids"].shape[1] == sum(p.n_tokens for p in pairs) - sum(prompts)
+    assert int(shared_batch["tokens"]) == sum(p.n_tokens for p in pairs)
+    torch.testing.assert_close(shared[0], stacked[0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(shared[1], stacked[1], atol=1e-4, rtol=1e-5)
 
 
 @torch.no_grad()

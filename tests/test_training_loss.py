@@ -9,11 +9,11 @@ import pytest
 import torch
 import transformers
 
+from training.attention import PACKED, shares_prefixes, use_packed_attention
 from training.chat import IGNORE_INDEX
 from training.config import TrainSpec
 from training.lora import TARGET_MODULES, apply_adapter
 from training.loss import masked_token_sums, normalised_loss, supervised_count
-from training.attention import PACKED, shares_prefixes, use_packed_attention
 from training.packing import collate_packed, collate_padded, shared_prefix_length
 
 X = IGNORE_INDEX

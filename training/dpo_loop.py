@@ -40,7 +40,7 @@ def batch_sums(batch: dict[str, torch.Tensor], out: dpo.DPOOutput, chosen: torch
                rejected: torch.Tensor) -> torch.Tensor:
     """The ``SUM_FIELDS`` of one micro-batch."""
     mask = batch.get("attention_mask")
-    tokens = mask.sum() if mask is not None else batch["input_ids"].numel()
+    tokens = mask.sum() if mask is not None else batch["tokens"]  # the pairs' own tokens
     supervised = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     wins = (out.chosen_rewards > out.rejected_rewards).float().sum()
     values = [out.losses.detach().sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
@@ -117,7 +117,8 @@ class DPOTrainer(SFTTrainer):
     def batches(self, pairs: list[Pair]) -> list[dict[str, torch.Tensor]]:  # type: ignore[override]
         return preference_data.micro_batches(
             pairs, packing_on=self.spec.packing, pack_length=self.spec.pack_length,
-            micro_batch_size=self.spec.micro_batch_size, pad_id=self.tokenizer.pad_token_id or 0)
+            micro_batch_size=self.spec.micro_batch_size, pad_id=self.tokenizer.pad_token_id or 0,
+            share_prefix=self.share_prefix)
 
     # -- the policy and the reference ------------------------------------------------------------
 
@@ -176,8 +177,8 @@ class DPOTrainer(SFTTrainer):
     def score(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed response log-probs (chosen (m,), rejected (m,)) in one forward pass."""
         inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask",
-                                                        "position_ids", "cu_seq_lens_q")
-                  if k in batch}
+                                                        "position_ids", "cu_seq_lens_q",
+                                                        "segment_parents") if k in batch}
         m = len(batch["pair_index"])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             hidden = self.decoder(**inputs, use_cache=False).last_hidden_state

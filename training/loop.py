@@ -30,8 +30,14 @@ from service.errors import InvalidRequest
 from service.storage import open_storage
 from service.storage_config import StorageConfig
 from training import chat, checkpoints, data, models, packing
-from training.adapter import (MANIFEST, adapter_prefix, build_manifest, export_adapter,
-                              export_model, lora_settings)
+from training.adapter import (
+    MANIFEST,
+    adapter_prefix,
+    build_manifest,
+    export_adapter,
+    export_model,
+    lora_settings,
+)
 from training.attention import shares_prefixes, use_packed_attention
 from training.config import MIN_LR_FRACTION, WARMUP_FRACTION, TrainSpec, resolve_hyperparameters
 from training.events import EventLog

@@ -115,27 +115,50 @@ def collate_packed(examples: Sequence[Example], share_prefix: bool = False
     it would be "predicted" from the previous example's last token.
 
     ``share_prefix`` (only with ``PACKED`` attention): the tokens all examples start with
-    (``shared_prefix_length``) come once, as segment 0, and each example continues from it
-    (``segment_parents``: every other segment attends to segment 0 and to itself, its positions
-    continuing the prefix's). Attention sees exactly what it sees unshared, so the loss and the
-    gradients are the same; the prefix's work is done once instead of once per example.
+    (``shared_prefix_length``) come once, and each example continues from it
+    (``segment_parents``: the example's segment attends to the prefix's and to itself, its
+    positions continuing the prefix's). Attention sees exactly what it sees unshared, so the loss
+    and the gradients are the same; the prefix's work is done once instead of once per example.
     """
-    prefix = shared_prefix_length(examples) if share_prefix else 0
-    input_ids: list[int] = list(examples[0][0][:prefix])
-    labels: list[int] = [IGNORE_INDEX] * prefix
-    positions: list[int] = list(range(prefix))
-    bounds = [0, prefix] if prefix else [0]
-    for ids, labs in examples:
-        input_ids += ids[prefix:]
-        labels += [IGNORE_INDEX, *labs[prefix + 1:]]
-        positions += range(prefix, len(ids))
-        bounds.append(bounds[-1] + len(ids) - prefix)
+    return collate_groups([examples], share_prefix)[0]
+
+
+def collate_groups(groups: Sequence[Sequence[Example]], share_prefix: bool
+                   ) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """``collate_packed`` over several groups, each sharing its own prefix (a DPO pair's chosen
+    and rejected answers share their prompt). Also returns, per token, which example (counted
+    over all groups in order) it belongs to, or -1 for a shared prefix."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    owners: list[int] = []
+    bounds, parents = [0], []
+    example = 0
+    for group in groups:
+        prefix = shared_prefix_length(group) if share_prefix else 0
+        parent = -1
+        if prefix:
+            input_ids += group[0][0][:prefix]
+            labels += [IGNORE_INDEX] * prefix
+            positions += range(prefix)
+            owners += [-1] * prefix
+            bounds.append(bounds[-1] + prefix)
+            parent = len(parents)
+            parents.append(-1)
+        for ids, labs in group:
+            input_ids += ids[prefix:]
+            labels += [IGNORE_INDEX, *labs[prefix + 1:]]
+            positions += range(prefix, len(ids))
+            owners += [example] * (len(ids) - prefix)
+            bounds.append(bounds[-1] + len(ids) - prefix)
+            parents.append(parent)
+            example += 1
     batch = {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
              "position_ids": torch.tensor([positions]),
              "cu_seq_lens_q": torch.tensor(bounds, dtype=torch.int32)}
-    if prefix:
-        batch["segment_parents"] = torch.tensor([-1] + [0] * len(examples))
-    return batch
+    if any(p >= 0 for p in parents):
+        batch["segment_parents"] = torch.tensor(parents)
+    return batch, owners
 
 
 def collate_padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

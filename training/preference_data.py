@@ -125,13 +125,16 @@ def collate_stacked(pairs: Sequence[Pair], pad_id: int) -> dict[str, torch.Tenso
     return _with_pair_fields(batch, pairs)
 
 
-def collate_packed(pairs: Sequence[Pair]) -> dict[str, torch.Tensor]:
-    """One row (B = 1) holding the chosen then the rejected sequences of ``pairs`` back to back;
-    position ids restart at 0 for each, so no sequence attends to another."""
-    sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    batch = packing.collate_packed(sequences)
-    owners = [s for s, (ids, _) in enumerate(sequences) for _ in ids]
-    batch["sequence_ids"] = torch.tensor([owners])
+def collate_packed(pairs: Sequence[Pair], share_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """One row (B = 1) holding each pair's chosen and rejected sequences back to back; position
+    ids restart at 0 for each, so no sequence attends to another. ``share_prefix``: a pair's
+    prompt is computed once and both answers attend to it (``packing.collate_groups``)."""
+    batch, owners = packing.collate_groups([(p.chosen, p.rejected) for p in pairs], share_prefix)
+    m = len(pairs)
+    # Example 2i is pair i's chosen answer (sequence i), 2i+1 its rejected one (sequence m+i).
+    sequence = [-1 if o < 0 else o // 2 + (o % 2) * m for o in owners]
+    batch["sequence_ids"] = torch.tensor([sequence])
+    batch["tokens"] = torch.tensor(sum(p.n_tokens for p in pairs))
     return _with_pair_fields(batch, pairs)
 
 
@@ -146,7 +149,8 @@ def _with_pair_fields(batch: dict[str, torch.Tensor], pairs: Sequence[Pair]
 
 
 def micro_batches(pairs: Sequence[Pair], *, packing_on: bool, pack_length: int,
-                  micro_batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+                  micro_batch_size: int, pad_id: int, share_prefix: bool = False
+                  ) -> list[dict[str, torch.Tensor]]:
     """Split one rank's pairs of a global batch into the micro-batches it accumulates.
 
     A pair is never split over micro-batches: its chosen and rejected log-probs are needed
@@ -157,7 +161,7 @@ def micro_batches(pairs: Sequence[Pair], *, packing_on: bool, pack_length: int,
         return []
     if packing_on:
         rows = packing.pack_rows([p.n_tokens for p in pairs], pack_length)
-        return [collate_packed([pairs[i] for i in row]) for row in rows]
+        return [collate_packed([pairs[i] for i in row], share_prefix) for row in rows]
     ordered = sorted(pairs, key=lambda p: p.n_tokens)  # less padding; the loss is a sum
     return [collate_stacked(ordered[i:i + micro_batch_size], pad_id)
             for i in range(0, len(ordered), micro_batch_size)]
