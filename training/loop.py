@@ -212,7 +212,9 @@ class SFTTrainer:
         self.target_modules = ([] if self.spec.full_finetune else
                                list(self.spec.target_modules or default_target_modules(model)))
         frozen = torch.bfloat16 if self.use_bf16 else None
-        self.model = apply_adapter(model, self.spec, frozen_dtype=frozen).to(self.device)
+        self.model = apply_adapter(model, self.spec, frozen_dtype=frozen)
+        models.own_weights(self.model, torch.float32)
+        self.model = self.model.to(self.device)
         self.model.train()
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else model
         self.decoder = causal_lm.base_model  # the transformer body, without the output head

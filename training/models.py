@@ -391,6 +391,23 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, **kwargs
     return model
 
 
+def own_weights(model: torch.nn.Module, loaded_dtype: torch.dtype) -> None:
+    """Copy the weights that still point into the checkpoint file into process memory.
+
+    Loaded in the file's own dtype, safetensors weights are views of the memory-mapped file.
+    Once training has cast the frozen linears to bf16, the rest (embeddings, norms) would keep
+    the whole mapping alive, and every page of it that was read counts in the process's memory:
+    ~400 MB of the 538 MB SmolLM2 file, against ~110 MB to copy what is still used. Tensors in
+    another dtype than ``loaded_dtype`` were made by a cast and are already the process's own.
+    """
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu" and tensor.dtype == loaded_dtype:
+                tensor.data = tensor.data.clone()
+
+
 def model_fingerprint(model_dir: str | Path) -> dict[str, str]:
     """``base_weights_hash`` (sha256 over the safetensors files) and ``template_hash``.
 
