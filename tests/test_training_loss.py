@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from training import loss as loss_module
 from training.attention import PACKED, shares_prefixes, use_packed_attention
 from training.chat import IGNORE_INDEX
 from training.config import TrainSpec
@@ -250,3 +251,42 @@ def test_activation_checkpointing_keeps_the_gradients():
     normalised_loss(sums, sums.count).backward()
     for a, b in zip(plain, gradients(model)):
         torch.testing.assert_close(a, b)
+
+
+class Projection(torch.nn.Module):
+    """The same weight as a Linear head, but not one: masked_token_sums takes autograd's path."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_chunked_cross_entropy_equals_autograd(autocast: bool, softcap: float | None,
+                                               monkeypatch):
+    """The fused, chunked loss (no logits kept for backward) gives autograd's loss, hits and
+    gradients for the hidden states and a trainable head, in fp32 and under bf16 autocast."""
+    monkeypatch.setattr(loss_module, "CHUNK", 7)  # several chunks and a partial last one
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(1, 24, 16)
+    labels = torch.randint(0, 50, (1, 24))
+    labels[0, :5] = X
+    results = []
+    for projection in (head, Projection(head)):
+        h = hidden.clone().requires_grad_(True)
+        head.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            sums = masked_token_sums(h, labels, projection, softcap)
+        (sums.loss * 0.5).backward()
+        results.append((sums.loss.item(), sums.correct, h.grad.clone(), head.weight.grad.clone()))
+    fused, reference = results
+    assert fused[0] == pytest.approx(reference[0], rel=1e-4 if autocast else 1e-6)
+    assert fused[1] == reference[1]
+    tolerance = {"rtol": 2e-2, "atol": 1e-3} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(fused[2], reference[2], **tolerance)
+    torch.testing.assert_close(fused[3], reference[3], **tolerance)

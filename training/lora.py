@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
 from training.config import TrainSpec
@@ -62,4 +64,33 @@ def apply_adapter(model: PreTrainedModel, spec: TrainSpec,
             if (isinstance(module, torch.nn.Linear) and module is not head
                     and not module.weight.requires_grad):
                 module.to(frozen_dtype)
+        share_input_casts(peft_model, frozen_dtype)
     return peft_model
+
+
+def share_input_casts(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Under autocast, cast each adapted layer's input to ``dtype`` once for all its readers.
+
+    q, k and v (or gate and up) read the same fp32 normed hidden state. Autocast casts it to
+    bf16 separately for every matmul, and PEFT first casts it to the adapter's fp32 for each
+    LoRA branch: ~9 bf16 copies per layer, each kept for backward. One cast, shared by the base
+    layers and the LoRA branches, keeps one copy (a quarter less saved activation on SmolLM2)
+    and computes exactly the same products.
+    """
+    casts: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+    def cast_once(module: torch.nn.Module, args: tuple) -> tuple | None:
+        x = args[0]
+        if x.dtype == dtype or not torch.is_autocast_enabled(x.device.type):
+            return None
+        hit = casts.get(id(x))
+        if hit is None or hit[0]() is not x:
+            for key in [k for k, (ref, _) in casts.items() if ref() is None]:
+                del casts[key]
+            hit = casts[id(x)] = (weakref.ref(x), x.to(dtype))
+        return (hit[1], *args[1:])
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False  # autocast runs the LoRA matmuls in bf16
+            module.register_forward_pre_hook(cast_once)

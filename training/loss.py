@@ -59,6 +59,11 @@ def masked_token_sums(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch
     keep = targets != IGNORE_INDEX  # (B, T-1)
     h = hidden[:, :-1][keep]  # (N, C)
     y = targets[keep]  # (N,)
+    weight = getattr(lm_head, "weight", None)
+    if isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None and weight is not None:
+        grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+        loss, correct = LinearCrossEntropy.apply(h, weight, y, logit_softcap, grads)
+        return TokenSums(loss=loss, correct=int(correct), count=int(y.numel()))
     logits = lm_head(h).float()  # (N, V); the loss is taken in fp32 even under bf16 autocast
     if logit_softcap:
         logits = logit_softcap * torch.tanh(logits / logit_softcap)
@@ -66,6 +71,68 @@ def masked_token_sums(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch
     with torch.no_grad():
         correct = int((logits.argmax(dim=-1) == y).sum())
     return TokenSums(loss=loss, correct=correct, count=int(y.numel()))
+
+
+CHUNK = 512
+"""Positions whose logits exist at once in ``LinearCrossEntropy`` (100 MB at a 49k vocabulary)."""
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """``sum_t CE(h_t W^T, y_t)`` and the arg-max hits, a chunk of positions at a time, with the
+    gradient computed in the forward pass (the fused linear cross-entropy of Liger-Kernel).
+
+    The (N, V) logits are a step's largest activation: at a 49k vocabulary 200 KB per supervised
+    token in fp32, and autograd keeps them, their softmax and its gradient alive at once. Here
+    one chunk's logits exist at a time and none is kept: the gradient w.r.t. ``h`` (N, C), and
+    w.r.t. ``W`` if it trains, are stored instead and scaled by the incoming gradient in
+    backward. Under autocast the matmuls run in its dtype, the softmax in fp32, as autograd's
+    path would.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                softcap: float | None, grads: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        device = hidden.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else hidden.dtype)
+        w = weight.to(dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if grads else None
+        grad_weight = (torch.zeros_like(weight, dtype=torch.float32)
+                       if grads and weight.requires_grad else None)
+        with torch.autocast(device, enabled=False):
+            for start in range(0, hidden.shape[0], CHUNK):
+                h = hidden[start:start + CHUNK].to(dtype)
+                y = targets[start:start + CHUNK]
+                logits = (h @ w.T).float()
+                if softcap:
+                    capped = torch.tanh(logits / softcap)
+                    logits = softcap * capped
+                lse = torch.logsumexp(logits, dim=-1)
+                loss += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                correct += (logits.argmax(dim=-1) == y).sum()
+                if grad_hidden is None:
+                    continue
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(len(y), device=grad.device), y] -= 1
+                if softcap:
+                    grad *= 1 - capped ** 2
+                grad = grad.to(dtype)
+                grad_hidden[start:start + CHUNK] = grad @ w
+                if grad_weight is not None:
+                    grad_weight += (grad.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor | None):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None, None
 
 
 def normalised_loss(sums: TokenSums, global_count: int) -> torch.Tensor:
