@@ -124,9 +124,12 @@ def child(config: str, steps: int, warmup: int) -> dict:
     examples = tokenised(tokenizer, (steps + warmup) * BATCH * 2)
     loaded_rss = peak_rss_mb()
     run = run_ours if config.startswith("ours") else run_trl
-    times, counts, losses = run(config, model_dir, tokenizer, examples, steps + warmup)
+    times, counts, losses, computed = run(config, model_dir, tokenizer, examples, steps + warmup)
     timed = list(zip(times, counts))[warmup:]
-    total_tokens = sum(len(ids) for ids, _ in examples[: (steps + warmup) * BATCH])
+    # MFU counts the tokens the model actually ran: ours computes a prefix its examples share
+    # (the template's system prompt here) once per row, so fewer than the examples hold.
+    total_tokens = computed if computed is not None else sum(
+        len(ids) for ids, _ in examples[: (steps + warmup) * BATCH])
     return {"config": config, "step_seconds": [round(t, 3) for t in times],
             "supervised_tokens": counts, "losses": losses,
             "supervised_tokens_per_second": sum(c for _, c in timed) / sum(t for t, _ in timed),
@@ -156,14 +159,16 @@ def run_ours(config: str, model_dir, tokenizer, examples, n_steps: int):
     trainer.setup()
     SAMPLER.start()
     times, counts, losses = [], [], []
+    computed = 0
     for step in range(n_steps):
         batch = examples[step * BATCH:(step + 1) * BATCH]
+        computed += sum(int(b["input_ids"].numel()) for b in trainer.batches(batch))
         started = time.perf_counter()
         sums = trainer.train_step(batch)
         times.append(time.perf_counter() - started)
         counts.append(int(sums[2]))
         losses.append(float(sums[0] / sums[2]))
-    return times, counts, losses
+    return times, counts, losses, computed
 
 
 def trl_trainer(config: str, model_dir, examples, n_steps: int, mean_len: float):
@@ -225,7 +230,7 @@ def run_trl(config: str, model_dir, tokenizer, examples, n_steps: int):
     trainer, timer = trl_trainer(config, model_dir, examples, n_steps, mean_len)
     SAMPLER.start()
     trainer.train()
-    return timer.times, trainer.counts, trainer.losses
+    return timer.times, trainer.counts, trainer.losses, None
 
 
 def first_loss_check(model_dir) -> dict:

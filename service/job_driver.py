@@ -58,6 +58,7 @@ def train_spec(record: JobRecord, cpus_per_worker: int):
     if method == "dpo":
         beta = hp.get("beta", "auto")
         fields["beta"] = 0.1 if beta == "auto" else float(beta)
+        fields["rpo_alpha"] = float(hp.get("rpo_alpha", 0.0))
         # Continuing from an SFT model: that adapter, frozen, is the reference.
         fields["reference_adapter"] = init_adapter
     for name in ("max_length", "pack_length", "checkpoint_every_steps", "max_failures", "packing"):

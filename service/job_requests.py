@@ -31,6 +31,8 @@ class SupervisedHyperparameters(Strict):
 
 class DpoHyperparameters(SupervisedHyperparameters):
     beta: Annotated[float, Field(gt=0, le=2)] | Auto = "auto"
+    rpo_alpha: Annotated[float, Field(ge=0, le=10)] = 0.0
+    """Adds this weight × the chosen answers' mean token NLL to the loss (RPO; 0 = plain DPO)."""
 
 
 class SupervisedMethod(Strict):

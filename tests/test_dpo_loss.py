@@ -17,6 +17,7 @@ from training import chat, dpo, models, preference_data, reference
 from training.attention import shares_prefixes, use_packed_attention
 from training.chat import IGNORE_INDEX
 from training.config import TrainSpec
+from training.dpo_loop import chosen_token_counts
 from training.lora import apply_adapter
 from training.packing import shared_prefix_length
 from training.preference_data import Pair
@@ -59,6 +60,24 @@ def test_label_smoothing_mixes_in_the_flipped_label():
     h = torch.tensor([0.2, -0.1])
     expected = 0.9 * torch.log1p(torch.exp(-h)) + 0.1 * torch.log1p(torch.exp(h))
     torch.testing.assert_close(out.losses, expected)
+
+
+def test_rpo_adds_the_chosen_answers_mean_token_nll():
+    """RPO: loss = DPO loss + α · (−log π(chosen) / chosen tokens); pair 0 has 4 chosen tokens
+    summing to POLICY_CHOSEN[0], pair 1 has 2."""
+    plain = dpo.dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, beta=0.1)
+    rpo = dpo.dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, beta=0.1,
+                       rpo_alpha=0.5, chosen_tokens=torch.tensor([4.0, 2.0]))
+    expected = plain.losses + 0.5 * -POLICY_CHOSEN / torch.tensor([4.0, 2.0])
+    torch.testing.assert_close(rpo.losses, expected)
+    torch.testing.assert_close(rpo.chosen_rewards, plain.chosen_rewards)
+
+
+def test_chosen_token_counts_follow_the_sequence_ids():
+    batch = preference_data.collate_packed(toy_pairs())  # chosen answers: 1 and 1 tokens
+    assert chosen_token_counts(batch).tolist() == [1.0, 1.0]
+    stacked = preference_data.collate_stacked(toy_pairs(), pad_id=0)
+    assert chosen_token_counts(stacked).tolist() == [1.0, 1.0]
 
 
 def test_ipo_loss_spelled_out():

@@ -82,6 +82,8 @@ BAD_SPECS = [
     ({"hyperparameters": {"batch_size": 257}}, "hyperparameters.batch_size"),
     ({"hyperparameters": {"learning_rate_multiplier": 0}}, "hyperparameters.learning_rate_multiplier"),
     ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 3}}}}, "method.dpo.hyperparameters.beta"),
+    ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"rpo_alpha": -1}}}},
+     "method.dpo.hyperparameters.rpo_alpha"),
     ({"method": {"type": "rl"}}, "method.type"),
     ({"suffix": "x" * 65}, "suffix"),
     ({"suffix": "../etc"}, "suffix"),

@@ -104,6 +104,10 @@ class TrainSpec:
     beta: float = 0.1
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
+    """Weight of the chosen answers' mean token NLL added to the DPO loss (RPO, TRL's
+    ``rpo_alpha``): DPO alone may lower the chosen answers' likelihood along with the rejected
+    ones'; this term holds it up. 0 is plain DPO."""
     init_adapter: str | None = None
     """Storage prefix of an adapter to start from (e.g. ``adapters/<job>/final``)."""
     reference_adapter: str | None = None
@@ -188,6 +192,8 @@ class TrainSpec:
             yield "dpo_loss", f"dpo_loss must be 'sigmoid' or 'ipo', not {self.dpo_loss!r}"
         if not 0 <= self.label_smoothing < 0.5:
             yield "label_smoothing", "label_smoothing must be in [0, 0.5)"
+        if not 0 <= self.rpo_alpha <= 10:
+            yield "rpo_alpha", f"rpo_alpha must be in [0, 10], not {self.rpo_alpha}"
 
     def _lora_problems(self):
         if not self.full_finetune:

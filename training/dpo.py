@@ -71,7 +71,8 @@ LOSSES: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
              reference_chosen: torch.Tensor, reference_rejected: torch.Tensor, *,
              beta: float = 0.1, label_smoothing: float = 0.0,
-             loss_type: LossType = "sigmoid") -> DPOOutput:
+             loss_type: LossType = "sigmoid", rpo_alpha: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None) -> DPOOutput:
     """DPO (or IPO) loss per pair from summed response log-probs, each of shape (P,).
 
     Args:
@@ -80,11 +81,15 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
         beta: β, the strength of the pull towards the reference (0.1 is the usual default).
         label_smoothing: ε, the assumed probability that a label is flipped (sigmoid only).
         loss_type: "sigmoid" (DPO) or "ipo".
+        rpo_alpha, chosen_tokens: RPO adds ``rpo_alpha`` × the chosen answer's mean token NLL
+            (``-policy_chosen / chosen_tokens``) to each pair's loss.
     """
     chosen_ratio = policy_chosen - reference_chosen.to(policy_chosen.dtype)
     rejected_ratio = policy_rejected - reference_rejected.to(policy_rejected.dtype)
     h = beta * (chosen_ratio - rejected_ratio)
     losses = LOSSES[loss_type](h, beta, label_smoothing)
+    if rpo_alpha:
+        losses = losses - rpo_alpha * policy_chosen / chosen_tokens.clamp(min=1)
     return DPOOutput(losses=losses, chosen_rewards=beta * chosen_ratio.detach(),
                      rejected_rewards=beta * rejected_ratio.detach())
 

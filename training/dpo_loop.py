@@ -49,6 +49,14 @@ def batch_sums(batch: dict[str, torch.Tensor], out: dpo.DPOOutput, chosen: torch
     return torch.tensor([float(v) for v in values])
 
 
+def chosen_token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(m,) supervised tokens of each pair's chosen answer (sequence i of 2m)."""
+    m = len(batch["pair_index"])
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    owners = batch["sequence_ids"][:, 1:][keep]
+    return torch.bincount(owners, minlength=2 * m)[:m].float()
+
+
 def pair_metrics(sums: torch.Tensor) -> dict[str, float]:
     """Means over the pairs: loss, rewards/…, logps/… (TRL's names, so curves compare)."""
     s = dict(zip(SUM_FIELDS, sums.tolist(), strict=True))
@@ -193,7 +201,8 @@ class DPOTrainer(SFTTrainer):
         out = dpo.dpo_loss(chosen, rejected, batch["reference_chosen"].to(self.device),
                            batch["reference_rejected"].to(self.device), beta=self.spec.beta,
                            label_smoothing=self.spec.label_smoothing,
-                           loss_type=self.spec.dpo_loss)
+                           loss_type=self.spec.dpo_loss, rpo_alpha=self.spec.rpo_alpha,
+                           chosen_tokens=chosen_token_counts(batch).to(self.device))
         return out, chosen, rejected
 
     def train_step(self, pairs: list[Pair]) -> torch.Tensor:  # type: ignore[override]
@@ -266,5 +275,6 @@ class DPOTrainer(SFTTrainer):
         spec = self.spec
         return {**super().manifest(), "dpo": {
             "beta": spec.beta, "loss": spec.dpo_loss, "label_smoothing": spec.label_smoothing,
+            "rpo_alpha": spec.rpo_alpha,
             "init_adapter": spec.init_adapter, "reference_adapter": spec.reference_adapter,
             "reference_cache": self.reference_cache}}

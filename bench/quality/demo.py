@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64, help="length cap per answer")
     p.add_argument("--dpo", action="store_true", help="SFT on mixed-style answers, then DPO")
     p.add_argument("--dpo-n-train", type=int, default=256, help="preference pairs")
+    p.add_argument("--rpo-alpha", type=float, default=1.0,
+                   help="DPO job's rpo_alpha (weight of the chosen answers' NLL; 0 = plain DPO)")
     p.add_argument("--base-url", help="a running service's /v1 URL (else one is started)")
     p.add_argument("--api-key", default=os.environ.get("TUNESERVE_API_KEY"))
     p.add_argument("--storage", help="storage of the started service (default: a temp dir)")
@@ -266,8 +268,10 @@ def run_dpo(client: Client, args: argparse.Namespace, data_dir: Path) -> dict[st
             "training_file": upload(client, args, paths[pairs]),
             "validation_file": upload(client, args,
                                       paths[f"{args.task}-preference-heldout.jsonl"]),
-            "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1}}}}
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {
+                "n_epochs": 1, "rpo_alpha": args.rpo_alpha}}}}
     dpo = run_job(client, args, body)
+    dpo["rpo_alpha"] = args.rpo_alpha
     say(args, f"[5/5] evaluating {dpo['fine_tuned_model']}")
     after = evaluate(client, args, dpo["fine_tuned_model"])
     accuracy = dpo["final_metrics"].get("valid_rewards/accuracies")
@@ -286,6 +290,8 @@ def settings_text(job: dict[str, Any]) -> str:
              f"peak LR {hp.get('learning_rate')}"]
     if lora:
         parts.append(f"LoRA r={lora.get('r')} alpha={lora.get('alpha')}")
+    if "rpo_alpha" in job:
+        parts.append(f"rpo_alpha {job['rpo_alpha']}")
     parts.append(f"{job.get('total_steps')} steps, {job.get('trained_tokens')} tokens")
     return ", ".join(parts)
 
