@@ -263,13 +263,15 @@ class DPOTrainer(SFTTrainer):
         if not math.isfinite(metrics["loss"]):
             raise RuntimeError(f"the DPO loss before training is {metrics['loss']}: check the "
                                "model and the data")
+        rpo = (f" + rpo_alpha {self.spec.rpo_alpha} × the chosen answers' token NLL"
+               if self.spec.rpo_alpha else "")
         self.emit(f"Verified settings: DPO loss before training={metrics['loss']:.4f} (ln 2 = "
-                  f"{math.log(2):.4f} while the policy equals the reference), beta="
+                  f"{math.log(2):.4f} while the policy equals the reference{rpo}), beta="
                   f"{self.spec.beta}, {self.total_steps} steps ({self.hp.n_epochs} epochs × "
                   f"{self.steps_per_epoch} steps of {self.hp.batch_size} pairs)",
                   data={"initial_loss": metrics["loss"], "initial_metrics": metrics,
                         "total_steps": self.total_steps, "hyperparameters": self.hp.as_dict(),
-                        "beta": self.spec.beta})
+                        "beta": self.spec.beta, "rpo_alpha": self.spec.rpo_alpha})
 
     def manifest(self) -> dict[str, Any]:
         spec = self.spec
