@@ -121,8 +121,8 @@ def service(tmp_path_factory):
 
 
 def run_demo(service: Service, results, *extra: str) -> int:
-    return demo.main(["--model", TINY, "--n-train", "64", "--n-eval", "8", "--max-tokens", "16",
-                      "--base-url", f"{service.url}/v1", "--results", str(results), "--quiet",
+    return demo.main(["--model", TINY, "--n-train", "64", "--batch-size", "8", "--n-eval", "8",
+                      "--max-tokens", "16", "--base-url", f"{service.url}/v1", "--results", str(results), "--quiet",
                       *extra])
 
 
@@ -144,7 +144,8 @@ def test_demo_runs_end_to_end_on_the_tiny_model(service, tmp_path):
     job = result["jobs"]["sft"]
     assert tuned_model == job["fine_tuned_model"] and tuned_model.startswith(f"ft:{TINY}:sort:")
     assert job["seconds"] > 0 and job["hyperparameters"]["n_epochs"] == 1
-    assert job["total_steps"] == 8 and job["lora"]["r"] == demo.DEFAULTS["lora_r"]
+    assert job["total_steps"] == 8 and job["hyperparameters"]["batch_size"] == 8  # 64 / 8
+    assert job["lora"]["r"] == demo.DEFAULTS["lora_r"]
     table = (results / "quality.md").read_text()
     assert "| tuned (" in table and "bench/quality/demo.py --model tuneserve/tiny-llama" in table
     assert done.returncode == 0, done.stderr
