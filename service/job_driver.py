@@ -61,7 +61,8 @@ def train_spec(record: JobRecord, cpus_per_worker: int):
         fields["rpo_alpha"] = float(hp.get("rpo_alpha", 0.0))
         # Continuing from an SFT model: that adapter, frozen, is the reference.
         fields["reference_adapter"] = init_adapter
-    for name in ("max_length", "pack_length", "checkpoint_every_steps", "max_failures", "packing"):
+    for name in ("max_length", "pack_length", "checkpoint_every_steps", "max_failures", "packing",
+                 "activation_checkpointing"):
         if name in ext:
             fields[name] = ext[name]
     return TrainSpec(**fields).validate()

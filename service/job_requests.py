@@ -98,6 +98,8 @@ class CreateJobRequest(Strict):
     """Train every weight instead of a LoRA adapter (small models only)."""
     num_workers: int = Field(default=1, ge=1, le=64)
     use_gpu: bool = False
+    activation_checkpointing: bool = False
+    """Recompute each layer in the backward pass: ~0.6x the memory for ~0.7x the speed."""
     training_files: list[WeightedFile] | None = Field(default=None, max_length=16)
     """Extra training files mixed with ``training_file`` by weight."""
     webhook_url: str | None = Field(default=None, max_length=2048)

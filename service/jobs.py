@@ -180,6 +180,7 @@ def _create_record(store: JobStore, body: CreateJobRequest, tenant: str) -> JobR
             "lora": (body.lora.model_dump() if body.lora else None),
             "full_finetune": body.full_finetune,
             "num_workers": body.num_workers, "use_gpu": body.use_gpu,
+            "activation_checkpointing": body.activation_checkpointing,
             "training_files": [f.model_dump() for f in body.training_files or []],
         },
     )

@@ -242,3 +242,20 @@ def test_cancel_without_runner_and_finished_job_conflict(client, app):
     JobStore(app.state.storage).transition(job_id, "failed")
     r = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
     assert r.status_code == 409 and "failed" in r.json()["error"]["message"]
+
+
+def test_extensions_reach_the_training_spec(client, app):
+    """Our extensions (LoRA shape, activation checkpointing, DPO's rpo_alpha) end up in the spec
+    the training run gets."""
+    from service.job_driver import train_spec
+    from service.job_store import JobStore
+
+    file_id = upload(client, _pref_lines())
+    r = create(client, training_file=file_id, lora={"r": 8}, activation_checkpointing=True,
+               method={"type": "dpo", "dpo": {"hyperparameters": {"rpo_alpha": 0.5}}})
+    assert r.status_code == 200, r.text
+    assert r.json()["method"]["dpo"]["hyperparameters"]["rpo_alpha"] == 0.5
+    record = JobStore(app.state.storage).get(r.json()["id"])
+    spec = train_spec(record, cpus_per_worker=1)
+    assert spec.activation_checkpointing and spec.lora_r == 8 and spec.rpo_alpha == 0.5
+    assert spec.method == "dpo" and spec.beta == 0.1
