@@ -183,6 +183,11 @@ def follow(client: Client, job_id: str, *, as_json: bool = False) -> int:
     return EXIT_CODES.get(job["status"], 1)
 
 
+DPO_LABELS = {"rewards/chosen": "chosen", "rewards/rejected": "rejected",
+              "rewards/accuracies": "reward acc", "rewards/margins": "margin"}
+"""The DPO step metrics the live view shows (the training ones; validation comes at checkpoints)."""
+
+
 class Progress:
     """Step, loss, accuracy and an ETA from the metrics events' own timestamps (so a replay of
     a job's history on attach does not look like a burst of speed)."""
@@ -208,9 +213,9 @@ class Progress:
             parts.append(f"acc {data['train_mean_token_accuracy']:.3f}")
         if data.get("valid_loss") is not None:
             parts.append(f"valid loss {data['valid_loss']:.4f}")
-        for key, value in data.items():
-            if "rewards/" in key and isinstance(value, (int, float)):
-                parts.append(f"{key.split('/')[-1].rstrip('s')} {value:.3f}")
+        for key, label in DPO_LABELS.items():
+            if isinstance(data.get(key), (int, float)):
+                parts.append(f"{label} {data[key]:.3f}")
         self.stats = "  ".join(parts)
 
     def eta_text(self) -> str:

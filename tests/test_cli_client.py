@@ -98,3 +98,15 @@ def test_upload_sends_the_file_through_the_progress_reader(api, tmp_path):
     path.write_text(f"{GOOD}\n")
     uploaded = upload_file(client, path)
     assert uploaded["bytes"] == path.stat().st_size and uploaded["filename"] == "train.jsonl"
+
+
+def test_follow_shows_the_dpo_step_metrics_by_name():
+    from service.cli_jobs import Progress
+
+    progress = Progress()
+    progress.update({"created_at": 1, "data": {
+        "step": 3, "total_steps": 8, "train_loss": 0.5, "rewards/chosen": -0.1,
+        "rewards/rejected": -1.4, "rewards/accuracies": 1.0, "rewards/margins": 1.3,
+        "valid_rewards/margins": 9.0}})
+    assert progress.stats == ("loss 0.5000  chosen -0.100  rejected -1.400  reward acc 1.000  "
+                              "margin 1.300")
