@@ -111,15 +111,20 @@ def test_packed_rows_give_the_loss_of_separate_examples(family: str, attention: 
     transformers' block-diagonal mask and with our per-example attention (which the trainer
     uses) — and so do the gradients."""
     model = tiny_model(family, attention).train()
-    packed = loss_sums(model, collate_packed(EXAMPLES))
-    packed.loss.backward()
-    packed_grads = [p.grad.clone() for p in model.parameters()]
+    assert_same_loss_and_grads(model, collate_packed(EXAMPLES), collate_padded(EXAMPLES, 0), 8)
+
+
+def assert_same_loss_and_grads(model, batch, reference, count: int) -> None:
+    """``batch`` gives ``reference``'s supervised count, summed loss and every gradient."""
+    sums = loss_sums(model, batch)
+    sums.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    padded = loss_sums(model, collate_padded(EXAMPLES, pad_id=0))
-    padded.loss.backward()
-    assert packed.count == padded.count == 8
-    assert packed.loss.item() == pytest.approx(padded.loss.item(), rel=1e-5)
-    for a, p in zip(packed_grads, model.parameters(), strict=True):
+    expected = loss_sums(model, reference)
+    expected.loss.backward()
+    assert sums.count == expected.count == count
+    assert sums.loss.item() == pytest.approx(expected.loss.item(), rel=1e-5)
+    for a, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -150,16 +155,8 @@ def test_a_shared_prefix_computed_once_gives_the_loss_and_grads_of_separate_exam
         assert not shares_prefixes(model)
         return
     assert shares_prefixes(model)
-    shared = loss_sums(model, collate_packed(SHARED, share_prefix=True))
-    shared.loss.backward()
-    shared_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    padded = loss_sums(model, collate_padded(SHARED, pad_id=0))
-    padded.loss.backward()
-    assert shared.count == padded.count == 6
-    assert shared.loss.item() == pytest.approx(padded.loss.item(), rel=1e-5)
-    for a, p in zip(shared_grads, model.parameters(), strict=True):
-        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+    assert_same_loss_and_grads(model, collate_packed(SHARED, share_prefix=True),
+                               collate_padded(SHARED, pad_id=0), 6)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -11,9 +11,10 @@ The example boundaries come from ``cu_seq_lens_q`` (cumulative lengths, as flash
 varlen kernels take them), which ``training.packing.collate_packed`` puts in the batch and the
 model forwards to every attention layer. With ``segment_parents`` a segment also attends to its
 parent segment (a prefix its examples share, computed once): its queries see the parent's keys
-and then its own, causally, as if the parent's tokens stood in front of it. Without them (padded batches, generation), or where a
-model needs what SDPA alone cannot do per slice (logit soft-capping; a sliding window shorter
-than an example), this falls back to transformers' SDPA path with its mask.
+and then its own, causally, as if the parent's tokens stood in front of it. Without the bounds
+(padded batches, generation), or where a model needs what SDPA alone cannot do per slice (logit
+soft-capping; a sliding window shorter than an example), this falls back to transformers' SDPA
+path with its mask.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def shares_prefixes(model: torch.nn.Module) -> bool:
     only on the per-example path, so not where that path falls back to a mask (soft-capping,
     sliding windows) or is not used at all."""
     config = model.config
-    return (model.config._attn_implementation == PACKED
+    return (config._attn_implementation == PACKED
             and getattr(config, "attn_logit_softcapping", None) is None
             and getattr(config, "sliding_window", None) is None)
 

@@ -39,8 +39,7 @@ SUM_FIELDS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"
 def batch_sums(batch: dict[str, torch.Tensor], out: dpo.DPOOutput, chosen: torch.Tensor,
                rejected: torch.Tensor) -> torch.Tensor:
     """The ``SUM_FIELDS`` of one micro-batch."""
-    mask = batch.get("attention_mask")
-    tokens = mask.sum() if mask is not None else batch["tokens"]  # the pairs' own tokens
+    tokens = batch["tokens"]
     supervised = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     wins = (out.chosen_rewards > out.rejected_rewards).float().sum()
     values = [out.losses.detach().sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),
@@ -202,7 +201,8 @@ class DPOTrainer(SFTTrainer):
                            batch["reference_rejected"].to(self.device), beta=self.spec.beta,
                            label_smoothing=self.spec.label_smoothing,
                            loss_type=self.spec.dpo_loss, rpo_alpha=self.spec.rpo_alpha,
-                           chosen_tokens=chosen_token_counts(batch).to(self.device))
+                           chosen_tokens=(chosen_token_counts(batch).to(self.device)
+                                          if self.spec.rpo_alpha else None))
         return out, chosen, rejected
 
     def train_step(self, pairs: list[Pair]) -> torch.Tensor:  # type: ignore[override]

@@ -306,13 +306,13 @@ class SFTTrainer:
         micro = self.batches(examples)
         local = torch.tensor([float(sum(supervised_count(b["labels"]) for b in micro))])
         global_count = int(self.all_reduce(local).item())
-        # Trained tokens are the examples' own (what the caller sent), however they were batched.
-        sums = torch.tensor([0.0, 0.0, 0.0, float(sum(len(ids) for ids, _ in examples))])
+        sums = torch.zeros(4)
         for batch in micro:
             token_sums = self.forward_sums(batch)
             normalised_loss(token_sums, global_count).backward()
-            sums += torch.tensor([token_sums.loss.item(), token_sums.correct, token_sums.count,
-                                  0.0])
+            sums[:3] += torch.tensor([token_sums.loss.item(), token_sums.correct, token_sums.count])
+        # Trained tokens are the examples' own (what the caller sent), however they were batched.
+        sums[3] = float(sum(len(ids) for ids, _ in examples))
         sums = self.all_reduce_grads(sums)  # [3]
         self.step_optimizer()
         return sums

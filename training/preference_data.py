@@ -134,7 +134,6 @@ def collate_packed(pairs: Sequence[Pair], share_prefix: bool = False) -> dict[st
     # Example 2i is pair i's chosen answer (sequence i), 2i+1 its rejected one (sequence m+i).
     sequence = [-1 if o < 0 else o // 2 + (o % 2) * m for o in owners]
     batch["sequence_ids"] = torch.tensor([sequence])
-    batch["tokens"] = torch.tensor(sum(p.n_tokens for p in pairs))
     return _with_pair_fields(batch, pairs)
 
 
@@ -142,6 +141,7 @@ def _with_pair_fields(batch: dict[str, torch.Tensor], pairs: Sequence[Pair]
                       ) -> dict[str, torch.Tensor]:
     """Add ``pair_index`` (m,) and, once known, ``reference_chosen``/``reference_rejected``."""
     batch["pair_index"] = torch.tensor([p.index for p in pairs])
+    batch["tokens"] = torch.tensor(sum(p.n_tokens for p in pairs))  # the pairs' own, unpadded
     if all(p.reference is not None for p in pairs):
         batch["reference_chosen"] = torch.tensor([p.reference[0] for p in pairs])
         batch["reference_rejected"] = torch.tensor([p.reference[1] for p in pairs])
