@@ -233,8 +233,11 @@ def markdown(summary: dict, config: dict, runs: list[dict]) -> str:
               f"interleaved rounds × {config['steps']} timed steps (medians). "
               "Command: `.venv/bin/python bench/dpo_vs_trl.py`."),
              (f"1-minute load average at the end of the runs: {min(loads):.0f}–{max(loads):.0f} "
-              f"on {config.get('cpus')} CPUs shared with other jobs: absolute times are "
-              "inflated and the ratios noisy; rerun on an idle machine for clean figures."), "",
+              f"on {config.get('cpus')} CPUs"
+              + (": other jobs shared the machine, so absolute times are inflated and the "
+                 "ratios noisy; rerun on an idle machine for clean figures."
+                 if max(loads) > config.get("cpus", 2) + 1 else " (nothing else running).")),
+             "",
              "| variant | step time (s) | pairs/s | peak RSS (MB) |", "|---|---|---|---|"]
     for variant, m in med.items():
         lines.append(f"| {variant} | {m['median_step_seconds']:.2f} | "
