@@ -8,8 +8,8 @@ evaluate the tuned model, print the table and write ``bench/results/quality.{jso
     python bench/quality/demo.py --task extract
     python bench/quality/demo.py --dpo                  # SFT, then DPO on preference pairs
 
-``--dpo`` trains the SFT stage on answers of mixed style (half of them wrapped in chatty filler,
-as collected data often is), then runs a DPO job from that model on pairs preferring the concise
+``--dpo`` trains the SFT stage on answers of mixed style (most of them wrapped in chatty filler,
+as collected data often is, so that the SFT model rambles), then runs a DPO job from that model on pairs preferring the concise
 answer over the rambling one; it reports the held-out preference accuracy (implicit reward,
 from the job's validation metrics) and how answer length and exact match change.
 
@@ -50,7 +50,7 @@ RESULTS = REPO / "bench" / "results"
 # The best settings measured so far on the built-in model (85 % exact match on sort in a
 # 711 s job, short of the 90 %-in-10-minutes target; bench/results/quality.md lists the runs).
 DEFAULTS = {"n_train": 2400, "n_epochs": 1, "batch_size": 4, "lr_multiplier": 1.5,
-            "lora_r": 32, "lora_alpha": 64}
+            "lora_r": 32, "lora_alpha": 64, "num_workers": 1}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,12 +64,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr-multiplier", type=float, default=DEFAULTS["lr_multiplier"])
     p.add_argument("--lora-r", type=int, default=DEFAULTS["lora_r"])
     p.add_argument("--lora-alpha", type=float, default=DEFAULTS["lora_alpha"])
+    p.add_argument("--num-workers", type=int, default=DEFAULTS["num_workers"],
+                   help="Ray Train workers of the job (the machine's CPUs are split among them)")
     p.add_argument("--auto", action="store_true",
                    help="send no hyperparameters: use the service's 'auto' choices")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=64, help="length cap per answer")
     p.add_argument("--dpo", action="store_true", help="SFT on mixed-style answers, then DPO")
     p.add_argument("--dpo-n-train", type=int, default=256, help="preference pairs")
+    p.add_argument("--chatty", type=float, default=0.8,
+                   help="share of the SFT stage's answers wrapped in filler (with --dpo)")
     p.add_argument("--rpo-alpha", type=float, default=1.0,
                    help="DPO job's rpo_alpha (weight of the chosen answers' NLL; 0 = plain DPO)")
     p.add_argument("--base-url", help="a running service's /v1 URL (else one is started)")
@@ -215,7 +219,7 @@ def sft_body(args: argparse.Namespace, file_id: str, suffix: str) -> dict[str, A
     return {"model": args.model, "training_file": file_id, "suffix": suffix, "seed": args.seed,
             "method": {"type": "supervised",
                        "supervised": {"hyperparameters": hyperparameters(args)}},
-            "lora": {"r": args.lora_r, "alpha": args.lora_alpha}}
+            "lora": {"r": args.lora_r, "alpha": args.lora_alpha}, "num_workers": args.num_workers}
 
 
 # -- the two demos -------------------------------------------------------------------------------
@@ -235,15 +239,17 @@ def run_sft(client: Client, args: argparse.Namespace, data_dir: Path) -> dict[st
     return {"kind": "sft", "rows": {"base": base, "tuned": tuned}, "jobs": {"sft": job}}
 
 
-def mixed_style(rows: list[dict], seed: int) -> list[dict]:
-    """Half of the answers wrapped in filler: an SFT set of uneven style, which DPO then fixes."""
+def mixed_style(rows: list[dict], seed: int, chatty: float) -> list[dict]:
+    """A share ``chatty`` of the answers wrapped in filler: an SFT set of uneven style, which DPO
+    then fixes. With most answers chatty the SFT model's greedy answers ramble, so the demo can
+    show DPO shortening them (with half, greedy answers were already concise)."""
     import random
 
     rng = random.Random(f"mixed:{seed}")
     out = []
     for row in rows:
         user, answer = row["messages"]
-        if rng.random() < 0.5:
+        if rng.random() < chatty:
             answer = {**answer, "content": make_data.rambling(answer["content"], rng)}
         out.append({"messages": [user, answer]})
     return out
@@ -252,13 +258,13 @@ def mixed_style(rows: list[dict], seed: int) -> list[dict]:
 def run_dpo(client: Client, args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     files = make_data.datasets(args.task, args.n_train, args.n_eval, args.seed, preferences=True)
     files[f"{args.task}-train.mixed.jsonl"] = mixed_style(files[f"{args.task}-train.chat.jsonl"],
-                                                          args.seed)
+                                                          args.seed, args.chatty)
     pairs = f"{args.task}-preference-train.jsonl"
     files[pairs] = files[pairs][:args.dpo_n_train]
     paths = make_data.write(data_dir, files)
     say(args, f"[1/5] evaluating the base model {args.model}")
     base = evaluate(client, args, args.model)
-    say(args, f"[2/5] SFT on {args.n_train} answers of mixed style")
+    say(args, f"[2/5] SFT on {args.n_train} answers, {args.chatty:.0%} of them chatty")
     sft = run_job(client, args, sft_body(args, upload(
         client, args, paths[f"{args.task}-train.mixed.jsonl"]), f"{args.task}-mixed"))
     say(args, f"[3/5] evaluating {sft['fine_tuned_model']}")
@@ -275,7 +281,8 @@ def run_dpo(client: Client, args: argparse.Namespace, data_dir: Path) -> dict[st
     say(args, f"[5/5] evaluating {dpo['fine_tuned_model']}")
     after = evaluate(client, args, dpo["fine_tuned_model"])
     accuracy = dpo["final_metrics"].get("valid_rewards/accuracies")
-    return {"kind": "dpo", "rows": {"base": base, "sft": tuned, "sft+dpo": after},
+    return {"kind": "dpo", "chatty": args.chatty,
+            "rows": {"base": base, "sft": tuned, "sft+dpo": after},
             "jobs": {"sft": sft, "dpo": dpo}, "heldout_preference_accuracy": accuracy,
             "heldout_reward_margin": dpo["final_metrics"].get("valid_rewards/margins")}
 
@@ -310,7 +317,9 @@ def markdown(result: dict[str, Any]) -> str:
     for name, job in result["jobs"].items():
         lines.append(f"| {name} `{job['id']}` | {job['seconds']} s | {settings_text(job)} |")
     if result["kind"] == "dpo":
-        lines += ["", (f"Held-out preference accuracy (implicit reward, chosen > rejected): "
+        lines += ["", (f"The SFT stage's answers: {result['chatty']:.0%} wrapped in filler, the "
+                       "rest concise; the DPO pairs prefer the concise answer."),
+                  "", (f"Held-out preference accuracy (implicit reward, chosen > rejected): "
                        f"{result['heldout_preference_accuracy']}; reward margin "
                        f"{result['heldout_reward_margin']}.")]
     load = ", ".join(f"{x:.1f}" for x in result["load_before"])
