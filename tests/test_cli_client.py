@@ -110,3 +110,47 @@ def test_follow_shows_the_dpo_step_metrics_by_name():
         "valid_rewards/margins": 9.0}})
     assert progress.stats == ("loss 0.5000  chosen -0.100  rejected -1.400  reward acc 1.000  "
                               "margin 1.300")
+
+
+def test_follow_shows_an_eta_from_the_steps_own_times():
+    from service.cli_jobs import LineView
+
+    view = LineView()
+    lines = []
+    view.write = lines.append
+    for step, at in ((1, 100), (2, 110), (3, 120)):  # 10 s a step, 7 steps to go after step 3
+        view.event({"type": "metrics", "created_at": at, "data": {
+            "step": step, "total_steps": 10, "train_loss": 1.0, "train_mean_token_accuracy": 0.5}})
+    assert lines[0].endswith("eta --:--")  # one step tells no pace yet
+    assert lines[-1].startswith("step 3/10 [######--------------]  30%")
+    assert lines[-1].endswith("eta 1:10"), lines[-1]
+
+
+def test_upload_feeds_the_whole_file_to_the_progress_bar_and_files_list_shows_it(
+        api, tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from service import cli_client
+
+    _, client = api
+    fed = []
+
+    class Counting(cli_client._ProgressReader):
+        def __init__(self, file, advance):
+            super().__init__(file, lambda n: (fed.append(n), advance(n)))
+
+    monkeypatch.setattr(cli_client, "_ProgressReader", Counting)
+    monkeypatch.setattr(cli_client, "make_client", lambda args, timeout=60.0: client)
+    path = tmp_path / "train.jsonl"
+    path.write_text(f"{GOOD}\n" * 3)
+    uploaded = upload_file(client, path)
+    assert sum(fed) == path.stat().st_size  # the bar reaches the file's size
+
+    assert cli_client.cmd_files_list(argparse.Namespace(json=False)) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["ID", "BYTES", "CREATED", "PURPOSE", "FILENAME", "EXAMPLES"]
+    assert [line.split()[0] for line in out[1:]] == [uploaded["id"]]
+    assert f"{path.stat().st_size}" in out[1] and "train.jsonl" in out[1]
+    assert cli_client.cmd_files_list(argparse.Namespace(json=True)) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [f["id"] for f in listed["data"]] == [uploaded["id"]]

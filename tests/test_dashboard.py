@@ -43,7 +43,8 @@ def add_job(app, tenant: str, steps: int, *, dpo: bool = False, status: str = "s
     events = EventLog(storage, job.id)
     events.add("Fine-tuning job started")
     for step in range(1, steps + 1):
-        data = {"step": step, "train_loss": 2.0 / step, "train_mean_token_accuracy": step / 10}
+        data = {"step": step, "train_loss": 2.0 / step, "train_mean_token_accuracy": step / 10,
+                "tokens_per_second": 100.0 * step}
         if step % 2 == 0:
             data["valid_loss"] = 2.2 / step
         if dpo:
@@ -123,6 +124,8 @@ def test_metrics_are_prometheus_text_and_count_jobs_and_uploads(app):
     assert samples[("tuneserve_jobs", (("status", "succeeded"),))] == 1
     assert samples[("tuneserve_jobs", (("status", "running"),))] == 1
     assert samples[("tuneserve_training_steps_total", ())] == 6
+    # Throughput of the running jobs only (bob's, at its latest step), not of finished ones.
+    assert samples[("tuneserve_training_tokens_per_second", ())] == 200.0
     assert samples[("tuneserve_upload_bytes_total", (("outcome", "accepted"),))] >= len(data)
     route = (("method", "POST"), ("route", "/v1/files"), ("status", "200"))
     assert samples[("tuneserve_http_requests_total", route)] == 1  # the template, not the path

@@ -171,6 +171,7 @@ UPLOADS = [
     upload("purpose-traversal", GOOD, "purpose", purpose="../fine-tune"),
     upload("unknown-form-field", GOOD, "tenant", tenant="bob"),
     upload("server-owned-id-field", GOOD, "id", id="file-" + "0" * 24),
+    upload("server-owned-organization-id", GOOD, "organization_id", organization_id="bob"),
     Case("two-file-parts", "POST", "/v1/files", "file", content=(
         f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
         + "".join(f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; "
@@ -252,6 +253,8 @@ JOB_SPECS = [
     Case("job-sets-storage-path", "POST", JOBS, "storage_path", json=job(storage_path="/tmp")),
     Case("job-sets-output-dir", "POST", JOBS, "output_dir", json=job(output_dir="s3://other/x")),
     Case("job-sets-tenant", "POST", JOBS, "tenant", json=job(tenant="bob")),
+    Case("job-sets-organization-id", "POST", JOBS, "organization_id",
+         json=job(organization_id="bob")),
     Case("job-sets-learning-rate", "POST", JOBS, "hyperparameters.learning_rate",
          json=job(hyperparameters={"learning_rate": 1.0})),
     Case("job-sets-max-failures", "POST", JOBS, "method.supervised.hyperparameters.max_failures",
@@ -323,6 +326,8 @@ CHATS = [
     Case("chat-empty-stop", "POST", CHAT, "stop", json=chat(stop=[""])),
     Case("chat-seed-string", "POST", CHAT, "seed", json=chat(seed="abc")),
     Case("chat-unknown-field", "POST", CHAT, "logit_bias", json=chat(logit_bias={"1": 100})),
+    Case("chat-sets-organization-id", "POST", CHAT, "organization_id",
+         json=chat(organization_id="bob")),
     Case("chat-stream-options-extra", "POST", CHAT, "stream_options.tenant",
          json=chat(stream=True, stream_options={"tenant": "bob"})),
     Case("chat-other-tenants-model", "POST", CHAT, "model",
