@@ -73,7 +73,8 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] | None = None
     """Up to 4 strings that end the answer."""
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)
+    """A 64-bit integer, as OpenAI's; torch's generator takes no more."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
@@ -104,7 +105,12 @@ def _backend(request: Request) -> ChatBackend:
     return chat
 
 
-@router.post("/chat/completions")
+_STREAM_RESPONSE = {200: {"description": "The completion; with `stream: true`, server-sent "
+                           "events of chunks ending with `data: [DONE]`",
+                           "content": {"text/event-stream": {}}}}
+
+
+@router.post("/chat/completions", responses=_STREAM_RESPONSE)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  tenant: str = Depends(get_tenant)):
     settings = request.app.state.settings

@@ -37,7 +37,10 @@ def sample_token(logits: torch.Tensor, params: SamplingParams,
     """One token from ``logits`` [vocab] (any float dtype) under ``params``."""
     if params.temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    scaled = logits.float() / params.temperature
+    if not torch.isfinite(scaled).all():  # a temperature so small the logits overflow: greedy
+        return int(torch.argmax(logits))
+    probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).

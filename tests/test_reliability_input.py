@@ -325,6 +325,8 @@ CHATS = [
     Case("chat-too-many-stops", "POST", CHAT, "stop", json=chat(stop=list("abcde"))),
     Case("chat-empty-stop", "POST", CHAT, "stop", json=chat(stop=[""])),
     Case("chat-seed-string", "POST", CHAT, "seed", json=chat(seed="abc")),
+    Case("chat-seed-beyond-64-bits", "POST", CHAT, "seed", json=chat(seed=2**64)),
+    Case("chat-seed-below-64-bits", "POST", CHAT, "seed", json=chat(seed=-2**63 - 1)),
     Case("chat-unknown-field", "POST", CHAT, "logit_bias", json=chat(logit_bias={"1": 100})),
     Case("chat-sets-organization-id", "POST", CHAT, "organization_id",
          json=chat(organization_id="bob")),
@@ -393,6 +395,18 @@ def test_hostile_input_is_4xx_naming_the_field_and_changes_nothing(world, case: 
     for word in case.words:
         assert word.lower() in message, error
     assert snapshot(app) == before
+
+
+@pytest.mark.parametrize("settings", [
+    {"temperature": 1e-300}, {"temperature": 1e-300, "top_p": 1e-300},
+    {"seed": 2**63 - 1, "temperature": 1.5}, {"seed": -2**63, "top_p": 0.01}],
+    ids=["tiny-temperature", "tiny-temperature-and-top-p", "largest-seed", "smallest-seed"])
+def test_extreme_valid_sampling_settings_answer(world, settings):
+    """Values the schema allows at its edges are answered, not a 500 (schemathesis found a
+    temperature of 1e-300 overflowing the logits to NaN, and a seed beyond 64 bits)."""
+    r = world["client"].post(CHAT, json=chat(**settings), headers=auth())
+    assert r.status_code == 200, r.text[:500]
+    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_refused_uploads_leave_no_storage_write_waiting(world):

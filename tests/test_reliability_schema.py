@@ -33,8 +33,30 @@ def app(tmp_path_factory) -> Iterator:
                         builtin_models=False, max_tokens_cap=4, max_request_bytes=256 * 1024,
                         max_upload_bytes=1024 * 1024, max_line_bytes=64 * 1024)
     backend = LocalChatBackend(settings, dtype="float32", max_batch=4)
-    yield create_app(settings, chat=backend)
+    app = create_app(settings, chat=backend)
+    seed_objects(app)
+    yield app
     backend.close()
+
+
+def seed_objects(app) -> None:
+    """A file and a job for each tenant, so that listings hand schemathesis real ids to read
+    (its generated uploads are never valid JSONL, so it cannot create them itself); without
+    an object to read, ``object_level_authorization`` has nothing to replay as the other
+    tenant."""
+    from fastapi.testclient import TestClient
+
+    line = json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                    {"role": "assistant", "content": "Hello"}]})
+    with TestClient(app) as client:
+        for key in KEYS:
+            headers = {"Authorization": f"Bearer {key}"}
+            r = client.post("/v1/files", headers=headers, data={"purpose": "fine-tune"},
+                            files={"file": ("train.jsonl", f"{line}\n{line}\n".encode())})
+            assert r.status_code == 200, r.text
+            r = client.post("/v1/fine_tuning/jobs", headers=headers,
+                            json={"model": "tuneserve/tiny-llama", "training_file": r.json()["id"]})
+            assert r.status_code == 200, r.text
 
 
 def schemathesis_config(tmp_path):
@@ -88,7 +110,24 @@ def _failures(events) -> tuple[list[str], list[str], set[str]]:
     return failures, errors, tested
 
 
-def test_schemathesis_finds_nothing(app, tmp_path):
+def count_probes(monkeypatch) -> dict[str, int]:
+    """How many requests each auth check sent beyond the generated ones: zero failures mean
+    something only if the checks did probe (``ignored_auth`` without or with a spoiled key,
+    ``object_level_authorization`` as the other tenant)."""
+    from schemathesis.specs.openapi import checks, object_authorization
+
+    sent = {"ignored_auth": 0, "object_level_authorization": 0}
+    for module, name in ((checks, "ignored_auth"),
+                         (object_authorization, "object_level_authorization")):
+        def counted(*args, _send=module.send_probe, _name=name, **kwargs):
+            sent[_name] += 1
+            return _send(*args, **kwargs)
+        monkeypatch.setattr(module, "send_probe", counted)
+    return sent
+
+
+def test_schemathesis_finds_nothing(app, tmp_path, monkeypatch):
+    probes = count_probes(monkeypatch)
     started = time.monotonic()
     schema = schemathesis.openapi.from_asgi("/openapi.json", app,
                                             config=schemathesis_config(tmp_path))
@@ -100,3 +139,4 @@ def test_schemathesis_finds_nothing(app, tmp_path):
     operations = {f"{m.upper()} {p}" for p, ops in app.openapi()["paths"].items() for m in ops}
     assert tested >= operations - {"GET /healthz", "GET /readyz"}, operations - tested
     assert seconds < MAX_SECONDS + 60
+    assert probes["ignored_auth"] > 0 and probes["object_level_authorization"] > 0, probes
