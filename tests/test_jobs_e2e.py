@@ -117,6 +117,15 @@ def test_api_replica_restart_during_a_run_does_not_stop_it(client, service):
     assert done.status == "succeeded", done.error
     steps = sorted(e.data["step"] for e in metrics_events(client, job.id))
     assert steps[-1] == 96  # 64 / 4 × 6: the run went on to its end
+    # The new replica re-attached to the run that went on: it did not restart or resume it.
+    events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data
+    assert not [e for e in events if e.data and "resumed_from_step" in e.data]
+    assert not [e for e in events if "was lost" in e.message]
+    assert steps == list(range(1, 97))  # every step once
+    # What it left is whole: the tuned model answers.
+    answer = client.chat.completions.create(
+        model=done.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert answer.choices[0].finish_reason
 
 
 def test_cluster_restart_resumes_from_the_last_checkpoint(service_env, service, monkeypatch):
