@@ -245,7 +245,8 @@ def _listening(pid: int) -> list[tuple[str, str, int]]:
         try:
             for conn in proc.net_connections(kind="inet"):
                 if conn.status == psutil.CONN_LISTEN:
-                    found.append((proc.name(), conn.laddr.ip, conn.laddr.port))
+                    name = " ".join(proc.cmdline()[:3]) or proc.name()
+                    found.append((name, conn.laddr.ip, conn.laddr.port))
         except psutil.Error:
             pass
     return found
@@ -263,6 +264,8 @@ def test_embedded_mode_listens_on_loopback_only(tmp_path):
     finally:
         service.stop()
     assert len(sockets) >= 4, sockets  # the proxy, GCS, raylet, object manager at least
+    # Ray's dashboard runs (Ray Train needs its State API) and serves the Jobs API on its port.
+    assert any("dashboard" in name for name, _, _ in sockets), sockets
     exposed = [s for s in sockets if not _is_loopback(s[1])]
     upstream = [s for s in exposed if s[0].startswith(SERVE_REPLICA) and s[1] in ("::", "0.0.0.0")]
     assert len(upstream) <= 4, upstream  # one per replica at most
