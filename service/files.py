@@ -138,6 +138,7 @@ async def create_file(request: Request, tenant: Tenant, storage: Store) -> FileO
         upload = await receive_upload(request, storage, key,
                                       max_file_bytes=settings.max_upload_bytes)
         declared = _check_fields(upload.fields, upload.has_file)
+        _check_filename(upload.filename)
         description = await run_in_threadpool(_describe, request.app, key, declared)
         record = await run_in_threadpool(
             file_store.save_record, storage, tenant, file_id,
@@ -224,6 +225,15 @@ def _check_fields(fields: dict[str, str], has_file: bool) -> str | None:
                              "or leave it out to detect the format.", param="format",
                              code="invalid_format")
     return declared
+
+
+def _check_filename(filename: str | None) -> None:
+    """A name that climbs out of its folder is a hostile or broken client: refuse it. (The name
+    is display-only, keys never use it; a plain path such as ``C:\\data\\train.jsonl`` is
+    fine and shown as its last part.)"""
+    if filename and ".." in filename.replace("\\", "/").split("/"):
+        raise InvalidRequest(f"Invalid file name {filename[:100]!r}: it must not contain a '..' "
+                             "path part.", param="file", code="invalid_file_name")
 
 
 def _display_name(filename: str | None) -> str:

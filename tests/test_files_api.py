@@ -182,10 +182,15 @@ def test_declared_format_is_used(client) -> None:
 
 
 def test_filename_is_display_only(client, app) -> None:
-    r = upload(client, (DATA / "flan.jsonl").read_bytes(), name="../../etc/passwd")
+    r = upload(client, (DATA / "flan.jsonl").read_bytes(), name="C:\\data\\train.jsonl")
     assert r.status_code == 200
-    assert r.json()["filename"] == "passwd"
+    assert r.json()["filename"] == "train.jsonl"
     assert all(key.startswith(("files/file-", "file-index/local/")) for key in stored_keys(app))
+    before = stored_keys(app)
+    r = upload(client, (DATA / "flan.jsonl").read_bytes(), name="../../etc/passwd")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+    assert "'..'" in r.json()["error"]["message"]
+    assert stored_keys(app) == before
 
 
 def test_list_pages_with_after_limit_order_and_purpose(client, app) -> None:

@@ -166,6 +166,9 @@ UPLOADS = [
     upload("lone-surrogate", jsonl(b'{"messages": [{"role": "user", "content": "\\ud800"}, '
                                    b'{"role": "assistant", "content": "b"}]}'),
            words=("line 1",)),
+    upload("filename-traversal", GOOD, "file", filename="../../etc/passwd", words=("..",)),
+    upload("filename-traversal-backslash", GOOD, "file", filename="..\\..\\x.jsonl",
+           words=("..",)),
     upload("format-traversal", GOOD, "format", format="../../alpaca"),
     upload("format-field-too-long", GOOD, "format", format="a" * 5000),
     upload("purpose-traversal", GOOD, "purpose", purpose="../fine-tune"),
