@@ -13,7 +13,8 @@ Measures, in one run on this machine, medians over repeats:
    token of its first request, in process (fetch + check + load + prefill).
 
 Run: ``.venv/bin/python -m bench.serving`` (``--quick`` for a smoke run). Writes
-``bench/results/serving.json`` and ``bench/results/serving.md``.
+``bench/results/serving.json`` and ``bench/results/serving.md``. ``--parts decode,zipf --ks 4``
+runs only those parts (while iterating) and prints their figures without writing results.
 
 Every timed loop runs on a worker thread with the same intra-op thread count: on this
 2-core machine the main thread's OpenMP team is far slower under load from other processes,
@@ -34,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -326,15 +327,27 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated subset of {', '.join(PARTS)}; a subset is printed, "
+                             "not written to bench/results")
+    parser.add_argument("--ks", default="4,1,16", help="adapter counts for the zipf part")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        parser.error(f"unknown parts {sorted(parts - set(PARTS))}; choose from {PARTS}")
+    ks = [int(k) for k in args.ks.split(",")]
+    everything = parts == set(PARTS) and ks == [4, 1, 16]  # the table needs every part
     quick = args.quick
     repeats = 3 if quick else 7
     result = run(args.dtype, args.threads, args.rank, repeats=repeats,
                  decode_tokens=16 if quick else 48,
-                 n_requests=16 if quick else 32, tokens=12 if quick else 24)
-    save(result)
-    print(markdown(result))  # noqa: T201  (a script's report)
+                 n_requests=16 if quick else 32, tokens=12 if quick else 24,
+                 parts=parts, ks=ks, keep=everything)
+    if everything:
+        print(markdown(result))  # noqa: T201  (a script's report)
+    else:
+        print(json.dumps(result, indent=1))  # noqa: T201
 
 
 def save(result: dict[str, Any]) -> None:
@@ -345,8 +358,12 @@ def save(result: dict[str, Any]) -> None:
         (RESULTS / "serving.md").write_text(markdown(result))
 
 
+PARTS = ("hot-load", "decode", "cold", "zipf")
+
+
 def run(dtype: str, threads: int, rank: int, *, repeats: int, decode_tokens: int,
-        n_requests: int, tokens: int) -> dict[str, Any]:
+        n_requests: int, tokens: int, parts: Collection[str] = PARTS,
+        ks: Sequence[int] = (4, 1, 16), keep: bool = True) -> dict[str, Any]:
     from peft import PeftModel
 
     from service.storage import open_storage
@@ -376,27 +393,33 @@ def run(dtype: str, threads: int, rank: int, *, repeats: int, decode_tokens: int
         "cpus": len(os.sched_getaffinity(0)), "load_average": os.getloadavg()[0],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S")}}
-    result["hot_load"] = on_thread(lambda: bench_hot_load(
-        engine, peft_model, adapters, repeats=max(10, 3 * repeats)), threads)
-    log.info("hot-load: %s", result["hot_load"])
-    save(result)
-    engine.load_adapter(*adapters[0])
-    result["decode_batch1"] = bench_decode(engine, bare, peft_model, adapters[0][0], prompts[0],
-                                           decode_tokens, repeats, threads)
-    log.info("decode: %s", result["decode_batch1"])
-    save(result)
-    engine.remove_adapter(adapters[0][0])
+    maybe_save = save if keep else (lambda _: None)
+    if "hot-load" in parts:
+        result["hot_load"] = on_thread(lambda: bench_hot_load(
+            engine, peft_model, adapters, repeats=max(10, 3 * repeats)), threads)
+        log.info("hot-load: %s", result["hot_load"])
+        maybe_save(result)
+    if "decode" in parts:
+        engine.load_adapter(*adapters[0])
+        result["decode_batch1"] = bench_decode(engine, bare, peft_model, adapters[0][0],
+                                               prompts[0], decode_tokens, repeats, threads)
+        log.info("decode: %s", result["decode_batch1"])
+        maybe_save(result)
+        engine.remove_adapter(adapters[0][0])
     peft_model.set_adapter("first")
-    server = ChatServer(engine, storage, cache_dir=work / "cache")
-    result["cold_adapter_first_token"] = bench_cold_first_token(
-        server, adapters[1:], [{"role": "user", "content": PROMPTS[0]}], repeats=min(5, repeats))
-    save(result)
-    result["throughput_zipf"] = []
-    for k in (4, 1, 16):
-        result["throughput_zipf"] += bench_throughput(
-            engine, peft_model, tokenizer, adapters, prompts, ks=[k], n_requests=n_requests,
-            clients=8, tokens=tokens, threads=threads)
-        save(result)
+    if "cold" in parts:
+        server = ChatServer(engine, storage, cache_dir=work / "cache")
+        result["cold_adapter_first_token"] = bench_cold_first_token(
+            server, adapters[1:], [{"role": "user", "content": PROMPTS[0]}],
+            repeats=min(5, repeats))
+        maybe_save(result)
+    if "zipf" in parts:
+        result["throughput_zipf"] = []
+        for k in ks:
+            result["throughput_zipf"] += bench_throughput(
+                engine, peft_model, tokenizer, adapters, prompts, ks=[k], n_requests=n_requests,
+                clients=8, tokens=tokens, threads=threads)
+            maybe_save(result)
     engine.close()
     shutil.rmtree(work, ignore_errors=True)
     result["config"]["load_average_end"] = os.getloadavg()[0]

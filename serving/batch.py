@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from serving.lora import Segment
-from serving.sampling import SamplingParams, StopText
+from serving.sampling import IncrementalText, SamplingParams, StopText
 
 
 @dataclass(eq=False)
@@ -31,6 +31,7 @@ class Row:
     max_tokens: int
     generator: torch.Generator
     stop: StopText
+    text: IncrementalText
     tokens: list[int] = field(default_factory=list)
     pos: int = 0
     """Position of the newest token, the one the next decode step feeds."""

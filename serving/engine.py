@@ -30,8 +30,9 @@ from transformers import DynamicCache
 from service.errors import InvalidRequest, RateLimited
 from serving.adapters import DEFAULT_MAX_RANK, LoadedAdapter, read_adapter
 from serving.batch import Row, RunningBatch, segments_of
-from serving.lora import MixedPlan, attach_lora
-from serving.sampling import SamplingParams, StopText, make_generator, sample_token
+from serving.lora import MixedPlan, attach_lora, drop_factors, set_factors
+from serving.sampling import (IncrementalText, SamplingParams, StopText, make_generator,
+                              sample_token)
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: deque[Row] = deque()
         self._batch = RunningBatch()  # touched by the generation thread only
-        self._plan_key: tuple[list[int], int] = ([], 0)
+        self._plan_key: list[int] = []
         self._in_flight = 0
         """Requests submitted and not finished (guarded by ``_lock``)."""
         self._adapters: dict[str, _Slot] = {}
@@ -162,9 +163,7 @@ class Engine:
                 return
             slot, self._next_slot = self._next_slot, self._next_slot + 1
             # A new slot is in no running segment yet, so the loop thread never sees it half set.
-            for path, factors in adapter.factors.items():
-                self.modules[path].factors[slot] = factors
-            self.lora.ranks[slot] = next(iter(adapter.factors.values()))[0].shape[0]
+            set_factors(self.lora, self.modules, slot, adapter.factors)
             self._adapters[adapter.adapter_id] = _Slot(slot)
 
     def remove_adapter(self, adapter_id: str) -> bool:
@@ -184,10 +183,7 @@ class Engine:
             return [a for a, s in self._adapters.items() if not s.retired]
 
     def _drop_slot(self, adapter_id: str) -> None:
-        slot = self._adapters.pop(adapter_id).slot
-        for module in self.modules.values():
-            module.factors.pop(slot, None)
-        self.lora.ranks.pop(slot, None)
+        drop_factors(self.lora, self.modules, self._adapters.pop(adapter_id).slot)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -230,7 +226,8 @@ class Engine:
                 known.users += 1
                 slot = known.slot
             self._waiting.append(Row(generation, list(prompt), params, adapter_id, slot,
-                                      budget, make_generator(params.seed), StopText(params.stop)))
+                                      budget, make_generator(params.seed), StopText(params.stop),
+                                      IncrementalText(self.tokenizer)))
             self._in_flight += 1
             self._start_thread()
             self._lock.notify()
@@ -312,7 +309,7 @@ class Engine:
         pads = [width - len(r.prompt) for r in rows]
         ids = torch.tensor([[0] * pad + r.prompt for pad, r in zip(pads, rows)])
         mask = torch.tensor([[0] * pad + [1] * len(r.prompt) for pad, r in zip(pads, rows)])
-        self._plan_adapters(rows, tokens_per_row=width)
+        self._plan_adapters(rows)
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, attention_mask=mask if any(pads) else None,
                          position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0), cache=cache,
@@ -333,19 +330,25 @@ class Engine:
         self._plan_adapters(self._batch.rows)
         out = self.model(**self._batch.step_inputs(), use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
-        for i, row in enumerate(self._batch.rows):
+        rows = self._batch.rows
+        if all(row.params.temperature <= 0 for row in rows):
+            # All greedy: one argmax and one sync for the batch instead of one per row.
+            tokens = logits.argmax(dim=-1).tolist()
+        else:
+            tokens = [sample_token(logits[i], r.params, r.generator) for i, r in enumerate(rows)]
+        for row, token in zip(rows, tokens):
             row.pos += 1
-            self._accept(row, sample_token(logits[i], row.params, row.generator))
+            self._accept(row, token)
         self._batch.drop_finished()
 
-    def _plan_adapters(self, rows: list[Row], tokens_per_row: int = 1) -> None:
+    def _plan_adapters(self, rows: list[Row]) -> None:
         """Segments for rows (sorted by slot) with at most one adapter, else a mixed plan."""
         row_slots = [row.slot for row in rows]
         if len({s for s in row_slots if s >= 0}) <= 1:
             self.lora.segments, self.lora.mixed = segments_of(row_slots), None
-        elif self.lora.mixed is None or self._plan_key != (row_slots, tokens_per_row):
-            self.lora.mixed = MixedPlan.build(row_slots, self.lora.ranks, tokens_per_row)
-            self._plan_key = (row_slots, tokens_per_row)
+        elif self.lora.mixed is None or self._plan_key != row_slots:
+            self.lora.mixed = MixedPlan.build(row_slots, self.lora.ranks)
+            self._plan_key = row_slots
 
     def _accept(self, row: Row, token: int) -> None:
         """Record a sampled token and send whatever text it settles."""
@@ -353,7 +356,7 @@ class Engine:
             self._finish(row, "stop", completion_tokens=len(row.tokens) + 1)
             return
         row.tokens.append(token)
-        delta = row.stop.update(self.tokenizer.decode(row.tokens, skip_special_tokens=True))
+        delta = row.stop.update(row.text.update(row.tokens))
         if row.stop.stopped:
             self._finish(row, "stop", delta)
         elif len(row.tokens) >= row.max_tokens or row.pos + 1 >= self.max_context:
@@ -377,9 +380,7 @@ class Engine:
             row.generation._put(error)
         elif reason is not None:
             if not row.stop.stopped:  # flush text held back for a stop string that never came
-                delta += row.stop.update(self.tokenizer.decode(row.tokens,
-                                                               skip_special_tokens=True),
-                                         final=True)
+                delta += row.stop.update(row.text.update(row.tokens, final=True), final=True)
             row.generation._put(Chunk(delta, reason, len(row.prompt),
                                       completion_tokens or len(row.tokens)))
         row.generation._put(_END)

@@ -1,8 +1,10 @@
-"""Per-request sampling settings, token sampling, and stop-string detection on decoded text."""
+"""Per-request sampling settings, token sampling, incremental detokenising, and stop-string
+detection on decoded text."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -97,3 +99,31 @@ class StopText:
                     longest = n
                     break
         return longest
+
+
+@dataclass
+class IncrementalText:
+    """A request's answer decoded token by token, each step decoding a few tokens, not all.
+
+    Decoding the whole answer at every step costs O(length) per row (0.8 ms at 2,000 tokens
+    here). As text-generation-inference does, decode the tokens since ``_prefix`` without and
+    with the unsettled ones and append the difference: a few tokens of context keep what a
+    tokenizer does at word starts right. New text ending in half a UTF-8 character waits for
+    the next token.
+    """
+
+    tokenizer: Any
+    text: str = ""
+    """The answer decoded so far."""
+    _prefix: int = 0
+    _read: int = 0
+
+    def update(self, tokens: list[int], *, final: bool = False) -> str:
+        """Given every answer token so far, return the answer decoded so far."""
+        decode = self.tokenizer.decode
+        settled = decode(tokens[self._prefix:self._read], skip_special_tokens=True)
+        window = decode(tokens[self._prefix:], skip_special_tokens=True)
+        if len(window) > len(settled) and (final or not window.endswith("\ufffd")):
+            self.text += window[len(settled):]
+            self._prefix, self._read = self._read, len(tokens)
+        return self.text

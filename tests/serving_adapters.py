@@ -27,8 +27,11 @@ def new_job_id() -> str:
 def write_adapter(storage: Storage, model_dir: Path, base_model: str, *, seed: int,
                   job_id: str | None = None, step: int | None = None, tenant: str = "local",
                   r: int = 8, scale: float = 0.5, manifest_overrides: dict[str, Any] | None = None,
-                  model: Any = None) -> str:
-    """Write one adapter to storage; returns its adapter id (``<job_id>/final`` …)."""
+                  model: Any = None, targets: list[str] = TARGETS) -> str:
+    """Write one adapter to storage; returns its adapter id (``<job_id>/final`` …).
+
+    ``targets``: the module names that get LoRA factors (all linear layers by default).
+    """
     from peft import LoraConfig, get_peft_model
 
     from training import models
@@ -36,7 +39,7 @@ def write_adapter(storage: Storage, model_dir: Path, base_model: str, *, seed: i
     job_id = job_id or new_job_id()
     folder = "final" if step is None else f"ckpt-step-{step}"
     base = model if model is not None else models.load_model(model_dir)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0)
     peft_model = get_peft_model(base, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -46,7 +49,7 @@ def write_adapter(storage: Storage, model_dir: Path, base_model: str, *, seed: i
     manifest = {
         "base_model": base_model, **models.model_fingerprint(model_dir),
         "eot_token_ids": [2], "job_id": job_id, "tenant": tenant, "step": step,
-        "lora": {"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": TARGETS},
+        "lora": {"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": targets},
         "data_hashes": {}, "hyperparameters": {}, "seed": seed, "versions": {}, "metrics": {},
     } | (manifest_overrides or {})
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,7 @@ from service.storage import open_storage
 from service.storage_config import StorageConfig
 from serving.adapters import AdapterCache, AdapterIncompatible, fetch_adapter
 from serving.engine import AdapterNotLoaded, Engine
-from serving.sampling import SamplingParams, StopText
+from serving.sampling import IncrementalText, SamplingParams, StopText
 from tests.serving_adapters import write_adapter
 from training import chat, models
 
@@ -90,21 +90,51 @@ def test_request_joining_a_running_batch_gets_its_own_answer(engine, store, tmp_
 
 def test_batched_lora_matches_peft(engine, store, tiny_dir, tmp_path):
     """Our LoRA arithmetic is PEFT's: same greedy tokens as PEFT's own forward."""
-    from peft import PeftModel
-
     storage, ids = store
     path = fetch_adapter(storage, ids[3], tmp_path)
     engine.load_adapter(ids[3], path)
     prompt = _prompt(engine, QUESTIONS[0])
     ours = engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0), ids[3])
 
+    assert ours.text == _peft_greedy(engine, tiny_dir, path, prompt, ours.completion_tokens)
+
+
+def _peft_greedy(engine: Engine, tiny_dir: Path, path: Path, prompt: list[int],
+                 n_tokens: int) -> str:
+    """PEFT's own greedy answer (full forward per token) with the adapter folder at ``path``."""
+    from peft import PeftModel
+
     peft_model = PeftModel.from_pretrained(models.load_model(tiny_dir), str(path)).eval()
     tokens = list(prompt)
     with torch.no_grad():
-        for _ in range(ours.completion_tokens):
+        for _ in range(n_tokens):
             tokens.append(int(peft_model(torch.tensor([tokens])).logits[0, -1].argmax()))
-    expected = engine.tokenizer.decode(tokens[len(prompt):], skip_special_tokens=True)
-    assert ours.text == expected
+    return engine.tokenizer.decode(tokens[len(prompt):], skip_special_tokens=True)
+
+
+def test_adapters_on_some_sibling_modules_with_other_ranks(engine, store, tiny_dir, tmp_path):
+    """q/k/v and gate/up share one A product per group; adapters that target only some of the
+    siblings, with different ranks, still give PEFT's answers, alone and batched together."""
+    storage, ids = store
+    specs = [(["q_proj", "v_proj", "up_proj"], 4), (["k_proj", "gate_proj", "down_proj"], 8),
+             (["v_proj", "o_proj"], 2)]
+    partial = [write_adapter(storage, tiny_dir, models.TINY_MODEL_ID, seed=20 + i, r=r,
+                             targets=targets) for i, (targets, r) in enumerate(specs)]
+    paths = {a: fetch_adapter(storage, a, tmp_path) for a in [*partial, ids[0]]}
+    for adapter_id, path in paths.items():
+        engine.load_adapter(adapter_id, path)
+    cases = [(None, QUESTIONS[0]), (partial[0], QUESTIONS[1]), (partial[1], QUESTIONS[2]),
+             (partial[2], QUESTIONS[3]), (ids[0], QUESTIONS[0]), (partial[0], QUESTIONS[3])]
+    alone = {case: engine.generate(_prompt(engine, case[1]), GREEDY, case[0]) for case in cases}
+    for adapter_id in partial:
+        prompt = _prompt(engine, QUESTIONS[partial.index(adapter_id) + 1])
+        answer = alone[(adapter_id, QUESTIONS[partial.index(adapter_id) + 1])]
+        assert answer.text == _peft_greedy(engine, tiny_dir, paths[adapter_id], prompt,
+                                           answer.completion_tokens)
+
+    generations = [engine.submit(_prompt(engine, q), GREEDY, a) for a, q in cases]
+    together = {case: "".join(c.text for c in g) for case, g in zip(cases, generations)}
+    assert together == {case: chunk.text for case, chunk in alone.items()}
 
 
 def test_lru_with_room_for_two_and_requests_for_three(engine, store, tmp_path):
@@ -284,3 +314,16 @@ def test_manifest_check_reads_the_manifest_file(engine, store, tmp_path):
     assert manifest["base_model"] == models.TINY_MODEL_ID
     engine.load_adapter(ids[0], path)
     assert engine.adapters == [ids[0]]
+
+
+def test_incremental_text_equals_decoding_everything(engine):
+    """Token by token, the answer is always a prefix of the whole decode and ends equal to it,
+    also across characters split over several byte-level tokens."""
+    text = "Café ☕ — naïve 東京 🚀🚀 done.\n  Indented\tline"
+    tokens = engine.tokenizer.encode(text, add_special_tokens=False)
+    incremental = IncrementalText(engine.tokenizer)
+    for n in range(1, len(tokens) + 1):
+        so_far = incremental.update(tokens[:n])
+        assert "\ufffd" not in so_far
+        assert engine.tokenizer.decode(tokens[:n], skip_special_tokens=True).startswith(so_far)
+    assert incremental.update(tokens, final=True) == engine.tokenizer.decode(tokens)
