@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from service import cli_eval, logs
 from service.cli_client import DEFAULT_BASE_URL, CliError, client_options
 from service.cli_client import add_commands as add_client_commands
+from service.ray_worker import EMBEDDED_ENV
 
 log = logging.getLogger("tuneserve")
 
@@ -55,6 +56,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not settings.ray_address:
         os.environ.setdefault(LOOPBACK_RAY_ENV, "0")
+        # Inherited by the local Ray's processes, so every worker's setup hook knows it runs
+        # embedded (service.ray_worker: Serve replicas' gRPC servers then bind loopback).
+        os.environ[EMBEDDED_ENV] = "1"
     import ray
     from ray import serve
 
@@ -66,8 +70,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     logs.add_secrets(settings.api_keys)
     # Every Ray worker of the service (Serve replicas, job drivers, training workers) logs JSON
-    # lines through the same redacting formatter.
-    runtime_env = {"worker_process_setup_hook": "service.logs.ray_worker_setup"}
+    # lines through the same redacting formatter (and, embedded, stays on loopback).
+    runtime_env = {"worker_process_setup_hook": "service.ray_worker.setup"}
     if settings.ray_address:
         ray.init(address=settings.ray_address, runtime_env=runtime_env)
     else:

@@ -2,10 +2,11 @@
 apply, and never a secret.
 
 ``setup_logging()`` is called by ``tuneserve up`` and, through Ray's
-``worker_process_setup_hook``, in every Ray worker process of the service (Serve replicas, job
-drivers, training workers); a Serve application started another way (KubeRay) calls it when its
-API replica builds the app. ``RequestContextMiddleware`` gives each HTTP request an id and binds
-it (and the job id in the path) to the logging context; ``service.auth`` binds the tenant.
+``worker_process_setup_hook`` (``service.ray_worker.setup``), in every Ray worker process of the
+service (Serve replicas, job drivers, training workers); a Serve application started another way
+(KubeRay) calls it when its API replica builds the app. ``RequestContextMiddleware`` gives each
+HTTP request an id and binds it (and the job id in the path) to the logging context;
+``service.auth`` binds the tenant.
 A training run's processes (the job's driver and its Ray Train workers) enter
 ``job_logging(job_id)``, so every line they write carries the job id, from any thread.
 
@@ -238,11 +239,6 @@ def _restore_handler() -> None:
                 and handler.stream in (sys.stderr, sys.stdout)):
             root.removeHandler(handler)
     setup_logging(_set_up.get("level"), stream=_set_up.get("stream"))
-
-
-def ray_worker_setup() -> None:
-    """Ray's ``worker_process_setup_hook``: every worker of the service logs as the API does."""
-    setup_logging()
 
 
 # --- per-request context --------------------------------------------------------------------
