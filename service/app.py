@@ -1,4 +1,5 @@
-"""The FastAPI application: one router per OpenAI resource, one error handler, one auth rule.
+"""The FastAPI application: one router per OpenAI resource, one error handler, one auth rule
+(every route but the health probes and the dashboard's log-in form needs a key).
 
 ``create_app`` is the only place the app is put together; the Serve ingress
 (``service.serve_app``) and the tests call it with their own settings and back ends.
@@ -14,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import dashboard, health, logs, metrics
+from service import api_docs, dashboard, health, logs, metrics
 from service.auth import get_tenant
 from service.body_limit import BodySizeLimit
 from service.errors import RateLimited, TuneserveError
@@ -33,8 +34,11 @@ def create_app(settings: Settings | None = None, *, chat=None, runner=None) -> F
         runner: the job runner (``service.runner``); None leaves jobs queued.
     """
     settings = settings or Settings()
+    # FastAPI's /openapi.json, /docs and /redoc would be public: service.api_docs serves them
+    # behind the keys instead.
     app = FastAPI(title="tuneserve", version="0.1.0",
-                  description="OpenAI-compatible fine-tuning service.")
+                  description="OpenAI-compatible fine-tuning service.",
+                  openapi_url=None, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.storage = open_storage(settings.storage_config())
     app.state.chat = chat
@@ -45,10 +49,11 @@ def create_app(settings: Settings | None = None, *, chat=None, runner=None) -> F
     app.add_middleware(metrics.MetricsMiddleware, metrics=metrics.init_metrics(app))
     app.add_middleware(logs.RequestContextMiddleware)  # outermost: every line gets the id
 
-    app.include_router(health.router)
-    app.include_router(metrics.router)
-    app.include_router(dashboard.router)
     authed = [Depends(get_tenant)]
+    app.include_router(health.router)  # the only routes that need no key
+    app.include_router(metrics.router, dependencies=authed)
+    app.include_router(api_docs.router, dependencies=authed)
+    app.include_router(dashboard.router)
     for router in _api_routers():
         app.include_router(router, prefix="/v1", dependencies=authed, responses=ERROR_RESPONSES)
     _document_limits(app, settings)

@@ -22,8 +22,11 @@ replica (the default); with several, scrape each replica or sum what they report
   last reported. A replica that answered nothing for ``REPLICA_TTL_S`` (stopped, replaced, or
   idle) drops out of the gauge rather than reporting a stale count forever.
 
-No label holds a tenant, a job id or a model name: ``/metrics`` needs no API key, like the
-health probes, and tells nothing about anyone's data.
+``/metrics`` needs an API key, like every route but the health probes (``create_app`` includes
+it with ``get_tenant``; with no keys configured, embedded on loopback, it needs none): give the
+Prometheus scrape job one as its bearer token (``authorization: {credentials: <key>}``). Any
+tenant's key reads it: no label holds a tenant, a job id or a model name, so it tells nothing
+about anyone's data.
 """
 
 from __future__ import annotations

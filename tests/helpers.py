@@ -103,12 +103,16 @@ class Service:
         self.stop()
 
 
-def scrape_metrics(url: str) -> dict[str, float]:
-    """``{'name{label="v",…}': value}`` from ``<url>/metrics``, parsed as Prometheus text."""
+def scrape_metrics(url: str, key: str | None = None) -> dict[str, float]:
+    """``{'name{label="v",…}': value}`` from ``<url>/metrics``, parsed as Prometheus text;
+    ``key`` is any tenant's API key (None where the service has no keys)."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    response = httpx.get(f"{url}/metrics", headers=headers, timeout=30)
+    response.raise_for_status()
     samples = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+    for family in text_string_to_metric_families(response.text):
         for s in family.samples:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
             samples[f"{s.name}{{{labels}}}"] = s.value

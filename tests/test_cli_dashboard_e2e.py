@@ -67,7 +67,10 @@ def cli(service: Service, *args: str, stdin: str | None = None, timeout: float =
 
 def scrape(service: Service) -> dict[str, float]:
     """``{'name{label="v",…}': value}`` from /metrics, parsed as Prometheus text."""
-    text = httpx.get(f"{service.url}/metrics", timeout=30).text
+    response = httpx.get(f"{service.url}/metrics", timeout=30,
+                         headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 200, response.text
+    text = response.text
     samples = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

@@ -116,7 +116,9 @@ def test_metrics_are_prometheus_text_and_count_jobs_and_uploads(app):
                            files={"file": ("t.jsonl", io.BytesIO(data))},
                            data={"purpose": "fine-tune"})
     assert uploaded.status_code == 200, uploaded.text
-    metrics = client.get("/metrics")  # no API key: like the health probes, no one's data in it
+    assert client.get("/metrics").status_code == 401  # a key, like every route but the probes
+    # Any tenant's key: no one's data is in it (alice reads bob's upload among the totals).
+    metrics = client.get("/metrics", headers={"Authorization": "Bearer key-alice-0001"})
     assert metrics.status_code == 200
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(metrics.text)

@@ -30,10 +30,10 @@ from training import models
 
 TINY = models.TINY_MODEL_ID
 KEYS = {"key-alice": "alice", "key-bob": "bob"}
-PUBLIC = {"/healthz", "/readyz", "/metrics"}
-"""Probes and Prometheus metrics (whose labels hold no tenant, job or model)."""
-DOCS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-"""FastAPI's API description and its viewers: public by design, they hold no tenant's data."""
+PUBLIC = {"/healthz", "/readyz"}
+"""The health probes (Kubernetes and KubeRay send no key): the only routes anyone may call."""
+KEYED_OPERATOR_ROUTES = {"/metrics", "/openapi.json", "/docs", "/redoc"}
+"""Prometheus metrics and the API's description: any tenant's key, and they name no tenant."""
 
 GOOD = b"".join(
     b'{"messages": [{"role": "user", "content": "Say %d."}, '
@@ -111,17 +111,18 @@ BAD_CREDENTIALS = ({}, {"Authorization": "Bearer wrong-key"},
 
 
 def test_every_route_but_the_probes_needs_a_key(world):
-    """The API answers 401 to every missing or wrong credential; the dashboard's pages send a
-    stranger to its login form; ``/metrics`` and the API description are public and hold no
-    tenant's names or ids."""
+    """The API, ``/metrics`` and the API description answer 401 to every missing or wrong
+    credential; the dashboard's pages send a stranger to its login form; only the health
+    probes answer anyone."""
     app, client = world["app"], world["client"]
     secrets_of_alice = ("alice", world["job"], world["file"])
     routes = all_routes(app)
     api_routes = [r for r in routes if _is_api_route(r)]
     other = {r.path for r in routes if not _is_api_route(r)}
-    assert other <= DOCS, f"routes outside FastAPI's API routing: {other - DOCS}"
+    assert not other, f"routes outside FastAPI's API routing (no key dependency): {other}"
     paths = {r.path for r in api_routes}
-    assert paths >= PUBLIC | {"/v1/chat/completions", "/v1/files", "/v1/fine_tuning/jobs"}
+    assert paths >= PUBLIC | KEYED_OPERATOR_ROUTES | {
+        "/v1/chat/completions", "/v1/files", "/v1/fine_tuning/jobs"}
     checked = 0
     for route in api_routes:
         for method in sorted(route.methods - {"HEAD", "OPTIONS"}):
@@ -138,24 +139,36 @@ def test_every_route_but_the_probes_needs_a_key(world):
                 else:
                     assert r.status_code == 401, (method, path, headers, r.status_code)
                     assert r.json()["error"]["type"] == "authentication_error"
-            checked += route.path.startswith("/v1")
-    assert checked >= 17  # files ×5, jobs ×8, models ×3, chat
+            checked += route.path.startswith("/v1") or route.path in KEYED_OPERATOR_ROUTES
+    assert checked >= 21  # files ×5, jobs ×8, models ×3, chat, metrics, the description ×3
 
 
-def test_metrics_and_docs_are_public_but_name_no_tenant(world):
+def test_metrics_and_docs_take_any_tenants_key_and_name_no_tenant(world):
     client = world["client"]
     as_alice = auth("key-alice")
     client.get(f"/v1/fine_tuning/jobs/{world['job']}", headers=as_alice)
     client.get(f"/v1/files/{world['file']}", headers=as_alice)
-    for path in ("/metrics", "/openapi.json", "/docs"):
-        r = client.get(path)
+    for path in sorted(KEYED_OPERATOR_ROUTES):
+        r = client.get(path, headers=auth("key-bob"))  # bob owns nothing: not his data
         assert r.status_code == 200, path
         for secret in ("alice", world["job"], world["file"], "key-alice"):
             assert secret not in r.text, (path, secret)
+    # A browser logged in at /ui fetches /docs and the document it shows with the cookie.
+    cookie = {"Cookie": "tuneserve_key=key-bob"}
+    assert client.get("/docs", headers=cookie).status_code == 200
+    assert client.get("/openapi.json", headers=cookie).json()["paths"]
+
+
+def test_without_keys_everything_answers_the_local_tenant(tmp_path):
+    """Embedded mode with no keys (one local tenant, loopback only): no route asks for one."""
+    app = create_app(Settings(storage=str(tmp_path / "store"), builtin_models=False))
+    with TestClient(app) as client:
+        for path in sorted(PUBLIC | KEYED_OPERATOR_ROUTES | {"/v1/models", "/v1/files"}):
+            assert client.get(path).status_code == 200, path
 
 
 def test_openapi_document_declares_the_key_on_every_operation(world):
-    spec = world["client"].get("/openapi.json").json()
+    spec = world["client"].get("/openapi.json", headers=auth("key-alice")).json()
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():

@@ -134,17 +134,17 @@ def test_job_that_just_succeeded_answers_its_first_request(service):
 
 def test_metrics_report_adapter_hot_loads_and_adapters_loaded(service):
     loads = "tuneserve_adapter_load_seconds_count{}"
-    before = scrape_metrics(service["url"])
+    before = scrape_metrics(service["url"], "key-alice")
     name = add_tuned_model(service["storage"], "alice", seed=8, suffix="metered")
     ask(service, name, max_tokens=4)  # the first request hot-loads the adapter
-    after = scrape_metrics(service["url"])
+    after = scrape_metrics(service["url"], "key-alice")
     assert after[loads] == before.get(loads, 0) + 1
     assert after["tuneserve_adapter_load_seconds_sum{}"] > before.get(
         "tuneserve_adapter_load_seconds_sum{}", 0)
     assert after['tuneserve_adapters_loaded{replica="local"}'] >= 1
 
     ask(service, name, max_tokens=4, stream=True)  # loaded already: no second hot-load
-    assert scrape_metrics(service["url"])[loads] == after[loads]
+    assert scrape_metrics(service["url"], "key-alice")[loads] == after[loads]
 
 
 def test_models_list_and_retrieve_per_tenant(service):

@@ -82,10 +82,11 @@ def test_chat_through_serve_with_multiplexed_adapters(served):
 
     # Three jobs that succeed while the deployment runs; room for two adapters per replica.
     a, b, c = (add_tuned_model(storage, "alice", seed=s, suffix=f"s{s}") for s in (11, 12, 13))
-    metrics_before = scrape_metrics(served["url"])
+    metrics_before = scrape_metrics(served["url"], "key-bob")
     first = {name: ask(served, name) for name in (a, b)}
-    # The replica reports its hot-loads and adapters to the API's /metrics with its answers.
-    metrics = scrape_metrics(served["url"])
+    # The replica reports its hot-loads and adapters to the API's /metrics with its answers
+    # (read with bob's key: any tenant's key reads /metrics).
+    metrics = scrape_metrics(served["url"], "key-bob")
     loads = "tuneserve_adapter_load_seconds_count{}"
     assert metrics[loads] - metrics_before.get(loads, 0) == 2
     held = {k: v for k, v in metrics.items() if k.startswith("tuneserve_adapters_loaded{")}
