@@ -47,6 +47,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams,
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        outside[0] = False  # a top_p below float32's smallest value rounds to 0 in the compare
         sorted_probs[outside] = 0.0
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[choice])

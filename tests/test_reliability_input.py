@@ -401,12 +401,14 @@ def test_hostile_input_is_4xx_naming_the_field_and_changes_nothing(world, case: 
 
 
 @pytest.mark.parametrize("settings", [
-    {"temperature": 1e-300}, {"temperature": 1e-300, "top_p": 1e-300},
+    {"temperature": 1e-300}, {"temperature": 1e-300, "top_p": 1e-300}, {"top_p": 1e-300},
     {"seed": 2**63 - 1, "temperature": 1.5}, {"seed": -2**63, "top_p": 0.01}],
-    ids=["tiny-temperature", "tiny-temperature-and-top-p", "largest-seed", "smallest-seed"])
+    ids=["tiny-temperature", "tiny-temperature-and-top-p", "tiny-top-p", "largest-seed",
+         "smallest-seed"])
 def test_extreme_valid_sampling_settings_answer(world, settings):
     """Values the schema allows at its edges are answered, not a 500 (schemathesis found a
-    temperature of 1e-300 overflowing the logits to NaN, and a seed beyond 64 bits)."""
+    temperature of 1e-300 overflowing the logits to NaN, a top_p of 1e-300 rounding to 0 and
+    keeping no token, and a seed beyond 64 bits)."""
     r = world["client"].post(CHAT, json=chat(**settings), headers=auth())
     assert r.status_code == 200, r.text[:500]
     assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
