@@ -164,6 +164,21 @@ def plain_copy(src, dst):
     return dst
 
 
+def test_tiny_model_can_end_a_turn(tiny_dir):
+    """The end-of-turn token's logit depends on the input, so a tuned tiny model can learn to end
+    its answers. (It is also the pad token; Llama's zeroed padding row in the tied embeddings once
+    held that logit at 0 for every input, and no tiny-model answer ever ended.)"""
+    tokenizer = load_tokenizer(tiny_dir)
+    model = load_model(tiny_dir)
+    eot = end_of_turn_ids(tokenizer)[0]
+    assert model.get_input_embeddings().weight[eot].abs().sum() > 0
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": text}])
+               for text in ("Hi", "Sort this list: [3, 1, 2]", "What is 2 + 2?")]
+    with torch.no_grad():
+        logits = [model(torch.tensor([ids])).logits[0, -1, eot].item() for ids in prompts]
+    assert len(set(logits)) == len(logits) and all(x != 0 for x in logits), logits
+
+
 def test_pickle_only_directory_is_refused(tmp_path, tiny_dir):
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 BUILTIN_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_MODEL_ID = "tuneserve/tiny-llama"
 
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2
 """Bump when a conversion or build changes: the cache slug changes with it, old copies stay put."""
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -333,6 +333,12 @@ def _build_tiny(out: Path) -> None:
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone (CPU; no GPU used)
         torch.manual_seed(TINY_SEED)
         model = LlamaForCausalLM(config).to(torch.float32)
+        # The pad token is the end-of-turn token here, and Llama zeroes the padding row of the
+        # (tied) embeddings: its logit would be 0 for every input and a tuned tiny model could
+        # never end an answer. Give that row weights like every other.
+        with torch.no_grad():
+            model.get_input_embeddings().weight[config.pad_token_id].normal_(
+                0.0, config.initializer_range)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
