@@ -38,15 +38,16 @@ def chatty_sft_rows(pairs: list[dict], share: float, seed: int) -> list[dict]:
             for row in pairs]
 
 
-def greedy_answers(model, tokenizer, rows: list[dict]) -> list[tuple[int, bool]]:
-    """(new tokens, ended at end-of-turn) of each greedy answer."""
+def greedy_answers(model, tokenizer, rows: list[dict],
+                   max_new_tokens: int = MAX_NEW_TOKENS) -> list[tuple[int, bool]]:
+    """(new tokens, ended at end-of-turn) of each greedy answer to a row's prompt."""
     stop = chat.end_of_turn_ids(tokenizer)
     answers = []
     for row in rows:
         ids = torch.tensor([chat.render_prompt(tokenizer, row["prompt"])])
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=MAX_NEW_TOKENS, eos_token_id=stop,
+                                 max_new_tokens=max_new_tokens, eos_token_id=stop,
                                  pad_token_id=tokenizer.pad_token_id)
         new = out[0, ids.shape[1]:].tolist()
         answers.append((len(new), new[-1] in stop))

@@ -13,7 +13,8 @@ from peft import PeftModel
 from service.storage import open_storage
 from service.storage_config import StorageConfig
 from tests.test_dpo_loss import load_make_preferences
-from training import chat, models
+from tests.test_dpo_shorter import greedy_answers
+from training import models
 from training.config import TrainSpec
 from training.run import run_training
 
@@ -31,20 +32,6 @@ JOB = "ftjob-" + "b" * 24
 TRAIN, HELDOUT = "file-" + "6" * 24, "file-" + "7" * 24
 N_PROMPTS = 6
 MAX_NEW_TOKENS = 24
-
-
-def greedy_lengths(model, tokenizer, rows: list[dict]) -> list[int]:
-    """New tokens of each greedy answer, up to and including its end-of-turn token."""
-    stop = chat.end_of_turn_ids(tokenizer)
-    lengths = []
-    for row in rows:
-        ids = torch.tensor([chat.render_prompt(tokenizer, row["prompt"])])
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=MAX_NEW_TOKENS, eos_token_id=stop,
-                                 pad_token_id=tokenizer.pad_token_id)
-        lengths.append(out.shape[1] - ids.shape[1])
-    return lengths
 
 
 def test_dpo_shortens_smollm2_answers(ray_local, tmp_path):
@@ -71,6 +58,6 @@ def test_dpo_shortens_smollm2_answers(ray_local, tmp_path):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     questions = heldout[:N_PROMPTS]
     with tuned.disable_adapter():
-        before = greedy_lengths(tuned, tokenizer, questions)
-    after = greedy_lengths(tuned, tokenizer, questions)
+        before = [n for n, _ in greedy_answers(tuned, tokenizer, questions, MAX_NEW_TOKENS)]
+    after = [n for n, _ in greedy_answers(tuned, tokenizer, questions, MAX_NEW_TOKENS)]
     assert sum(after) <= 0.7 * sum(before), (before, after)
