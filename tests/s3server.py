@@ -92,6 +92,10 @@ def free_port_pairs(n: int, offset: int = _GRPC_OFFSET) -> list[int]:
             s.close()
 
 
+class ExitedEarly(RuntimeError):
+    pass
+
+
 class S3Server:
     def __init__(self, base_dir: str | Path, *, bucket: str = "tuneserve-test",
                  access_key: str = "tuneserve-test-key",
@@ -102,6 +106,7 @@ class S3Server:
         self.secret_key = secret_key
         self.ports = dict(zip(_SERVICES, free_port_pairs(len(_SERVICES)), strict=True))
         self._proc: subprocess.Popen[bytes] | None = None
+        self._started = False
 
     @property
     def endpoint_url(self) -> str:
@@ -125,7 +130,7 @@ class S3Server:
             config=Config(s3={"addressing_style": "path"}, retries={"mode": "standard"},
                           connect_timeout=2, read_timeout=10))
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0, retries: int = 2) -> None:
         """Start (or restart on the same data) and wait until the bucket takes writes."""
         if self.running:
             return
@@ -150,9 +155,19 @@ class S3Server:
                                       stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             self._wait_ready(timeout)
+        except ExitedEarly:
+            self.stop(kill=True)
+            # A port picked free a moment ago can be taken before weed binds it (another test
+            # run starting or ending). Only the first start may move: clients know the ports after.
+            if self._started or retries == 0:
+                raise
+            self.ports = dict(zip(_SERVICES, free_port_pairs(len(_SERVICES)), strict=True))
+            log.warning("weed mini exited early; retrying on other ports")
+            return self.start(timeout, retries=retries - 1)
         except BaseException:
             self.stop(kill=True)
             raise
+        self._started = True
         log.info("SeaweedFS S3 ready at %s (dir %s)", self.endpoint_url, data)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -161,7 +176,7 @@ class S3Server:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self._proc is None or self._proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited early:\n{self.log_tail()}")
+                raise ExitedEarly(f"weed mini exited early:\n{self.log_tail()}")
             try:
                 with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou,
                                          client.exceptions.BucketAlreadyExists):
