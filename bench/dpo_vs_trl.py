@@ -139,6 +139,7 @@ def run_trl(steps: int, warmup: int, precompute: bool) -> dict:
 
     from training import models
     from training.lora import TARGET_MODULES
+    from training.loop import bf16_supported
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -160,7 +161,10 @@ def run_trl(steps: int, warmup: int, precompute: bool) -> dict:
     rows = rows[:n_steps * BATCH]  # the pairs the run uses (TRL precomputes over all it gets)
     output = tempfile.mkdtemp(prefix="trl-dpo-")
     args = DPOConfig(
-        output_dir=output, use_cpu=True, bf16=True, per_device_train_batch_size=BATCH,
+        # The precision ours picks: bf16 autocast only where the CPU has bf16 matmuls (AMX or
+        # AVX512-bf16); elsewhere bf16 is emulated and many times slower, for TRL as for us.
+        output_dir=output, use_cpu=True, bf16=bf16_supported(torch.device("cpu")),
+        per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=1, max_steps=n_steps, learning_rate=1e-3, beta=BETA,
         max_length=MAX_LENGTH, save_strategy="no", report_to=[], logging_steps=1, seed=SEED,
         dataloader_num_workers=0, precompute_ref_log_probs=precompute,
@@ -229,7 +233,8 @@ def markdown(summary: dict, config: dict, runs: list[dict]) -> str:
     loads = [load[0] for r in runs for load in [r.get("load_average") or [0.0]]]
     lines = ["# DPO: tuneserve vs TRL DPOTrainer", "",
              (f"SmolLM2-135M-Instruct, LoRA r={LORA_R} (all linear layers), β={BETA}, {BATCH} "
-              f"pairs per step, bf16 autocast, {THREADS} CPU threads; {config['rounds']} "
+              f"pairs per step, {config.get('precision', 'bf16 autocast')}, {THREADS} CPU threads; "
+              f"{config['rounds']} "
               f"interleaved rounds × {config['steps']} timed steps (medians). "
               "Command: `.venv/bin/python bench/dpo_vs_trl.py`."),
              (f"1-minute load average at the end of the runs: {min(loads):.0f}–{max(loads):.0f} "
@@ -283,10 +288,16 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_results(args: argparse.Namespace, runs: list[dict], rounds_done: int) -> None:
     """Rewritten after every run, so a long benchmark stopped early still leaves its figures."""
+    import torch
+
+    from training.loop import bf16_supported
+
     config = {"rounds": rounds_done, "rounds_planned": args.rounds, "steps": args.steps,
               "warmup": args.warmup, "batch_pairs": BATCH, "beta": BETA, "lora_r": LORA_R,
               "threads": THREADS, "max_length": MAX_LENGTH,
-              "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "cpus": os.cpu_count()}
+              "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "cpus": os.cpu_count(),
+              "precision": "bf16 autocast" if bf16_supported(torch.device("cpu"))
+              else "fp32 (this CPU has no bf16 matmuls)"}
     summary = summarise(runs)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "dpo.json").write_text(json.dumps(
