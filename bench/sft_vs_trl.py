@@ -179,6 +179,7 @@ def trl_trainer(config: str, model_dir, examples, n_steps: int, mean_len: float)
     from trl import SFTConfig, SFTTrainer
 
     from training import models
+    from training.loop import bf16_supported
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -204,7 +205,9 @@ def trl_trainer(config: str, model_dir, examples, n_steps: int, mean_len: float)
     args = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=n_steps,
         learning_rate=LEARNING_RATE,
-        per_device_train_batch_size=1 if packing else BATCH, bf16=True, use_cpu=True,
+        # bf16 where ours uses it: on a CPU without bf16 matmuls it is emulated, far slower
+        per_device_train_batch_size=1 if packing else BATCH, use_cpu=True,
+        bf16=bf16_supported(torch.device("cpu")),
         # A packed row holds about BATCH examples, so one row per step is the same batch.
         # padding_free without packing refuses a max_length (the inputs are already truncated)
         max_length=(int(mean_len * BATCH) if packing
