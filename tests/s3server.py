@@ -104,9 +104,13 @@ class S3Server:
         self.bucket = bucket
         self.access_key = access_key
         self.secret_key = secret_key
-        self.ports = dict(zip(_SERVICES, free_port_pairs(len(_SERVICES)), strict=True))
+        self.ports = self._free_ports()
         self._proc: subprocess.Popen[bytes] | None = None
         self._started = False
+
+    @staticmethod
+    def _free_ports() -> dict[str, int]:
+        return dict(zip(_SERVICES, free_port_pairs(len(_SERVICES)), strict=True))
 
     @property
     def endpoint_url(self) -> str:
@@ -161,7 +165,7 @@ class S3Server:
             # run starting or ending). Only the first start may move: clients know the ports after.
             if self._started or retries == 0:
                 raise
-            self.ports = dict(zip(_SERVICES, free_port_pairs(len(_SERVICES)), strict=True))
+            self.ports = self._free_ports()
             log.warning("weed mini exited early; retrying on other ports")
             return self.start(timeout, retries=retries - 1)
         except BaseException:

@@ -258,5 +258,6 @@ def test_the_api_key_is_never_logged(service, trained, ray_tmp):
     # Lines the training workers and the job's driver wrote name the job. The model cache
     # (training.models) is shared with serving, whose replicas build a base model outside any job.
     training = [json.loads(line[line.index("{"):]) for line in texts.splitlines()
-                if '"logger": "training.' in line and '"logger": "training.models"' not in line]
+                if '"logger": "training.' in line and "{" in line
+                and '"logger": "training.models"' not in line]
     assert training and all(line.get("job_id") == trained["job_id"] for line in training)
