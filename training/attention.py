@@ -55,15 +55,23 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     parents = kwargs.get("segment_parents")
     parents = parents.tolist() if parents is not None else [-1] * len(spans)
+    # One split per tensor, not a slice per example: a slice's backward writes its gradient into
+    # a zeroed copy of the whole row, so n examples cost n full-row buffers per tensor and layer
+    # (a tenth of a DPO step); split's backward is one concatenation.
+    lengths = [e - s for s, e in spans]
+    head = [spans[0][0]] if spans[0][0] else []
+    tail = [query.shape[2] - spans[-1][1]] if spans[-1][1] < query.shape[2] else []
+    sizes = head + lengths + tail
+    qs, ks, vs = (t.split(sizes, dim=2)[len(head):len(head) + len(spans)]
+                  for t in (query, key, value))
     outputs = []
-    for (s, e), parent in zip(spans, parents, strict=True):
-        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+    for i, ((s, e), parent) in enumerate(zip(spans, parents, strict=True)):
+        q, k, v = qs[i], ks[i], vs[i]
         mask = None
         if parent >= 0:
-            ps, pe = spans[parent]
-            k = torch.cat([key[:, :, ps:pe], k], dim=2)
-            v = torch.cat([value[:, :, ps:pe], v], dim=2)
-            mask = after_prefix_mask(e - s, pe - ps, q.device)
+            k = torch.cat([ks[parent], k], dim=2)
+            v = torch.cat([vs[parent], v], dim=2)
+            mask = after_prefix_mask(e - s, lengths[parent], q.device)
         # CPU's bf16 flash-attention backward costs 2-4x its fp32 one on short sequences
         # (measured at 48-300 tokens; even at ~500, slower beyond): those attend in fp32,
         # outside autocast (which would cast them back to bf16).
