@@ -13,7 +13,7 @@ from training import loss as loss_module
 from training.attention import PACKED, shares_prefixes, use_packed_attention
 from training.chat import IGNORE_INDEX
 from training.config import TrainSpec
-from training.lora import TARGET_MODULES, apply_adapter
+from training.lora import TARGET_MODULES, AddmmLora, apply_adapter
 from training.loss import masked_token_sums, normalised_loss, supervised_count
 from training.packing import collate_packed, collate_padded, shared_prefix_length
 
@@ -178,6 +178,41 @@ def test_lora_adapts_the_family_linear_layers_and_trains_only_them(family: str):
             assert torch.equal(param, base_before[name]), f"base weight {name} changed"
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero; the step moved it
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_addmm_lora_gives_peft_lora_loss_and_gradients(dropout: float):
+    """Our LoRA arithmetic (``AddmmLora``: the scaling on the rank side, the add inside the
+    matmul) computes PEFT's plain LoRA: the same loss and gradients in fp32, and under bf16
+    autocast no further from the fp32 values than PEFT's own path is."""
+    model = apply_adapter(tiny_model("llama"), spec(lora_dropout=dropout)).train()
+    variants = [m.lora_variant for m in model.modules() if hasattr(m, "lora_variant")]
+    assert variants and all(isinstance(v["default"], AddmmLora) for v in variants)
+    with torch.no_grad():  # move B off zero so A's gradient is not zero too
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+
+    def run(ours: bool, autocast: bool) -> list[torch.Tensor]:
+        for v in variants:
+            v.clear()
+            if ours:
+                v["default"] = AddmmLora()
+        torch.manual_seed(0)  # the same dropout masks on both paths
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            sums = loss_sums(model, collate_packed(EXAMPLES))
+        normalised_loss(sums, sums.count).backward()
+        out = [sums.loss.detach().reshape(1), *gradients(model)]
+        model.zero_grad()
+        return out
+
+    exact = run(ours=False, autocast=False)
+    assert len(exact) > 1 and all(t.abs().sum() > 0 for t in exact)
+    for a, b in zip(run(ours=True, autocast=False), exact, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for ours, peft, b in zip(run(ours=True, autocast=True), run(ours=False, autocast=True), exact,
+                             strict=True):
+        assert (ours - b).norm() <= 1.5 * (peft - b).norm() + 1e-3 * b.norm()
 
 
 def test_bf16_frozen_weights_keep_the_autocast_loss():
