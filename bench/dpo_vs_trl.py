@@ -2,7 +2,8 @@
 
 Same model (the built-in SmolLM2-135M-Instruct), same data (the toy preference set of
 ``bench/data/make_preferences.py``), same batch (8 pairs per optimizer step), same β, LoRA r=16 on
-all linear layers, bf16 autocast, 2 threads. Variants, each in a fresh process so that peak
+all linear layers, 2 threads; bf16 autocast where the CPU has bf16 matmuls (AMX, AVX512-bf16),
+fp32 elsewhere, on both sides. Variants, each in a fresh process so that peak
 memory is its own, run interleaved for several rounds:
 
 - ``ours``: the worker's DPO step (``training.dpo_loop.DPOTrainer.train_step``, the production
