@@ -190,8 +190,9 @@ class ServeChatBackend:
     # A chat call has no side effects, so when its replica dies under it (SIGKILL, OOM, a
     # node lost) it is sent again: Serve's router has then marked that replica dead and routes
     # the call to another one, or holds it until the controller has started the replacement.
-    # A stream is sent again only while nothing of it has reached the caller: once text has
-    # gone out, a new generation could contradict it, so the stream fails instead.
+    # A stream that has already sent text is resumed only if its answer is reproducible
+    # (greedy, or seeded sampling): the new generation must first repeat what the caller has,
+    # which is skipped (``Replay``); one that is not reproducible, or that diverges, fails.
 
     async def complete(self, call: ChatCall) -> ChatOutput:
         for attempt in range(REPLICA_LOST_RETRIES + 1):
@@ -206,10 +207,10 @@ class ServeChatBackend:
         raise AssertionError("unreachable")
 
     async def stream(self, call: ChatCall) -> AsyncIterator[ChatOutput]:
-        attempt = 0
-        while True:
+        sent = ""  # the text the caller has
+        for attempt in range(REPLICA_LOST_RETRIES + 1):
             responses = self._routed(call, stream=True).stream.remote(call)
-            yielded = False
+            replay = Replay(sent)
             try:
                 while True:
                     try:
@@ -217,16 +218,19 @@ class ServeChatBackend:
                     except StopAsyncIteration:
                         return
                     except Exception as exc:
-                        if yielded or not _replica_lost(exc) or attempt >= REPLICA_LOST_RETRIES:
+                        if (not _replica_lost(exc) or attempt >= REPLICA_LOST_RETRIES
+                                or (sent and not reproducible(call))):
                             raise _unwrap(exc) from None
-                        log.warning("chat replica lost before the first piece; sending the "
-                                    "call again: %s", _first_line(exc))
+                        log.warning("chat replica lost after %d characters of a stream; sending "
+                                    "the call again: %s", len(sent), _first_line(exc))
                         break
-                    yielded = True
-                    yield output
+                    output = replay.new_part(output)
+                    if output is not None:
+                        sent += output.text
+                        yield output
             finally:
                 responses.cancel()  # propagates to the replica, which frees the batch row
-            attempt += 1
+        raise AssertionError("unreachable")
 
     async def evict(self, adapter_id: str, base_model: str | None = None) -> None:
         """Drop the adapter from the replicas that hold it.
@@ -247,6 +251,42 @@ class ServeChatBackend:
                 except Exception as exc:
                     log.warning("evicting %s from %s failed: %s", adapter_id, base, exc)
                     break
+
+
+def reproducible(call: ChatCall) -> bool:
+    """Whether sending ``call`` again gives the same answer: greedy, or sampled with a seed."""
+    return call.temperature <= 0 or call.seed is not None
+
+
+class Replay:
+    """The pieces of a stream sent again after its replica died, minus what the caller has.
+
+    ``new_part`` takes each piece of the new stream: while it repeats ``sent`` it returns
+    None (a piece reaching past ``sent`` comes back with only its new text); if it says
+    anything else, or ends before repeating all of ``sent``, the stream cannot go on
+    (``ChatUnavailable``, as if it had not been resumed). Replica stats of skipped pieces
+    ride on the next piece returned, so ``/metrics`` still sees the replica that answered.
+    """
+
+    def __init__(self, sent: str):
+        self.left = sent
+        self.replica: ReplicaStats | None = None
+
+    def new_part(self, output: ChatOutput) -> ChatOutput | None:
+        if self.left:
+            text, self.replica = output.text, output.replica or self.replica
+            common = min(len(text), len(self.left))
+            if text[:common] != self.left[:common] or (
+                    output.finish_reason is not None and len(text) < len(self.left)):
+                raise ChatUnavailable("The chat replica serving this request stopped; retry "
+                                      "shortly.", code="replica_lost")
+            self.left = self.left[common:]
+            output = replace(output, text=text[common:])
+            if not output.text and output.finish_reason is None:
+                return None
+        if self.replica is not None:
+            output, self.replica = replace(output, replica=output.replica or self.replica), None
+        return output
 
 
 def _replica_lost(exc: BaseException) -> bool:

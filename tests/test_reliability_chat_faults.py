@@ -4,7 +4,8 @@
 base model and a tuned one (whose adapter the new replica must hot-load again) — for about half
 a minute; a few seconds in, the ``Chat-tiny-llama`` replica's process is killed. Serve starts a
 new one. What a user relies on: at most 1% of the requests fail, and once the new replica
-answers, none does.
+answers, none does. A greedy stream cut by the kill is resumed on the new replica without
+repeating or losing text (``Replay``, tested on its own below).
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from service.chat_backend import (
+    ChatCall,
+    ChatOutput,
+    ChatUnavailable,
+    Replay,
+    ReplicaStats,
+    reproducible,
+)
 from service.storage import open_storage
 from service.storage_config import StorageConfig
 from tests.helpers import Service, wait_until
@@ -41,6 +50,8 @@ class Outcome:
     ended: float
     ok: bool
     what: str
+    model: str = ""
+    text: str = ""
 
 
 @pytest.fixture(scope="module")
@@ -57,28 +68,31 @@ def chat_replicas(service: Service) -> list:
     return service.processes("ServeReplica:tuneserve:Chat-tiny-llama")
 
 
-def one_request(http: httpx.Client, model: str, stream: bool) -> tuple[bool, str]:
+def one_request(http: httpx.Client, model: str, stream: bool) -> tuple[bool, str, str]:
+    """(answered, what went wrong, the answer's text)."""
     body = {"model": model, "messages": [{"role": "user", "content": "Hi"}],
             "max_tokens": 8, "temperature": 0, "stream": stream}
     if not stream:
         response = http.post("/v1/chat/completions", json=body)
         if response.status_code != 200:
-            return False, f"{response.status_code} {response.text[:200]}"
-        return response.json()["choices"][0]["finish_reason"] is not None, "no finish reason"
+            return False, f"{response.status_code} {response.text[:200]}", ""
+        choice = response.json()["choices"][0]
+        return choice["finish_reason"] is not None, "no finish reason", choice["message"]["content"]
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
-            return False, f"{response.status_code} {response.read()[:200]!r}"
-        finish = None
+            return False, f"{response.status_code} {response.read()[:200]!r}", ""
+        finish, text = None, ""
         for line in response.iter_lines():
             if line == "data: [DONE]":
-                return finish is not None, "stream ended without a finish reason"
+                return finish is not None, "stream ended without a finish reason", text
             if line.startswith("data: "):
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
-                    return False, f"error event {chunk['error']}"
-                if chunk.get("choices") and chunk["choices"][0].get("finish_reason"):
-                    finish = chunk["choices"][0]["finish_reason"]
-        return False, "stream cut before [DONE]"
+                    return False, f"error event {chunk['error']}", text
+                if chunk.get("choices"):
+                    text += chunk["choices"][0].get("delta", {}).get("content") or ""
+                    finish = chunk["choices"][0].get("finish_reason") or finish
+        return False, "stream cut before [DONE]", text
 
 
 def client_loop(url: str, model: str, stream: bool, stop: threading.Event,
@@ -87,10 +101,10 @@ def client_loop(url: str, model: str, stream: bool, stop: threading.Event,
         while not stop.is_set():
             started = time.monotonic()
             try:
-                ok, what = one_request(http, model, stream)
+                ok, what, text = one_request(http, model, stream)
             except httpx.HTTPError as exc:
-                ok, what = False, f"{type(exc).__name__}: {exc}"
-            outcomes.append(Outcome(started, time.monotonic(), ok, what))
+                ok, what, text = False, f"{type(exc).__name__}: {exc}", ""
+            outcomes.append(Outcome(started, time.monotonic(), ok, what, model, text))
 
 
 def test_killed_chat_replica_under_load_recovers(service):
@@ -133,3 +147,35 @@ def test_killed_chat_replica_under_load_recovers(service):
     assert len(after) >= CLIENTS, summary
     assert len(failed) <= 0.01 * len(outcomes), summary
     assert not [o for o in after if not o.ok], summary
+    # Greedy answers to one prompt: every request of a model, plain or streamed, cut by the
+    # kill and resumed or not, has the same text (a resumed stream neither repeats nor drops).
+    for model in (TINY, tuned):
+        texts = {o.text for o in outcomes if o.ok and o.model == model}
+        assert len(texts) == 1, (model, texts)
+
+
+def test_a_resumed_stream_skips_what_the_caller_already_has():
+    stats = ReplicaStats("Chat-tiny-llama#new", adapters_loaded=1, adapter_load_seconds=0.01)
+    replay = Replay("Hello wor")  # sent before the replica died
+    parts = [ChatOutput("Hel", replica=stats), ChatOutput("lo "), ChatOutput("world"),
+             ChatOutput("!", finish_reason="stop", completion_tokens=4)]
+    out = [replay.new_part(p) for p in parts]
+    assert out[:2] == [None, None]
+    assert out[2].text == "ld" and out[2].replica == stats  # the new replica is still reported
+    assert out[3] == parts[3]
+    assert Replay("").new_part(parts[0]) == parts[0]  # nothing sent yet: everything passes
+
+
+def test_a_resumed_stream_that_says_something_else_fails():
+    with pytest.raises(ChatUnavailable):
+        Replay("Hello").new_part(ChatOutput("Help"))
+    with pytest.raises(ChatUnavailable):  # ends before repeating what was sent
+        Replay("Hello").new_part(ChatOutput("Hel", finish_reason="stop"))
+
+
+def test_only_reproducible_answers_are_resumed():
+    def call(**sampling) -> ChatCall:
+        return ChatCall(base_model=TINY, adapter_id=None, messages=[], max_tokens=8, **sampling)
+    assert reproducible(call(temperature=0))
+    assert reproducible(call(temperature=0.8, seed=3))
+    assert not reproducible(call(temperature=0.8))
