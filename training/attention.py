@@ -57,21 +57,16 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     parents = parents.tolist() if parents is not None else [-1] * len(spans)
     # One split per tensor, not a slice per example: a slice's backward writes its gradient into
     # a zeroed copy of the whole row, so n examples cost n full-row buffers per tensor and layer
-    # (a tenth of a DPO step); split's backward is one concatenation.
+    # (a tenth of a DPO step); split's backward is one concatenation. The spans cover the row.
     lengths = [e - s for s, e in spans]
-    head = [spans[0][0]] if spans[0][0] else []
-    tail = [query.shape[2] - spans[-1][1]] if spans[-1][1] < query.shape[2] else []
-    sizes = head + lengths + tail
-    qs, ks, vs = (t.split(sizes, dim=2)[len(head):len(head) + len(spans)]
-                  for t in (query, key, value))
+    qs, ks, vs = (t.split(lengths, dim=2) for t in (query, key, value))
     outputs = []
-    for i, ((s, e), parent) in enumerate(zip(spans, parents, strict=True)):
-        q, k, v = qs[i], ks[i], vs[i]
+    for q, k, v, length, parent in zip(qs, ks, vs, lengths, parents, strict=True):
         mask = None
         if parent >= 0:
             k = torch.cat([ks[parent], k], dim=2)
             v = torch.cat([vs[parent], v], dim=2)
-            mask = after_prefix_mask(e - s, lengths[parent], q.device)
+            mask = after_prefix_mask(length, lengths[parent], q.device)
         # CPU's bf16 flash-attention backward costs 2-4x its fp32 one on short sequences
         # (measured at 48-300 tokens; even at ~500, slower beyond): those attend in fp32,
         # outside autocast (which would cast them back to bf16).
