@@ -60,10 +60,10 @@ class RunningBatch:
         assert self.cache is not None and self.mask is not None
         length = max(self.mask.shape[1], mask.shape[1])
         for big, small in zip(self.cache.layers, cache.layers, strict=True):
-            big.keys = torch.cat([_left_pad(big.keys, length), _left_pad(small.keys, length)])
-            big.values = torch.cat([_left_pad(big.values, length),
-                                    _left_pad(small.values, length)])
-        self.mask = torch.cat([_left_pad(self.mask, length), _left_pad(mask, length)])
+            big.keys = torch.cat([left_pad(big.keys, length), left_pad(small.keys, length)])
+            big.values = torch.cat([left_pad(big.values, length),
+                                    left_pad(small.values, length)])
+        self.mask = torch.cat([left_pad(self.mask, length), left_pad(mask, length)])
         self.rows.extend(rows)
         order = sorted(range(len(self.rows)), key=lambda i: self.rows[i].slot)
         if order != list(range(len(self.rows))):
@@ -117,7 +117,7 @@ def segments_of(row_slots: list[int]) -> list[Segment]:
     return segments
 
 
-def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
+def left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
     """Pad dim -2 of a cache tensor [B, H, L, D] (or dim -1 of a mask [B, L]) on the left."""
     missing = length - (t.shape[-2] if t.dim() == 4 else t.shape[-1])
     if missing == 0:

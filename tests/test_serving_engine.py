@@ -16,6 +16,7 @@ from service.storage import open_storage
 from service.storage_config import StorageConfig
 from serving.adapters import AdapterCache, AdapterIncompatible, fetch_adapter
 from serving.engine import AdapterNotLoaded, Engine
+from serving.prefix_cache import PrefixCache
 from serving.sampling import IncrementalText, SamplingParams, StopText
 from tests.serving_adapters import write_adapter
 from training import chat, models
@@ -86,6 +87,68 @@ def test_request_joining_a_running_batch_gets_its_own_answer(engine, store, tmp_
     late = engine.submit(_prompt(engine, QUESTIONS[2]), GREEDY, ids[1])
     assert "".join(c.text for c in late) == late_alone
     assert "".join(pieces + [c.text for c in stream]) == first_alone
+
+
+def test_prompts_sharing_a_prefix_reuse_it_and_answer_as_without(engine, store, tiny_dir,
+                                                                 tmp_path):
+    """A conversation's next turn, and other prompts with the same opening, reuse the keys and
+    values already computed for that opening, per adapter, and answer exactly as without."""
+    storage, ids = store
+    uncached = Engine(models.load_model(tiny_dir), engine.tokenizer, base_model=engine.base_model,
+                      fingerprint=engine.fingerprint, eot_ids=engine.eot_ids,
+                      prefix_cache_tokens=0)
+    for eng in (engine, uncached):
+        for adapter_id in ids[:2]:
+            _load(eng, storage, adapter_id, tmp_path)
+    turn1 = [{"role": "system", "content": "You answer in one short sentence."},
+             {"role": "user", "content": QUESTIONS[0]}]
+    turn2 = [*turn1, {"role": "assistant", "content": "Paris."},
+             {"role": "user", "content": QUESTIONS[2]}]
+    first, second = (chat.render_prompt(engine.tokenizer, t) for t in (turn1, turn2))
+    assert second[:len(first)] == first
+
+    def answers(eng: Engine, cases: list[tuple[str | None, list[int]]]) -> list[str]:
+        generations = [eng.submit(prompt, GREEDY, adapter) for adapter, prompt in cases]
+        return ["".join(c.text for c in g) for g in generations]
+
+    assert answers(engine, [(ids[0], first)]) == answers(uncached, [(ids[0], first)])
+    assert engine.prefixes.reused_tokens == 0
+    assert answers(engine, [(ids[0], second)]) == answers(uncached, [(ids[0], second)])
+    assert engine.prefixes.reused_tokens == len(first)  # the whole first turn was reused
+
+    # One batch of hits of several lengths, misses, another adapter's first sight of a prompt
+    # another adapter has cached (its keys differ: no reuse), and the base model.
+    batch = [(ids[0], second), (ids[1], first), (None, first), (ids[0], _prompt(engine, "Hi")),
+             (ids[1], second), (ids[0], first)]
+    assert answers(engine, batch) == answers(uncached, batch)
+    assert len({a for a, _ in batch} | {None}) == 3
+    assert answers(engine, batch) == answers(uncached, batch)  # now every row is a hit
+
+    entries = len(engine.prefixes)
+    engine.remove_adapter(ids[1])
+    assert len(engine.prefixes) == entries - 2  # its two prompts are forgotten with it
+    uncached.close()
+
+
+def test_prefix_cache_keeps_the_longest_match_within_its_budget():
+    def kv(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(torch.arange(n, dtype=torch.float32).view(1, 1, n, 1),) * 2]
+
+    cache = PrefixCache(max_tokens=50)
+    other, long = list(range(50, 62)), [*range(20), 99]
+    cache.store(0, long, lambda: kv(21))
+    cache.store(0, other, lambda: kv(12))
+    cache.store(0, list(range(12)), lambda: kv(12))  # a shorter match for the query below
+    n, layers = cache.match(0, [*range(20), 7, 8])
+    assert n == 20 and layers[0][0].shape[2] == 20  # the longest entry, up to where they part
+    assert cache.match(0, long)[0] == 20  # never the last token: its logits are needed
+    assert cache.match(1, long) == (0, None)  # another adapter's keys are not these
+    assert cache.match(0, [*range(5), 50, 51, 52, 53, 54])[0] == 0  # below MIN_MATCH
+    assert cache.match(0, [*other, 5])[0] == 12  # used now, after `long`
+    cache.store(0, list(range(100, 130)), lambda: kv(30))  # 75 tokens > 50: LRU ones go
+    assert cache.match(0, long)[0] == 0 and len(cache) == 2
+    assert cache.match(0, [*other, 5])[0] == 12
+    assert PrefixCache(max_tokens=0).match(0, long) == (0, None)
 
 
 def test_batched_lora_matches_peft(engine, store, tiny_dir, tmp_path):
