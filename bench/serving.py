@@ -7,13 +7,15 @@ Measures, in one run on this machine, medians over repeats:
 2. decode time per token at batch 1: bare base model, base + our LoRA, base + PEFT unmerged
    LoRA (same decode loop, same dtype), plus our whole engine (sampling, detokenising);
 3. output tokens/s with K = 1, 4, 16 adapters, Zipf popularity, 8 concurrent clients: our
-   engine (continuous, mixed-adapter batches) vs PEFT serving the same requests by swapping
-   the active adapter per group of pending requests (each group one batched ``generate``);
+   engine (continuous, mixed-adapter batches, prompt prefix cache; also with that cache off)
+   vs PEFT serving the same requests by swapping the active adapter per group of pending
+   requests (each group one batched ``generate``), in interleaved rounds;
 4. cold adapter to first token: from an adapter complete in (local) storage to the first
    token of its first request, in process (fetch + check + load + prefill).
 
 Run: ``.venv/bin/python -m bench.serving`` (``--quick`` for a smoke run). Writes
-``bench/results/serving.json`` and ``bench/results/serving.md``. ``--parts decode,zipf --ks 4``
+``bench/results/serving.json`` and ``bench/results/serving.md`` (``--name serving-avx2``: other
+file names, e.g. for another kind of CPU). ``--parts decode,zipf --ks 4``
 runs only those parts (while iterating) and prints their figures without writing results.
 
 Every timed loop runs on a worker thread with the same intra-op thread count: on this
@@ -24,6 +26,7 @@ which would make the comparison say more about thread placement than about LoRA.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -264,31 +267,62 @@ def peft_swapping_throughput(peft_model: Any, tokenizer: Any, names: list[str],
     return produced / (time.perf_counter() - started)
 
 
+def unique_prompts(tokenizer: Any, requests: list[tuple[int, int]], tag: str) -> list[list[int]]:
+    """A prompt per request, each ending its own way, so that a prefix cache can only reuse
+    what distinct requests share (the chat template's system prompt), never a whole prompt."""
+    from training import chat
+
+    return [chat.render_prompt(tokenizer, [{"role": "user",
+                                            "content": f"{PROMPTS[p]} (Request {tag}-{i}.)"}])
+            for i, (_, p) in enumerate(requests)]
+
+
 def bench_throughput(engine: Any, peft_model: Any, tokenizer: Any,
-                     adapters: list[tuple[str, Path]], prompts: list[list[int]], *,
+                     adapters: list[tuple[str, Path]], *,
                      ks: list[int], n_requests: int, clients: int, tokens: int,
-                     threads: int) -> list[dict[str, Any]]:
+                     threads: int, rounds: int) -> list[dict[str, Any]]:
+    """Per K: ``rounds`` interleaved rounds of ours, ours without the prefix cache, and PEFT
+    (this machine's speed drifts by ±15 % over minutes); medians, and their ratio. Each round
+    has new prompts; within a round all three serve the same ones."""
     rows = []
+    budget = engine.prefixes.max_tokens
     for k in ks:
-        requests = zipf_requests(k, n_requests, len(prompts), seed=k)
+        drawn = zipf_requests(k, n_requests, len(PROMPTS), seed=k)
+        requests = [(adapter, i) for i, (adapter, _) in enumerate(drawn)]
         ids = [a for a, _ in adapters[:k]]
         for adapter_id, path in adapters[:k]:
             engine.load_adapter(adapter_id, path)
-        ours = ours_throughput(engine, ids, prompts, requests, clients, tokens)
         names = [f"k{k}-{i}" for i in range(k)]
         for name, (_, path) in zip(names, adapters[:k]):
             peft_model.load_adapter(str(path), adapter_name=name)
-        peft = on_thread(lambda: peft_swapping_throughput(
-            peft_model, tokenizer, names, prompts, requests, clients, tokens), threads)
+        ours, no_prefix, peft = [], [], []
+        for round_ in range(rounds):
+            prompts = unique_prompts(tokenizer, drawn, f"{k}.{round_}")
+            ours.append(ours_throughput(engine, ids, prompts, requests, clients, tokens))
+            engine.prefixes.max_tokens = 0  # off: every prompt is prefilled whole
+            no_prefix.append(ours_throughput(engine, ids, prompts, requests, clients, tokens))
+            engine.prefixes.max_tokens = budget
+            peft.append(on_thread(functools.partial(
+                peft_swapping_throughput, peft_model, tokenizer, names, prompts, requests,
+                clients, tokens), threads))
+            log.info("K=%d: ours %.1f tok/s (no prefix cache %.1f), PEFT swapping %.1f tok/s",
+                     k, ours[-1], no_prefix[-1], peft[-1])
         for name in names:
             peft_model.delete_adapter(name)
         for adapter_id in ids:
             engine.remove_adapter(adapter_id)
-        rows.append({"k": k, "ours_tokens_per_s": round(ours, 1),
-                     "peft_swapping_tokens_per_s": round(peft, 1), "speedup": ours / peft,
+        median = {key: statistics.median(v) for key, v in
+                  (("ours", ours), ("no_prefix", no_prefix), ("peft", peft))}
+        rows.append({"k": k, "ours_tokens_per_s": round(median["ours"], 1),
+                     "ours_without_prefix_cache_tokens_per_s": round(median["no_prefix"], 1),
+                     "peft_swapping_tokens_per_s": round(median["peft"], 1),
+                     "speedup": median["ours"] / median["peft"],
+                     "speedup_without_prefix_cache": median["no_prefix"] / median["peft"],
+                     "rounds": {"ours": [round(x, 1) for x in ours],
+                                "ours_without_prefix_cache": [round(x, 1) for x in no_prefix],
+                                "peft_swapping": [round(x, 1) for x in peft]},
                      "requests": n_requests, "clients": clients, "tokens_per_request": tokens,
                      "target_speedup_k4": 3.0})
-        log.info("K=%d: ours %.1f tok/s, PEFT swapping %.1f tok/s", k, ours, peft)
     return rows
 
 
@@ -331,6 +365,7 @@ def main() -> None:
                         help=f"comma-separated subset of {', '.join(PARTS)}; a subset is printed, "
                              "not written to bench/results")
     parser.add_argument("--ks", default="4,1,16", help="adapter counts for the zipf part")
+    parser.add_argument("--name", default="serving", help="results file name (no suffix)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parts = set(args.parts.split(","))
@@ -343,27 +378,29 @@ def main() -> None:
     result = run(args.dtype, args.threads, args.rank, repeats=repeats,
                  decode_tokens=16 if quick else 48,
                  n_requests=16 if quick else 32, tokens=12 if quick else 24,
-                 parts=parts, ks=ks, keep=everything)
+                 rounds=1 if quick else 3,
+                 parts=parts, ks=ks, keep=everything, name=args.name)
     if everything:
         print(markdown(result))  # noqa: T201  (a script's report)
     else:
         print(json.dumps(result, indent=1))  # noqa: T201
 
 
-def save(result: dict[str, Any]) -> None:
+def save(result: dict[str, Any], name: str = "serving") -> None:
     """Write what is measured so far (a long run on a busy machine keeps its partial figures)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serving.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     if "throughput_zipf" in result:
-        (RESULTS / "serving.md").write_text(markdown(result))
+        (RESULTS / f"{name}.md").write_text(markdown(result))
 
 
 PARTS = ("hot-load", "decode", "cold", "zipf")
 
 
 def run(dtype: str, threads: int, rank: int, *, repeats: int, decode_tokens: int,
-        n_requests: int, tokens: int, parts: Collection[str] = PARTS,
-        ks: Sequence[int] = (4, 1, 16), keep: bool = True) -> dict[str, Any]:
+        n_requests: int, tokens: int, rounds: int, parts: Collection[str] = PARTS,
+        ks: Sequence[int] = (4, 1, 16), keep: bool = True, name: str = "serving"
+        ) -> dict[str, Any]:
     from peft import PeftModel
 
     from service.storage import open_storage
@@ -393,7 +430,7 @@ def run(dtype: str, threads: int, rank: int, *, repeats: int, decode_tokens: int
         "cpus": len(os.sched_getaffinity(0)), "load_average": os.getloadavg()[0],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S")}}
-    maybe_save = save if keep else (lambda _: None)
+    maybe_save = (lambda result: save(result, name)) if keep else (lambda _: None)
     if "hot-load" in parts:
         result["hot_load"] = on_thread(lambda: bench_hot_load(
             engine, peft_model, adapters, repeats=max(10, 3 * repeats)), threads)
@@ -417,8 +454,8 @@ def run(dtype: str, threads: int, rank: int, *, repeats: int, decode_tokens: int
         result["throughput_zipf"] = []
         for k in ks:
             result["throughput_zipf"] += bench_throughput(
-                engine, peft_model, tokenizer, adapters, prompts, ks=[k], n_requests=n_requests,
-                clients=8, tokens=tokens, threads=threads)
+                engine, peft_model, tokenizer, adapters, ks=[k], n_requests=n_requests,
+                clients=8, tokens=tokens, threads=threads, rounds=rounds)
             maybe_save(result)
     engine.close()
     shutil.rmtree(work, ignore_errors=True)
@@ -454,6 +491,9 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{row['ours_tokens_per_s']} | PEFT swapping "
                      f"{row['peft_swapping_tokens_per_s']} | {row['speedup']:.1f}× | "
                      f"{'≥ 3×' if row['k'] == 4 else ''} |")
+        lines.append(f"| same, ours without the prefix cache | "
+                     f"{row['ours_without_prefix_cache_tokens_per_s']} | | "
+                     f"{row['speedup_without_prefix_cache']:.1f}× | |")
     lines.append(f"| cold adapter → first token ({cold['path']}) | {cold['p50_ms']} ms p50 | "
                  f"| | ≤ 2 s |")
     return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from service.errors import InvalidRequest, RateLimited
 from serving.adapters import DEFAULT_MAX_RANK, LoadedAdapter, read_adapter
@@ -124,7 +125,11 @@ class Engine:
         self.max_rank = max_rank
         self.max_context = int(model.config.max_position_embeddings)
         self.lora, self.modules = attach_lora(model)
-        self.prefixes = PrefixCache(prefix_cache_tokens)
+        # A cached prefix goes in front of a prompt in plain cache layers only (a sliding-window
+        # layer keeps just the window, which a prefix may not fit).
+        plain = all(type(layer) is DynamicLayer
+                    for layer in DynamicCache(config=model.config).layers)
+        self.prefixes = PrefixCache(prefix_cache_tokens if plain else 0)
         """KV of recent prompts per adapter; 4,096 tokens are 190 MB for SmolLM2-135M in fp32."""
         use_vocab_head(model)
         self._lock = threading.Condition()
