@@ -359,7 +359,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few repeats, small loads")
     parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads, ours and PEFT alike (1: what a chat replica runs)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"comma-separated subset of {', '.join(PARTS)}; a subset is printed, "
@@ -460,6 +461,7 @@ def run(dtype: str, threads: int, rank: int, *, repeats: int, decode_tokens: int
     engine.close()
     shutil.rmtree(work, ignore_errors=True)
     result["config"]["load_average_end"] = os.getloadavg()[0]
+    maybe_save(result)
     return result
 
 
@@ -471,7 +473,7 @@ def markdown(r: dict[str, Any]) -> str:
     ms = dec["ms_per_token"]
     lines = [
         "# Serving benchmark", "",
-        f"{c['base_model']}, {c['dtype']}, {c['threads']} threads, LoRA r={c['lora_rank']} "
+        f"{c['base_model']}, {c['dtype']}, {c['threads']} thread{'s' * (c['threads'] != 1)}, LoRA r={c['lora_rank']} "
         f"all-linear, torch {c['torch']}, {c['when']}, {c['cpus']} CPUs (load average "
         f"{c['load_average']:.1f} at start, {c.get('load_average_end', 0):.1f} at the end"
         f"{LOADED if c['load_average'] > c['cpus'] + 1 else ''}; the ratios come from "
@@ -483,6 +485,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"{ms['bare_base']} | {dec['ours_vs_bare']:.2f}× | ≤ 1.15× |",
         f"| same, whole engine (sampling, detokenising; timed back to back, not in lockstep) "
         f"| {ms['ours_engine']} | | {dec['ours_engine_vs_bare']:.2f}× | |",
+        f"| same, our engine's model without an adapter (what the adapter adds: "
+        f"{ms['ours_lora'] / ms['ours_no_adapter']:.2f}×) | {ms['ours_no_adapter']} | | "
+        f"{dec['ours_no_adapter_vs_bare']:.2f}× | |",
         f"| PEFT unmerged LoRA ms/token | | {ms['peft_unmerged']} | "
         f"{dec['peft_vs_bare']:.2f}× bare | |",
     ]

@@ -59,16 +59,22 @@ class ChatModel:
         storage_config: where adapters live (overrides ``settings_args``).
         max_adapters: adapters kept per replica (default ``max_adapters_per_replica``).
         dtype: ``auto`` (bf16 on CPUs with native bf16), ``bfloat16`` or ``float32``.
+        threads: intra-op threads of the generation thread. One by default, as Ray gives an
+            actor that asks for no CPUs: on the 2-core reference machine a decode step on one
+            thread is faster than on two whose OpenMP workers sleep between ops (which they
+            must where training shares the cores: serving/__init__.py), 90 against 128 ms at
+            batch 8.
     """
 
     def __init__(self, base_model: str, settings_args: dict[str, Any] | None = None, *,
                  storage_config: StorageConfig | None = None, max_adapters: int | None = None,
-                 dtype: str = "auto", max_batch: int = 16):
+                 dtype: str = "auto", max_batch: int = 16, threads: int = 1):
         settings = Settings(**(settings_args or {}))
         self.base_model = base_model
         self.server = ChatServer.build(
             base_model, storage_config or settings.storage_config(), overrides=settings.models,
-            dtype=dtype, max_batch=max_batch, max_pending=settings.chat_max_concurrency,
+            dtype=dtype, max_batch=max_batch, threads=threads,
+            max_pending=settings.chat_max_concurrency,
             default_max_tokens=settings.max_tokens_cap)
         self.max_adapters = max_adapters or settings.max_adapters_per_replica
         # Per request: where the adapter loader notes its time. ``@serve.multiplexed`` calls

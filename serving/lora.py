@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving import packed_linear
+
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The Linear layers of a decoder block that can carry an adapter ("all-linear")."""
 
@@ -104,7 +106,9 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, batch: BatchAdapters):
         super().__init__()
-        self.weight = base.weight
+        self.packed = packed_linear.pack(base.weight)
+        # Once packed the plain copy is dead weight (as large as the model): keep one of them.
+        self.weight = base.weight if self.packed is None else None
         self.bias = base.bias
         self.in_features = base.in_features
         self.out_features = base.out_features
@@ -116,7 +120,10 @@ class LoraLinear(nn.Module):
         """This module's place in ``group.members``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.packed is not None:
+            y = packed_linear.linear(x, self.packed, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         batch = self.batch
         if batch.mixed is None and not batch.segments:
             return y

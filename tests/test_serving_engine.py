@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from service.errors import InvalidRequest, NotFound, RateLimited
 from service.storage import open_storage
 from service.storage_config import StorageConfig
+from serving import packed_linear
 from serving.adapters import AdapterCache, AdapterIncompatible, fetch_adapter
 from serving.engine import AdapterNotLoaded, Engine
 from serving.prefix_cache import PrefixCache
@@ -163,16 +165,53 @@ def test_batched_lora_matches_peft(engine, store, tiny_dir, tmp_path):
 
 
 def _peft_greedy(engine: Engine, tiny_dir: Path, path: Path, prompt: list[int],
-                 n_tokens: int) -> str:
+                 n_tokens: int, dtype: torch.dtype = torch.float32) -> str:
     """PEFT's own greedy answer (full forward per token) with the adapter folder at ``path``."""
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(models.load_model(tiny_dir), str(path)).eval()
+    peft_model = PeftModel.from_pretrained(models.load_model(tiny_dir, dtype=dtype),
+                                           str(path)).eval()
     tokens = list(prompt)
     with torch.no_grad():
         for _ in range(n_tokens):
             tokens.append(int(peft_model(torch.tensor([tokens])).logits[0, -1].argmax()))
     return engine.tokenizer.decode(tokens[len(prompt):], skip_special_tokens=True)
+
+
+needs_native_bf16 = pytest.mark.skipif(not packed_linear.native_bf16(),
+                                       reason="bf16 weights are packed only on CPUs with native bf16")
+
+
+@needs_native_bf16
+@pytest.mark.parametrize("rows", [1, 8, 320])
+def test_packed_weights_give_the_plain_product_exactly(rows):
+    weight = torch.randn(1536, 576, dtype=torch.bfloat16)
+    bias = torch.randn(1536, dtype=torch.bfloat16)
+    x = torch.randn(2, rows, 576, dtype=torch.bfloat16)
+    packed = packed_linear.pack(weight)
+
+    assert packed is not None
+    assert torch.equal(packed_linear.linear(x, packed, bias), F.linear(x, weight, bias))
+    assert packed_linear.pack(weight.float()) is None  # fp32 keeps its plain weight
+
+
+@needs_native_bf16
+def test_bf16_engine_on_packed_weights_answers_as_peft(store, tiny_dir, tmp_path):
+    """In bf16 the engine's base matmuls run on packed weights (the plain copies are freed);
+    with an adapter its greedy answer is PEFT's own on the plain bf16 model."""
+    storage, ids = store
+    engine = Engine.for_base_model(models.TINY_MODEL_ID, dtype="bfloat16")
+    try:
+        path = fetch_adapter(storage, ids[1], tmp_path)
+        engine.load_adapter(ids[1], path)
+        assert all(m.packed is not None and m.weight is None for m in engine.modules.values())
+        prompt = _prompt(engine, QUESTIONS[2])
+        ours = engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0), ids[1])
+
+        assert ours.text == _peft_greedy(engine, tiny_dir, path, prompt, ours.completion_tokens,
+                                         dtype=torch.bfloat16)
+    finally:
+        engine.close()
 
 
 def test_adapters_on_some_sibling_modules_with_other_ranks(engine, store, tiny_dir, tmp_path):
