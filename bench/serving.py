@@ -473,9 +473,9 @@ def markdown(r: dict[str, Any]) -> str:
     ms = dec["ms_per_token"]
     lines = [
         "# Serving benchmark", "",
-        f"{c['base_model']}, {c['dtype']}, {c['threads']} thread{'s' * (c['threads'] != 1)}, LoRA r={c['lora_rank']} "
-        f"all-linear, torch {c['torch']}, {c['when']}, {c['cpus']} CPUs (load average "
-        f"{c['load_average']:.1f} at start, {c.get('load_average_end', 0):.1f} at the end"
+        f"{c['base_model']}, {c['dtype']}, {c['threads']} thread{'s' * (c['threads'] != 1)}, "
+        f"LoRA r={c['lora_rank']} all-linear, torch {c['torch']}, {c['when']}, {c['cpus']} CPUs "
+        f"(load average {c['load_average']:.1f} at start, {c.get('load_average_end', 0):.1f} at the end"
         f"{LOADED if c['load_average'] > c['cpus'] + 1 else ''}; the ratios come from "
         "interleaved runs). Medians over repeats; `python -m bench.serving`.", "",
         "| measure | ours | peer | ratio | target |", "|---|---|---|---|---|",

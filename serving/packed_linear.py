@@ -10,6 +10,8 @@ stay as they are.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _ROWS_HINT = 64
@@ -17,8 +19,9 @@ _ROWS_HINT = 64
 (checked at 1, 8 and 320) with this hint; with a hint of 1, long prefills round differently."""
 
 
+@functools.cache
 def native_bf16() -> bool:
-    """True when oneDNN runs bf16 matmuls natively here (AMX or AVX512-bf16)."""
+    """True when oneDNN runs bf16 matmuls natively here (AMX or AVX512-bf16); asked once."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

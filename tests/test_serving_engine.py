@@ -178,8 +178,8 @@ def _peft_greedy(engine: Engine, tiny_dir: Path, path: Path, prompt: list[int],
     return engine.tokenizer.decode(tokens[len(prompt):], skip_special_tokens=True)
 
 
-needs_native_bf16 = pytest.mark.skipif(not packed_linear.native_bf16(),
-                                       reason="bf16 weights are packed only on CPUs with native bf16")
+needs_native_bf16 = pytest.mark.skipif(
+    not packed_linear.native_bf16(), reason="bf16 weights are packed only on CPUs with native bf16")
 
 
 @needs_native_bf16
