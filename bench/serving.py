@@ -475,7 +475,8 @@ def markdown(r: dict[str, Any]) -> str:
         "# Serving benchmark", "",
         f"{c['base_model']}, {c['dtype']}, {c['threads']} thread{'s' * (c['threads'] != 1)}, "
         f"LoRA r={c['lora_rank']} all-linear, torch {c['torch']}, {c['when']}, {c['cpus']} CPUs "
-        f"(load average {c['load_average']:.1f} at start, {c.get('load_average_end', 0):.1f} at the end"
+        f"(load average {c['load_average']:.1f} at start, "
+        f"{c.get('load_average_end', 0):.1f} at the end"
         f"{LOADED if c['load_average'] > c['cpus'] + 1 else ''}; the ratios come from "
         "interleaved runs). Medians over repeats; `python -m bench.serving`.", "",
         "| measure | ours | peer | ratio | target |", "|---|---|---|---|---|",
