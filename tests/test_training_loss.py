@@ -322,3 +322,28 @@ def test_chunked_cross_entropy_equals_autograd(autocast: bool, softcap: float | 
     tolerance = {"rtol": 2e-2, "atol": 1e-3} if autocast else {"rtol": 1e-5, "atol": 1e-6}
     torch.testing.assert_close(fused[2], reference[2], **tolerance)
     torch.testing.assert_close(fused[3], reference[3], **tolerance)
+
+
+def test_a_frozen_head_cast_once_still_follows_its_weights():
+    """Under autocast a frozen head is cast to bf16 once, not per micro-batch; the loss is still
+    that of its current weights: exactly the per-call cast's, also after they change in place
+    (as loading a checkpoint into them does)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(1, 24, 16)
+    labels = torch.randint(0, 50, (1, 24))
+
+    def losses() -> tuple[float, float]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = masked_token_sums(hidden, labels, head).loss.item()
+            per_call = masked_token_sums(hidden, labels, Projection(head)).loss.item()
+        return fused, per_call
+
+    first = losses()
+    assert first[0] == pytest.approx(first[1], rel=1e-6)
+    assert losses() == first  # the second call uses the kept cast: same loss
+    with torch.no_grad():
+        head.weight.mul_(3.0)
+    changed = losses()
+    assert changed[0] != pytest.approx(first[0], rel=1e-3)
+    assert changed[0] == pytest.approx(changed[1], rel=1e-6)

@@ -10,6 +10,7 @@ the mean token loss of the global batch, whatever the split.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -95,7 +96,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         device = hidden.device.type
         dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                  else hidden.dtype)
-        w = weight.to(dtype)
+        w = cast_frozen(weight, dtype)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if grads else None
@@ -133,6 +134,30 @@ class LinearCrossEntropy(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
         return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None, None
+
+
+_FROZEN_CASTS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def cast_frozen(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight.to(dtype)``, made once while ``weight`` is frozen and unchanged.
+
+    The output projection is frozen under LoRA (and often tied to the fp32 input embeddings):
+    casting its 28M weights to bf16 anew for every micro-batch cost ~20 ms of a ~700 ms SmolLM2
+    step on CPU (steps 3-5 % faster without it). A weight that trains, or that changed in place
+    (``_version``), is cast again.
+    """
+    if weight.dtype == dtype or weight.requires_grad:
+        return weight.to(dtype)
+    hit = _FROZEN_CASTS.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version \
+            and hit[2].dtype == dtype:
+        return hit[2]
+    for key in [k for k, (ref, _, _) in _FROZEN_CASTS.items() if ref() is None]:
+        del _FROZEN_CASTS[key]
+    cast = weight.to(dtype)
+    _FROZEN_CASTS[id(weight)] = (weakref.ref(weight), weight._version, cast)
+    return cast
 
 
 def normalised_loss(sums: TokenSums, global_count: int) -> torch.Tensor:
