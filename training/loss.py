@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from training.chat import IGNORE_INDEX
 
 
-
 @dataclass
 class TokenSums:
     """Sums over the supervised tokens of one micro-batch (not yet normalised)."""
