@@ -44,11 +44,12 @@ def create_job(request: Request, body: CreateJobRequest, tenant: Tenant, store: 
     storage: Storage = request.app.state.storage
     _check_request(request, body, tenant)
 
-    created: list[JobRecord] = []
+    created: JobRecord | None = None
 
     def create() -> str:
-        created.append(_create_record(store, body, tenant))
-        return created[0].id
+        nonlocal created
+        created = _create_record(store, body, tenant)
+        return created.id
 
     if idempotency_key:
         job_id, _ = idempotency.run_once(storage, tenant, idempotency_key,
@@ -58,7 +59,7 @@ def create_job(request: Request, body: CreateJobRequest, tenant: Tenant, store: 
     # A new job is answered as created (``validating_files``): the runner may pick it up at once,
     # and the caller should not be told a state that depends on that race. A replayed
     # Idempotency-Key is answered with the job as it is now.
-    job = created[0] if created else store.get(job_id, tenant)
+    job = created or store.get(job_id, tenant)
     runner = request.app.state.runner
     if runner is not None:
         runner.wake()

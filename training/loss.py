@@ -148,14 +148,15 @@ def cast_frozen(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     if weight.dtype == dtype or weight.requires_grad:
         return weight.to(dtype)
-    hit = _FROZEN_CASTS.get(id(weight))
+    key = id(weight)
+    hit = _FROZEN_CASTS.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == weight._version \
             and hit[2].dtype == dtype:
         return hit[2]
-    for key in [k for k, (ref, _, _) in _FROZEN_CASTS.items() if ref() is None]:
-        del _FROZEN_CASTS[key]
     cast = weight.to(dtype)
-    _FROZEN_CASTS[id(weight)] = (weakref.ref(weight), weight._version, cast)
+    # The entry goes when the weight does, so a dead weight's copy is not kept.
+    _FROZEN_CASTS[key] = (weakref.ref(weight, lambda _: _FROZEN_CASTS.pop(key, None)),
+                          weight._version, cast)
     return cast
 
 
