@@ -38,22 +38,9 @@ def step_times(steps: int) -> dict:
     import torch
 
     sys.path[:0] = [str(REPO), str(REPO / "bench" / "quality")]
-    import make_data
+    from in_process import sort_trainer
 
-    from service.storage_config import StorageConfig
-    from training import models
-    from training.config import TrainSpec
-    from training.loop import SFTTrainer
-
-    rows = make_data.datasets("sort", 200, 0, seed=0)["sort-train.chat.jsonl"]
-    file_id = "file-" + "0" * 24
-    spec = TrainSpec(job_id="ftjob-" + "0" * 24,
-                     base_model=str(models.resolve_model(models.BUILTIN_MODEL_ID)),
-                     training_files=((file_id, 1.0),), n_epochs=1, batch_size=BATCH, lora_r=32,
-                     lora_alpha=64, cpus_per_worker=THREADS)
-    trainer = SFTTrainer(spec, StorageConfig(uri=tempfile.mkdtemp()), in_ray=False)
-    trainer.storage.put(f"files/{file_id}/content", make_data.to_jsonl(rows).encode())
-    trainer.setup()
+    trainer = sort_trainer(200, BATCH)
     examples = trainer.train_examples
     times = []
     for i in range(WARMUP + steps):

@@ -35,26 +35,33 @@ from training.config import TrainSpec
 from training.loop import SFTTrainer, lr_lambda
 
 
-def train(args: argparse.Namespace) -> SFTTrainer:
-    rows = make_data.datasets("sort", args.n, 0, seed=0)["sort-train.chat.jsonl"]
+def sort_trainer(n: int, batch: int, r: int = 32, lrm: float | str = "auto") -> SFTTrainer:
+    """A set-up single-process trainer on ``n`` sort examples, as a job would build it."""
+    rows = make_data.datasets("sort", n, 0, seed=0)["sort-train.chat.jsonl"]
     file_id = "file-" + "0" * 24
     spec = TrainSpec(job_id="ftjob-" + "0" * 24,
                      base_model=str(models.resolve_model(models.BUILTIN_MODEL_ID)),
-                     training_files=((file_id, 1.0),), n_epochs=1, batch_size=args.batch,
-                     lora_r=args.r, lora_alpha=2 * args.r, cpus_per_worker=2,
-                     learning_rate_multiplier=args.lrm)
+                     training_files=((file_id, 1.0),), n_epochs=1, batch_size=batch,
+                     lora_r=r, lora_alpha=2 * r, cpus_per_worker=2,
+                     learning_rate_multiplier=lrm)
     trainer = SFTTrainer(spec, StorageConfig(uri=tempfile.mkdtemp()), in_ray=False)
     trainer.storage.put(f"files/{file_id}/content", make_data.to_jsonl(rows).encode())
     trainer.setup()
+    return trainer
+
+
+def train(args: argparse.Namespace) -> SFTTrainer:
+    trainer = sort_trainer(args.n, args.batch, args.r, args.lrm)
     if args.lora_plus != 1:
         named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
         lr = trainer.hp.learning_rate
         groups = [{"params": [p for n, p in named if "lora_B" not in n], "lr": lr},
                   {"params": [p for n, p in named if "lora_B" in n], "lr": lr * args.lora_plus}]
-        trainer.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, fused=True)
+        trainer.optimizer = torch.optim.AdamW(groups, lr=lr,
+                                              weight_decay=trainer.spec.weight_decay, fused=True)
         trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer,
                                                               lr_lambda(trainer.total_steps))
-    order = packing.epoch_order(trainer.train_sources, trainer.weights, spec.seed, 0)
+    order = packing.epoch_order(trainer.train_sources, trainer.weights, trainer.spec.seed, 0)
     for step in range(trainer.total_steps):
         share = packing.rank_share(order, step, trainer.hp.batch_size, 0, 1)
         trainer.train_step([trainer.train_examples[i] for i in share])
