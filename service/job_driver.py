@@ -55,6 +55,8 @@ def train_spec(record: JobRecord, cpus_per_worker: int):
         fields["lora_dropout"] = lora["dropout"]
     if lora.get("target_modules"):
         fields["target_modules"] = tuple(lora["target_modules"])
+    if lora.get("layers"):
+        fields["lora_layers"] = lora["layers"]
     if method == "dpo":
         beta = hp.get("beta", "auto")
         fields["beta"] = 0.1 if beta == "auto" else float(beta)

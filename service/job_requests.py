@@ -65,6 +65,9 @@ class LoraSettings(Strict):
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] | None = None
     """Module names to adapt; None means every linear layer of the model family."""
+    layers: int | None = Field(default=None, ge=1, le=1024)
+    """Adapt only the last N decoder layers (faster steps: the backward pass stops below them);
+    None means all."""
 
     @field_validator("target_modules")
     @classmethod

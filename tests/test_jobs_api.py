@@ -251,11 +251,13 @@ def test_extensions_reach_the_training_spec(client, app):
     from service.job_store import JobStore
 
     file_id = upload(client, _pref_lines())
-    r = create(client, training_file=file_id, lora={"r": 8}, activation_checkpointing=True,
+    r = create(client, training_file=file_id, lora={"r": 8, "layers": 2},
+               activation_checkpointing=True,
                method={"type": "dpo", "dpo": {"hyperparameters": {"rpo_alpha": 0.5}}})
     assert r.status_code == 200, r.text
     assert r.json()["method"]["dpo"]["hyperparameters"]["rpo_alpha"] == 0.5
     record = JobStore(app.state.storage).get(r.json()["id"])
     spec = train_spec(record, cpus_per_worker=1)
-    assert spec.activation_checkpointing and spec.lora_r == 8 and spec.rpo_alpha == 0.5
+    assert spec.activation_checkpointing and spec.rpo_alpha == 0.5
+    assert spec.lora_r == 8 and spec.lora_layers == 2
     assert spec.method == "dpo" and spec.beta == 0.1

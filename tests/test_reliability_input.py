@@ -227,6 +227,7 @@ JOB_SPECS = [
     Case("job-lora-dropout-one", "POST", JOBS, "lora.dropout", json=job(lora={"dropout": 1.0})),
     Case("job-lora-target-traversal", "POST", JOBS, "lora.target_modules",
          json=job(lora={"target_modules": ["../../etc"]})),
+    Case("job-lora-no-layers", "POST", JOBS, "lora.layers", json=job(lora={"layers": 0})),
     Case("job-workers-too-many", "POST", JOBS, "num_workers", json=job(num_workers=10_000)),
     Case("job-too-many-files", "POST", JOBS, "training_files",
          json=job(training_files=[{"file": "file-x"}] * 17)),

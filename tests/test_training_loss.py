@@ -6,10 +6,13 @@ from __future__ import annotations
 import math
 
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
+from service.errors import InvalidRequest
 from training import loss as loss_module
+from training.adapter import lora_settings
 from training.attention import PACKED, shares_prefixes, use_packed_attention
 from training.chat import IGNORE_INDEX
 from training.config import TrainSpec
@@ -178,6 +181,27 @@ def test_lora_adapts_the_family_linear_layers_and_trains_only_them(family: str):
             assert torch.equal(param, base_before[name]), f"base weight {name} changed"
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero; the step moved it
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_lora_layers_adapts_only_the_last_layers_and_its_adapter_says_so(family: str, tmp_path):
+    model = apply_adapter(tiny_model(family), spec(lora_layers=1))
+    adapted = {n for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted and all(".1." in n for n in adapted)  # layer 1 of the 2, every target in it
+    assert {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in adapted} == set(TARGET_MODULES[family])
+    sums = loss_sums(model, collate_packed(EXAMPLES))
+    normalised_loss(sums, sums.count).backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+    # Saved as PEFT does; a job continuing from it (DPO after SFT) gets the same shape back.
+    model.save_pretrained(tmp_path)
+    assert lora_settings(tmp_path)["lora_layers"] == 1
+    assert all(".1." in key for key in safetensors.torch.load_file(
+        tmp_path / "adapter_model.safetensors"))
+    everything = apply_adapter(tiny_model(family), spec(lora_layers=5))  # more than it has: all
+    assert any(".0." in n for n, _ in everything.named_parameters() if "lora_A" in n)
+    with pytest.raises(InvalidRequest) as refused:
+        spec(lora_layers=0).validate()
+    assert refused.value.param == "lora.layers"
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

@@ -63,7 +63,7 @@ def build_manifest(spec: TrainSpec, *, fingerprint: dict[str, str], eot_token_id
         "full_finetune": spec.full_finetune,
         "lora": None if spec.full_finetune else {
             "r": spec.lora_r, "alpha": spec.lora_alpha, "dropout": spec.lora_dropout,
-            "target_modules": target_modules},
+            "target_modules": target_modules, "layers": spec.lora_layers},
         "init_adapter": spec.init_adapter,
         "data_hashes": data_hashes,
         "hyperparameters": hyperparameters.as_dict(),
@@ -77,9 +77,11 @@ def build_manifest(spec: TrainSpec, *, fingerprint: dict[str, str], eot_token_id
 def lora_settings(folder: Path) -> dict[str, Any]:
     """TrainSpec fields that give a model the shape of the LoRA adapter saved in ``folder``."""
     config = json.loads((folder / "adapter_config.json").read_text())
-    targets = config["target_modules"]
+    targets, layers = config["target_modules"], config.get("layers_to_transform")
     return {"lora_r": int(config["r"]), "lora_alpha": config["lora_alpha"],
-            "target_modules": (targets,) if isinstance(targets, str) else tuple(targets)}
+            "target_modules": (targets,) if isinstance(targets, str) else tuple(targets),
+            # PEFT saves the adapted layers' indices; they are always the model's last ones.
+            "lora_layers": len(layers) if isinstance(layers, list) else None}
 
 
 def export_adapter(storage: Any, local_dir: Path, prefix: str, manifest: dict[str, Any]) -> None:

@@ -43,6 +43,14 @@ def default_target_modules(model: PreTrainedModel) -> tuple[str, ...]:
     return tuple(names)
 
 
+def adapted_layers(model: PreTrainedModel, last: int | None) -> list[int] | None:
+    """Indices of the last ``last`` decoder layers (PEFT's ``layers_to_transform``); None: all."""
+    total = model.config.num_hidden_layers
+    if last is None or last >= total:
+        return None
+    return list(range(total - last, total))
+
+
 def apply_adapter(model: PreTrainedModel, spec: TrainSpec,
                   frozen_dtype: torch.dtype | None = None) -> PreTrainedModel | PeftModel:
     """Make only the trainable weights require grad; return the model to train.
@@ -59,7 +67,8 @@ def apply_adapter(model: PreTrainedModel, spec: TrainSpec,
         return model
     targets = spec.target_modules or default_target_modules(model)
     config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                        target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
+                        target_modules=list(targets), bias="none", task_type="CAUSAL_LM",
+                        layers_to_transform=adapted_layers(model, spec.lora_layers))
     head = model.get_output_embeddings()  # often tied to the input embeddings: keep it fp32
     peft_model = get_peft_model(model, config)
     for module in peft_model.modules():
