@@ -35,7 +35,8 @@ from training.config import TrainSpec
 from training.loop import SFTTrainer, lr_lambda
 
 
-def sort_trainer(n: int, batch: int, r: int = 32, lrm: float | str = "auto") -> SFTTrainer:
+def sort_trainer(n: int, batch: int, r: int = 32, lrm: float | str = "auto",
+                 layers: int | None = None) -> SFTTrainer:
     """A set-up single-process trainer on ``n`` sort examples, as a job would build it."""
     rows = make_data.datasets("sort", n, 0, seed=0)["sort-train.chat.jsonl"]
     file_id = "file-" + "0" * 24
@@ -43,7 +44,7 @@ def sort_trainer(n: int, batch: int, r: int = 32, lrm: float | str = "auto") -> 
                      base_model=str(models.resolve_model(models.BUILTIN_MODEL_ID)),
                      training_files=((file_id, 1.0),), n_epochs=1, batch_size=batch,
                      lora_r=r, lora_alpha=2 * r, cpus_per_worker=2,
-                     learning_rate_multiplier=lrm)
+                     learning_rate_multiplier=lrm, lora_layers=layers)
     trainer = SFTTrainer(spec, StorageConfig(uri=tempfile.mkdtemp()), in_ray=False)
     trainer.storage.put(f"files/{file_id}/content", make_data.to_jsonl(rows).encode())
     trainer.setup()
@@ -51,7 +52,7 @@ def sort_trainer(n: int, batch: int, r: int = 32, lrm: float | str = "auto") -> 
 
 
 def train(args: argparse.Namespace) -> SFTTrainer:
-    trainer = sort_trainer(args.n, args.batch, args.r, args.lrm)
+    trainer = sort_trainer(args.n, args.batch, args.r, args.lrm, args.layers or None)
     if args.lora_plus != 1:
         named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
         lr = trainer.hp.learning_rate
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lrm", type=float, default=1.5, help="learning-rate multiplier")
     parser.add_argument("--r", type=int, default=32, help="LoRA rank (alpha = 2r)")
     parser.add_argument("--lora-plus", type=float, default=1.0)
+    parser.add_argument("--layers", type=int, default=0, help="adapt the last N layers (0: all)")
     parser.add_argument("--n-eval", type=int, default=200)
     parser.add_argument("--out", default="/tmp/in_process.jsonl")
     args = parser.parse_args(argv)
