@@ -36,7 +36,7 @@ from training.loop import SFTTrainer, lr_lambda
 
 
 def sort_trainer(n: int, batch: int, r: int = 32, lrm: float | str = "auto",
-                 layers: int | None = None) -> SFTTrainer:
+                 layers: int | None = None, bf16: bool = True) -> SFTTrainer:
     """A set-up single-process trainer on ``n`` sort examples, as a job would build it."""
     rows = make_data.datasets("sort", n, 0, seed=0)["sort-train.chat.jsonl"]
     file_id = "file-" + "0" * 24
@@ -44,7 +44,7 @@ def sort_trainer(n: int, batch: int, r: int = 32, lrm: float | str = "auto",
                      base_model=str(models.resolve_model(models.BUILTIN_MODEL_ID)),
                      training_files=((file_id, 1.0),), n_epochs=1, batch_size=batch,
                      lora_r=r, lora_alpha=2 * r, cpus_per_worker=2,
-                     learning_rate_multiplier=lrm, lora_layers=layers)
+                     learning_rate_multiplier=lrm, lora_layers=layers, bf16=bf16)
     trainer = SFTTrainer(spec, StorageConfig(uri=tempfile.mkdtemp()), in_ray=False)
     trainer.storage.put(f"files/{file_id}/content", make_data.to_jsonl(rows).encode())
     trainer.setup()
@@ -52,7 +52,8 @@ def sort_trainer(n: int, batch: int, r: int = 32, lrm: float | str = "auto",
 
 
 def train(args: argparse.Namespace) -> SFTTrainer:
-    trainer = sort_trainer(args.n, args.batch, args.r, args.lrm, args.layers or None)
+    trainer = sort_trainer(args.n, args.batch, args.r, args.lrm, args.layers or None,
+                           bf16=not args.fp32)
     if args.lora_plus != 1:
         named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
         lr = trainer.hp.learning_rate
@@ -70,12 +71,13 @@ def train(args: argparse.Namespace) -> SFTTrainer:
 
 
 @torch.no_grad()
-def exact_match(trainer: SFTTrainer, n_eval: int) -> float:
+def exact_match(trainer: SFTTrainer, n_eval: int) -> tuple[float, list[dict]]:
+    """The share of ``n_eval`` held-out lists sorted exactly, and the misses."""
     model, tokenizer = trainer.model, trainer.tokenizer
     model.eval()
     tokenizer.padding_side = "left"
     held = eval_tasks.heldout("sort", n_eval)
-    correct = 0
+    misses = []
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for i in range(0, len(held), 25):
             chunk = held[i:i + 25]
@@ -87,8 +89,9 @@ def exact_match(trainer: SFTTrainer, n_eval: int) -> float:
                                  pad_token_id=tokenizer.pad_token_id)
             for example, row in zip(chunk, out[:, batch["input_ids"].shape[1]:], strict=True):
                 answer = tokenizer.decode(row, skip_special_tokens=True)
-                correct += eval_tasks.is_correct("sort", answer, example.output)
-    return correct / len(held)
+                if not eval_tasks.is_correct("sort", answer, example.output):
+                    misses.append({"prompt": example.prompt, "answer": answer})
+    return 1 - len(misses) / len(held), misses
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--r", type=int, default=32, help="LoRA rank (alpha = 2r)")
     parser.add_argument("--lora-plus", type=float, default=1.0)
     parser.add_argument("--layers", type=int, default=0, help="adapt the last N layers (0: all)")
+    parser.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
     parser.add_argument("--n-eval", type=int, default=200)
     parser.add_argument("--out", default="/tmp/in_process.jsonl")
     args = parser.parse_args(argv)
@@ -106,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     began = time.time()
     trainer = train(args)
     seconds = time.time() - began
+    score, misses = exact_match(trainer, args.n_eval)
     result = {**vars(args), "steps": trainer.total_steps, "train_s": round(seconds),
-              "exact_match": exact_match(trainer, args.n_eval)}
+              "exact_match": score, "misses": misses}
     print(json.dumps(result))
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")
