@@ -48,9 +48,9 @@ from training.models import TINY_MODEL_ID
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 RESULTS = REPO / "bench" / "results"
-# The settings that meet issue 11 on the built-in model: 92 % exact match on sort (n=200) in a
-# 529 s job. Data size is the lever (3,200 examples: ~86 %, 4,800: 92-95 %); LoRA on the last
-# 10 layers is what makes 4,800 fit in the 10 minutes. bench/results/quality.md lists the runs.
+# The settings that meet issue 11 on the built-in model: 92 % exact match on sort (n=200) in
+# 505-529 s jobs. Data size is the lever (3,200 examples: ~85 %, 4,800: 92-95 %); LoRA on the
+# last 10 layers is what makes 4,800 fit in the 10 minutes. bench/results/quality.md lists the runs.
 DEFAULTS = {"n_train": 4800, "n_epochs": 1, "batch_size": 4, "lr_multiplier": 1.5,
             "lora_r": 32, "lora_alpha": 64, "lora_layers": 10, "num_workers": 1}
 

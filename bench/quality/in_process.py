@@ -4,12 +4,13 @@ A quicker, noisier stand-in for ``demo.py`` when comparing settings (no Ray, no 
 background processes; ~5 minutes for 1,600 examples here): builds the trainer exactly as a job
 does, takes one epoch in the job's example order, then generates greedily for ``--n-eval``
 held-out prompts (left-padded batches under bf16 autocast, at most 48 new tokens) and scores
-them with ``service.eval_tasks.is_correct``. Appends one JSON line per run to ``--out``.
+them with ``service.eval_tasks.is_correct``. Appends one JSON line per run to ``--out``, with the
+misses (prompt and answer). ``--fp32`` trains without bf16 autocast.
 
 ``--lora-plus K`` trains the LoRA B matrices at K times the rate of the A matrices (LoRA+,
 Hayou et al. 2024), an option the product does not have; it is here because it was measured.
 
-Usage: ``python bench/quality/in_process.py --n 1600 [--batch 4] [--lrm 1.5] [--lora-plus 1]``.
+Usage: ``python bench/quality/in_process.py --n 1600 [--batch 4] [--lrm 1.5] [--layers N] [--fp32]``.
 """
 
 from __future__ import annotations
