@@ -4,8 +4,9 @@ Measures, in one run on this machine, with only the tiny model offered (quick):
 
 1. **Per-request overhead of the Serve path** over a plain uvicorn app. The same FastAPI app
    (``service.app.create_app``, same settings, same local storage, same API key) is served (a)
-   by plain uvicorn on a loopback port and (b) by ``tuneserve up`` (Serve's HTTP proxy → the
-   ``Api`` ingress replica). Both are hit with the same authenticated cheap request
+   by plain uvicorn on a loopback port and (b) by ``tuneserve up`` (Serve's Python proxy → the
+   ``Api`` ingress replica; with ``RAY_SERVE_ENABLE_HA_PROXY=1`` in the environment, HAProxy →
+   the replica's own uvicorn, the opt-in mode). Both are hit with the same authenticated cheap request
    (``GET /v1/models``), sequentially, one kept-alive connection each, after a warm-up, in
    interleaved blocks (so load from other processes falls on both alike). Reports p50/p99 of
    each and the p50 difference.
@@ -18,7 +19,8 @@ Measures, in one run on this machine, with only the tiny model offered (quick):
    1 s high), and a second request to the now-loaded adapter for comparison.
 
 Usage: ``python -m bench.serve_path`` (``--requests 50 --jobs 1`` for a smoke run). Writes
-``bench/results/serve_path.json`` and ``bench/results/serve_path.md``. Starts everything it
+``bench/results/serve_path.json`` and ``bench/results/serve_path.md`` (what follows ``NOTES``
+in the old ``.md``, written by hand, is kept). Starts everything it
 needs (a temporary storage directory, ``tuneserve up`` and a uvicorn process on free loopback
 ports) and stops it on exit, also on Ctrl-C / SIGTERM. A few minutes on a quiet machine.
 """
@@ -47,6 +49,7 @@ TINY = "tuneserve/tiny-llama"
 API_KEY = "bench-serve-path-key"
 CHEAP_PATH = "/v1/models"
 TERMINAL = {"succeeded", "failed", "cancelled"}
+NOTES = "<!-- notes below are written by hand and kept when the benchmark rewrites this file -->"
 
 
 def plain_app():
@@ -282,8 +285,10 @@ def markdown(r: dict[str, Any]) -> str:
               f"{o['requests_each']} sequential requests each after {o['warmup_each']} warm-up, "
               f"one kept-alive connection, interleaved in blocks of {o['block']})"), "",
              "| set-up | p50 ms | p99 ms | mean ms |", "|---|---|---|---|"]
+    ingress = ("HAProxy → the Api replica's uvicorn" if c.get("haproxy", False)
+               else "Serve proxy → Api replica")
     for name, label in (("plain_uvicorn", "same app, plain uvicorn"),
-                        ("serve", "`tuneserve up` (Serve proxy → Api replica)")):
+                        ("serve", f"`tuneserve up` ({ingress})")):
         lines.append(f"| {label} | {o[name]['p50_ms']} | {o[name]['p99_ms']} | "
                      f"{o[name]['mean_ms']} |")
     overhead = o["p50_overhead_ms"]
@@ -316,7 +321,9 @@ def markdown(r: dict[str, Any]) -> str:
 def write_results(result: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serve_path.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "serve_path.md").write_text(markdown(result))
+    md = RESULTS / "serve_path.md"
+    notes = md.read_text().partition(NOTES)[2] if md.exists() else ""
+    md.write_text(markdown(result) + (f"\n{NOTES}{notes}" if notes else ""))
 
 
 # --------------------------------------------------------------------------- main
@@ -350,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     config: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.machine(),
         "cpus": len(os.sched_getaffinity(0)), "load_average": os.getloadavg()[0],
-        "command": "python -m bench.serve_path " + " ".join(argv or sys.argv[1:])}
+        "command": "python -m bench.serve_path " + " ".join(argv or sys.argv[1:]),
+        # opt-in (service.cli.HAPROXY_ENV); the service inherits this environment
+        "haproxy": os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"}
     with tempfile.TemporaryDirectory(prefix="tuneserve-serve-path-") as tmp:
         storage = str(Path(tmp) / "storage")
         env = {"TUNESERVE_STORAGE": storage, "TUNESERVE_API_KEYS": f"{API_KEY}:bench",

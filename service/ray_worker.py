@@ -2,14 +2,19 @@
 
 ``tuneserve up`` names ``setup`` in its runtime_env, so Serve replicas, job drivers and training
 workers all log as the API does; in embedded mode (``EMBEDDED_ENV``) they also keep Ray Serve's
-inter-deployment gRPC server on loopback.
+inter-deployment gRPC server and HAProxy's stats and metrics ports on loopback.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import logging
 import os
+import re
 import sys
+from collections.abc import Callable
+from types import ModuleType
 
 from service import logs
 
@@ -27,6 +32,8 @@ def setup() -> None:
     logs.setup_logging()
     if os.environ.get(EMBEDDED_ENV) == "1":
         bind_serve_grpc_to_loopback()
+        if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+            bind_haproxy_to_loopback()
 
 
 def bind_serve_grpc_to_loopback() -> None:
@@ -64,3 +71,58 @@ def bind_serve_grpc_to_loopback() -> None:
         else:
             log.warning("ray.serve._private.replica.add_port_to_grpc_server not found (Ray "
                         "changed?): Serve replicas' gRPC servers may listen on every interface")
+
+
+HAPROXY_TEMPLATES = "ray.serve._private.haproxy_templates"
+_ANY_HOST_BIND = re.compile(r"^(\s*bind )\*?(:\{\{ config\.(?:stats|metrics)_port \}\})",
+                            re.MULTILINE)
+
+
+def bind_haproxy_to_loopback() -> None:
+    """Make HAProxy's stats page and Prometheus exporter listen on loopback, not every interface.
+
+    In HAProxy mode (``RAY_SERVE_ENABLE_HA_PROXY=1``, opt-in: see ``service.cli.HAPROXY_ENV``)
+    Ray 2.60 renders ``bind *:<stats_port>`` and ``bind :<metrics_port>`` from
+    ``HAPROXY_CONFIG_TEMPLATE`` in ``ray/serve/_private/haproxy_templates.py``, with no setting
+    for the address; the HTTP frontend itself binds the service's host. This rewrites those two
+    lines of the template when the module is imported (in the one worker that runs HAProxy):
+    importing it here would load Ray Serve into every worker, training ones too.
+    """
+    module = sys.modules.get(HAPROXY_TEMPLATES)
+    if module is not None:
+        _loopback_haproxy_template(module)
+        haproxy = sys.modules.get("ray.serve._private.haproxy")
+        if haproxy is not None:
+            haproxy.HAPROXY_CONFIG_TEMPLATE = module.HAPROXY_CONFIG_TEMPLATE
+    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport(HAPROXY_TEMPLATES, _loopback_haproxy_template))
+
+
+def _loopback_haproxy_template(module: ModuleType) -> None:
+    template, count = _ANY_HOST_BIND.subn(r"\g<1>127.0.0.1\g<2>", module.HAPROXY_CONFIG_TEMPLATE)
+    if count != 2:
+        log.warning("HAProxy's stats and metrics bind lines not found in %s (Ray changed?): they "
+                    "may listen on every interface", HAPROXY_TEMPLATES)
+    module.HAPROXY_CONFIG_TEMPLATE = template
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Finds one module the usual way and runs ``patch`` on it right after it executes."""
+
+    def __init__(self, name: str, patch: Callable[[ModuleType], None]):
+        self.name, self.patch = name, patch
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module: ModuleType) -> None:
+            exec_module(module)
+            self.patch(module)
+
+        spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]
+        return spec
