@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from service import cli_eval, logs
 from service.cli_client import DEFAULT_BASE_URL, CliError, client_options
 from service.cli_client import add_commands as add_client_commands
-from service.ray_worker import EMBEDDED_ENV
+from service.ray_worker import EMBEDDED_ENV, HAPROXY_ENV
 
 log = logging.getLogger("tuneserve")
 
@@ -54,14 +54,13 @@ EMBEDDED_RAY_DEFAULTS = {
 }
 """Ray settings for the embedded local Ray (each read when Ray starts; the environment wins)."""
 
-HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
-"""Opt-in (``RAY_SERVE_ENABLE_HA_PROXY=1 tuneserve up``): HTTP requests reach the Api replica
-through HAProxy, straight to the replica's own uvicorn, instead of through Serve's Python proxy:
-+1.4 ms p50 over plain uvicorn against +7-11 ms (bench/results/serve_path.md). Not the default:
-with it, two restart tests of tests/test_jobs_e2e.py failed (2026-12-04, not investigated yet):
-status polls during an Api replica restart got "Server disconnected without sending a
-response", and after a cluster restart the job finished without resuming from a checkpoint."""
-
+# HAProxy mode is opt-in (``RAY_SERVE_ENABLE_HA_PROXY=1 tuneserve up``, HAPROXY_ENV): HTTP
+# requests reach the Api replica through HAProxy, straight to the replica's own uvicorn, instead
+# of through Serve's Python proxy: +1.4 ms p50 over plain uvicorn against +7-11 ms
+# (bench/results/serve_path.md). Not the default: with it, two restart tests of
+# tests/test_jobs_e2e.py failed (2026-12-04, not investigated yet): status polls during an Api
+# replica restart got "Server disconnected without sending a response", and after a cluster
+# restart the job finished without resuming from a checkpoint.
 HAPROXY_FREE_PORTS = (
     # HAProxy's stats page and Prometheus exporter (service.ray_worker keeps them on loopback)
     # and Serve's fallback proxy default to fixed ports (8404, 9101, 8500): a second service,

@@ -24,6 +24,9 @@ EMBEDDED_ENV = "TUNESERVE_EMBEDDED"
 """Set to 1 by ``tuneserve up`` before it starts its own local Ray (no ``TUNESERVE_RAY_ADDRESS``);
 Ray's processes and so every worker inherit it."""
 
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+"""Ray's switch for HAProxy mode; opt-in for ``tuneserve up`` (why: ``service.cli``)."""
+
 ANY_ADDRESS = "[::]:0"
 LOOPBACK_ADDRESS = "127.0.0.1:0"
 
@@ -32,7 +35,7 @@ def setup() -> None:
     logs.setup_logging()
     if os.environ.get(EMBEDDED_ENV) == "1":
         bind_serve_grpc_to_loopback()
-        if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        if os.environ.get(HAPROXY_ENV) == "1":
             bind_haproxy_to_loopback()
 
 
@@ -81,7 +84,7 @@ _ANY_HOST_BIND = re.compile(r"^(\s*bind )\*?(:\{\{ config\.(?:stats|metrics)_por
 def bind_haproxy_to_loopback() -> None:
     """Make HAProxy's stats page and Prometheus exporter listen on loopback, not every interface.
 
-    In HAProxy mode (``RAY_SERVE_ENABLE_HA_PROXY=1``, opt-in: see ``service.cli.HAPROXY_ENV``)
+    In HAProxy mode (``RAY_SERVE_ENABLE_HA_PROXY=1``, opt-in: see ``service.cli.HAPROXY_FREE_PORTS``)
     Ray 2.60 renders ``bind *:<stats_port>`` and ``bind :<metrics_port>`` from
     ``HAPROXY_CONFIG_TEMPLATE`` in ``ray/serve/_private/haproxy_templates.py``, with no setting
     for the address; the HTTP frontend itself binds the service's host. This rewrites those two
