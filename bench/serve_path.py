@@ -287,8 +287,7 @@ def markdown(r: dict[str, Any]) -> str:
               f"{o['requests_each']} sequential requests each after {o['warmup_each']} warm-up, "
               f"one kept-alive connection, interleaved in blocks of {o['block']})"), "",
              "| set-up | p50 ms | p99 ms | mean ms |", "|---|---|---|---|"]
-    ingress = ("HAProxy → the Api replica's uvicorn" if c.get("haproxy", False)
-               else "Serve proxy → Api replica")
+    ingress = "HAProxy → the Api replica's uvicorn" if c["haproxy"] else "Serve proxy → Api replica"
     for name, label in (("plain_uvicorn", "same app, plain uvicorn"),
                         ("serve", f"`tuneserve up` ({ingress})")):
         lines.append(f"| {label} | {o[name]['p50_ms']} | {o[name]['p99_ms']} | "

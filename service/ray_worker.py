@@ -89,14 +89,12 @@ def bind_haproxy_to_loopback() -> None:
     ``HAPROXY_CONFIG_TEMPLATE`` in ``ray/serve/_private/haproxy_templates.py``, with no setting
     for the address; the HTTP frontend itself binds the service's host. This rewrites those two
     lines of the template when the module is imported (in the one worker that runs HAProxy):
-    importing it here would load Ray Serve into every worker, training ones too.
+    importing it here would load Ray Serve into every worker, training ones too. The setup hook
+    runs before any actor code, so the module cannot have been imported yet.
     """
-    module = sys.modules.get(HAPROXY_TEMPLATES)
-    if module is not None:
-        _loopback_haproxy_template(module)
-        haproxy = sys.modules.get("ray.serve._private.haproxy")
-        if haproxy is not None:
-            haproxy.HAPROXY_CONFIG_TEMPLATE = module.HAPROXY_CONFIG_TEMPLATE
+    if HAPROXY_TEMPLATES in sys.modules:
+        log.warning("%s was imported before the setup hook: HAProxy's stats and metrics may "
+                    "listen on every interface", HAPROXY_TEMPLATES)
     elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _PatchOnImport(HAPROXY_TEMPLATES, _loopback_haproxy_template))
 
