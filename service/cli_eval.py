@@ -3,7 +3,9 @@
 Every prompt goes through ``POST /v1/chat/completions`` with greedy decoding (temperature 0),
 several at a time (the chat engine batches them). Reported:
 
-* ``exact_match``: answers equal to the reference (``service.eval_tasks.is_correct``);
+* ``exact_match``: answers equal to the reference (``service.eval_tasks.is_correct``), with
+  its 95 % Wilson interval (``exact_match_ci95``): how far the held-out sample's figure may be
+  from the model's true rate;
 * ``valid_json``: answers that parse as JSON (a sorted list in Python notation does too);
 * ``end_of_turn``: answers that ended at the model's end-of-turn token (``finish_reason``
   "stop") rather than at the length cap ("length").
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -118,13 +121,26 @@ def run_cases(client: Client, model: str, task: str, cases: list[Case], *, max_t
         return list(pool.map(ask, cases))
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a proportion (the textbook formula; unlike the normal
+    approximation it stays inside 0..1 and is sound near 0 % and 100 %)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)
+
+
 def summarize(model: str, task: str, answers: list[Answer], seconds: float) -> dict[str, Any]:
     n = len(answers)
 
     def share(flags: list[bool]) -> float:
         return round(sum(flags) / n, 4) if n else 0.0
+    hits = sum(a.correct for a in answers)
     return {"model": model, "task": task, "n": n,
             "exact_match": share([a.correct for a in answers]),
+            "exact_match_ci95": list(wilson_interval(hits, n)),
             "valid_json": share([a.valid_json for a in answers]),
             "end_of_turn": share([a.finish_reason == "stop" for a in answers]),
             "mean_completion_tokens": round(statistics.fmean(
@@ -136,7 +152,8 @@ def write_report(report: dict[str, Any], answers: list[Answer], shown: int = 3) 
     out = sys.stdout
     out.write(f"{report['model']} on {report['task']} ({report['n']} held-out prompts, "
               f"{report['seconds']} s)\n")
-    out.write(f"  exact match  {report['exact_match']:.1%}\n"
+    low, high = report["exact_match_ci95"]
+    out.write(f"  exact match  {report['exact_match']:.1%}  (95 % interval {low:.1%}-{high:.1%})\n"
               f"  valid JSON   {report['valid_json']:.1%}\n"
               f"  end of turn  {report['end_of_turn']:.1%}  (the rest hit the length cap)\n"
               f"  mean answer  {report['mean_completion_tokens']} tokens\n")

@@ -260,28 +260,56 @@ def _page(items: list, after: str | None, limit: int, key) -> tuple[list, bool]:
     return page, start + limit < len(items)
 
 
-def _unseen_events(storage: Storage, job_id: str, seen: set[str]) -> list[dict]:
-    """The events not in ``seen``, oldest first (a listing, then only the new objects)."""
-    from training.events import event_id_from_key
+class EventCursor:
+    """Where a stream is in a job's events: each ``poll`` returns the ones not yet returned.
 
-    prefix = join_key("jobs", job_id, "events") + "/"
-    return [json.loads(storage.get(info.key)) for info in storage.iter(prefix)
-            if event_id_from_key(info.key) not in seen]
+    Event keys begin with their creation time (ns), but the job driver and the training worker
+    write them from different processes, so one may land a little after a later-stamped one.
+    A poll lists from ``LATE_NS`` before the newest event seen and skips what it returned before:
+    it stats and reads the last minute's events, not every event of the job twice a second (a
+    cost that grew with the job, on the cores the training uses).
+    """
+
+    LATE_NS = 60 * 10**9
+
+    def __init__(self, storage: Storage, job_id: str):
+        self.storage = storage
+        self.prefix = join_key("jobs", job_id, "events") + "/"
+        self.newest_ns = 0
+        self.seen: set[str] = set()
+
+    def poll(self) -> list[dict]:
+        after = None
+        if self.newest_ns > self.LATE_NS:
+            after = f"{self.prefix}{self.newest_ns - self.LATE_NS:020d}"
+        events = []
+        while True:
+            page, has_more = self.storage.list(self.prefix, after=after, limit=1000)
+            for info in page:
+                name = info.key[len(self.prefix):]
+                if name in self.seen:
+                    continue
+                self.seen.add(name)
+                stamp = name.split("-", 1)[0]
+                if stamp.isdigit():
+                    self.newest_ns = max(self.newest_ns, int(stamp))
+                events.append(json.loads(self.storage.get(info.key)))
+            if not has_more or not page:
+                return events
+            after = page[-1].key
 
 
 async def _event_stream(request: Request, storage: Storage, job_id: str):
     """Server-sent events: every event as it is written, until the job ends."""
-    seen: set[str] = set()
+    cursor = EventCursor(storage, job_id)
     store = JobStore(storage)
     while True:
-        events = await asyncio.to_thread(_unseen_events, storage, job_id, seen)
-        for event in events:
-            seen.add(event["id"])
+        for event in await asyncio.to_thread(cursor.poll):
             yield f"data: {json.dumps(event)}\n\n"
         job = await asyncio.to_thread(store.get, job_id)
         if job.status not in ACTIVE and job.status != "paused":
             # One more read after the end so the final events are not lost to the race.
-            for event in await asyncio.to_thread(_unseen_events, storage, job_id, seen):
+            for event in await asyncio.to_thread(cursor.poll):
                 yield f"data: {json.dumps(event)}\n\n"
             yield "data: [DONE]\n\n"
             return

@@ -261,3 +261,40 @@ def test_extensions_reach_the_training_spec(client, app):
     assert spec.activation_checkpointing and spec.rpo_alpha == 0.5
     assert spec.lora_r == 8 and spec.lora_layers == 2
     assert spec.method == "dpo" and spec.beta == 0.1
+
+
+def test_event_stream_cursor_returns_late_events_once_and_skips_old_ones(storage, monkeypatch):
+    """The stream's cursor on both storages: an event that lands after a later-stamped one is
+    still sent (once); events older than its window are not listed again on each poll."""
+    from service.jobs import EventCursor
+    from training.events import event_key
+
+    job_id = "ftjob-" + "a" * 24
+    second = 10**9
+
+    def write(ns: int, seq: int) -> None:
+        key = event_key(job_id, ns, seq)
+        storage.put(key, json.dumps({"id": key.rsplit("/", 1)[-1], "seq": seq}).encode())
+
+    start = 1_800_000_000 * second
+    write(start, 0)
+    write(start + 100 * second, 1)
+    cursor = EventCursor(storage, job_id)
+    assert [e["seq"] for e in cursor.poll()] == [0, 1]
+    assert cursor.poll() == []
+    write(start + 90 * second, 2)  # stamped before event 1, written after it was sent
+    write(start + 101 * second, 3)
+    assert [e["seq"] for e in cursor.poll()] == [2, 3]
+    assert cursor.poll() == []
+    # Event 0 is outside the window (60 s before the newest): a poll no longer lists it.
+    listed = []
+    list_page = storage.list
+
+    def spy(prefix, *, after=None, limit=1000):
+        page, more = list_page(prefix, after=after, limit=limit)
+        listed.extend(info.key for info in page)
+        return page, more
+
+    monkeypatch.setattr(storage, "list", spy)
+    assert cursor.poll() == []
+    assert event_key(job_id, start, 0) not in listed and event_key(job_id, start + 101 * second, 3) in listed

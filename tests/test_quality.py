@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from service import eval_tasks
-from service.cli_eval import Answer, summarize
+from service.cli_eval import Answer, summarize, wilson_interval
 from tests.helpers import REPO, Service
 
 sys.path.insert(0, str(REPO / "bench" / "quality"))
@@ -102,6 +102,18 @@ def test_scoring():
     report = summarize("m", "sort", answers, 1.0)
     assert (report["exact_match"], report["valid_json"], report["end_of_turn"]) == (0.5, 0.5, 0.5)
     assert report["mean_completion_tokens"] == 51.0
+    assert report["exact_match_ci95"] == list(wilson_interval(1, 2))
+
+
+def test_exact_match_interval_is_wilsons():
+    # Textbook values: 0 of 10 gives z²/(n + z²) = 0.2775 as the upper bound; the interval
+    # narrows with n around the same share.
+    assert wilson_interval(0, 10) == (0.0, 0.2775)
+    assert wilson_interval(10, 10) == (0.7225, 1.0)
+    low200, high200 = wilson_interval(184, 200)
+    low1000, high1000 = wilson_interval(920, 1000)
+    assert low200 < low1000 < 0.92 < high1000 < high200
+    assert (low1000, high1000) == (0.9015, 0.9353)
 
 
 def test_eval_names_a_bad_file_line(tmp_path):
@@ -141,6 +153,8 @@ def test_demo_runs_end_to_end_on_the_tiny_model(service, tmp_path):
         assert row["n"] == 8
         for key in ("exact_match", "valid_json", "end_of_turn"):
             assert 0 <= row[key] <= 1
+        low, high = row["exact_match_ci95"]
+        assert low <= row["exact_match"] <= high and high - low > 0.2  # n=8 is a wide interval
     job = result["jobs"]["sft"]
     assert tuned_model == job["fine_tuned_model"] and tuned_model.startswith(f"ft:{TINY}:sort:")
     assert job["seconds"] > 0 and job["hyperparameters"]["n_epochs"] == 1
@@ -167,4 +181,5 @@ def test_dpo_demo_runs_sft_then_dpo_and_reports_preference_accuracy(service, tmp
     assert result["rows"]["sft"]["model"] == sft["fine_tuned_model"]
     assert dpo["fine_tuned_model"].startswith(f"ft:{TINY}:sort-dpo:{dpo['id']}")
     assert 0 <= result["heldout_preference_accuracy"] <= 1
+    assert 0 <= result["heldout_preference_accuracy_before"] <= 1
     assert "Held-out preference accuracy" in (results / "quality-dpo.md").read_text()
