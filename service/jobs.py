@@ -274,29 +274,23 @@ class EventCursor:
 
     def __init__(self, storage: Storage, job_id: str):
         self.storage = storage
-        self.prefix = join_key("jobs", job_id, "events") + "/"
+        self.job_id = job_id
         self.newest_ns = 0
         self.seen: set[str] = set()
 
     def poll(self) -> list[dict]:
+        from training.events import event_created_ns, event_key
+
         after = None
         if self.newest_ns > self.LATE_NS:
-            after = f"{self.prefix}{self.newest_ns - self.LATE_NS:020d}"
+            after = event_key(self.job_id, self.newest_ns - self.LATE_NS, 0)
         events = []
-        while True:
-            page, has_more = self.storage.list(self.prefix, after=after, limit=1000)
-            for info in page:
-                name = info.key[len(self.prefix):]
-                if name in self.seen:
-                    continue
-                self.seen.add(name)
-                stamp = name.split("-", 1)[0]
-                if stamp.isdigit():
-                    self.newest_ns = max(self.newest_ns, int(stamp))
+        for info in self.storage.iter(join_key("jobs", self.job_id, "events") + "/", after=after):
+            if info.key not in self.seen:
+                self.seen.add(info.key)
+                self.newest_ns = max(self.newest_ns, event_created_ns(info.key))
                 events.append(json.loads(self.storage.get(info.key)))
-            if not has_more or not page:
-                return events
-            after = page[-1].key
+        return events
 
 
 async def _event_stream(request: Request, storage: Storage, job_id: str):

@@ -138,9 +138,9 @@ class Storage(abc.ABC):
         string prefix, as on S3: ``"jobs/a"`` matches ``jobs/a/x`` and ``jobs/ab/x``.
         """
 
-    def iter(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Every object under ``prefix``, sorted by key, fetched a page at a time."""
-        after: str | None = None
+    def iter(self, prefix: str, *, after: str | None = None) -> Iterator[ObjectInfo]:
+        """Every object under ``prefix`` (with a key after ``after``), sorted by key, fetched a
+        page at a time."""
         while True:
             page, has_more = self.list(prefix, after=after, limit=1000)
             yield from page

@@ -80,9 +80,10 @@ class LocalStorage(Storage):
                 infos.append(_info(key, st))
         return infos[:limit], len(infos) > limit
 
-    def iter(self, prefix: str) -> Iterator[ObjectInfo]:
+    def iter(self, prefix: str, *, after: str | None = None) -> Iterator[ObjectInfo]:
         check_prefix(prefix)
-        for key in sorted(self._walk(prefix)):  # one walk, not one per page
+        # One walk, not one per page.
+        for key in sorted(k for k in self._walk(prefix) if after is None or k > after):
             st = _stat(self._path(key), key)
             if st is not None:
                 yield _info(key, st)

@@ -129,10 +129,11 @@ class S3Storage(Storage):
                 args["ContinuationToken"] = page["NextContinuationToken"]
         return out, truncated
 
-    def iter(self, prefix: str) -> Iterator[ObjectInfo]:
+    def iter(self, prefix: str, *, after: str | None = None) -> Iterator[ObjectInfo]:
         check_prefix(prefix)
+        start = {} if after is None else {"StartAfter": self.prefix + after}
         pages = self._client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self.prefix + prefix)
+            Bucket=self.bucket, Prefix=self.prefix + prefix, **start)
         with self._errors(prefix):
             for page in pages:
                 yield from self._infos(page)

@@ -288,13 +288,13 @@ def test_event_stream_cursor_returns_late_events_once_and_skips_old_ones(storage
     assert cursor.poll() == []
     # Event 0 is outside the window (60 s before the newest): a poll no longer lists it.
     listed = []
-    list_page = storage.list
+    iterate = storage.iter
 
-    def spy(prefix, *, after=None, limit=1000):
-        page, more = list_page(prefix, after=after, limit=limit)
-        listed.extend(info.key for info in page)
-        return page, more
+    def spy(prefix, *, after=None):
+        for info in iterate(prefix, after=after):
+            listed.append(info.key)
+            yield info
 
-    monkeypatch.setattr(storage, "list", spy)
+    monkeypatch.setattr(storage, "iter", spy)
     assert cursor.poll() == []
     assert event_key(job_id, start, 0) not in listed and event_key(job_id, start + 101 * second, 3) in listed

@@ -28,6 +28,11 @@ def event_id_from_key(key: str) -> str:
     return "ftevent-" + key.rsplit("/", 1)[-1].removesuffix(".json")
 
 
+def event_created_ns(key: str) -> int:
+    """The creation time ``event_key`` put in ``key`` (ns)."""
+    return int(key.rsplit("/", 1)[-1].split("-", 1)[0])
+
+
 class EventLog:
     """Appends events of one job. Never raises on a storage failure: losing a progress message
     must not kill a training run, so failures are logged and counted instead."""
