@@ -16,6 +16,7 @@ from training.adapter import lora_settings
 from training.attention import PACKED, shares_prefixes, use_packed_attention
 from training.chat import IGNORE_INDEX
 from training.config import TrainSpec
+from training.lookahead import Lookahead
 from training.lora import TARGET_MODULES, AddmmLora, apply_adapter
 from training.loss import masked_token_sums, normalised_loss, supervised_count
 from training.packing import collate_packed, collate_padded, shared_prefix_length
@@ -371,3 +372,64 @@ def test_a_frozen_head_cast_once_still_follows_its_weights():
     changed = losses()
     assert changed[0] != pytest.approx(first[0], rel=1e-3)
     assert changed[0] == pytest.approx(changed[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_frozen_layers_run_ahead_give_the_loss_and_grads_of_the_whole_decoder(autocast: bool):
+    """With LoRA on the last layer only, the frozen first layer of a batch runs ahead on its own
+    thread (``training.lookahead``): the loss and every gradient are those of the whole decoder,
+    on shared-prefix rows as the trainer builds them, in fp32 and under bf16 autocast."""
+    model = apply_adapter(tiny_model("llama", PACKED), spec(lora_layers=1),
+                          frozen_dtype=torch.bfloat16 if autocast else None).train()
+    with torch.no_grad():  # move B off zero so every LoRA weight gets a gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    causal_lm = model.get_base_model()
+    decoder, head = causal_lm.base_model, causal_lm.get_output_embeddings()
+    assert Lookahead.usable(decoder, torch.device("cpu"), cpus=2) == 1
+    lookahead = Lookahead(decoder, 1, use_bf16=autocast, threads=2)
+    try:
+        batch = collate_packed(SHARED, share_prefix=True)
+        lookahead.submit(SHARED, [batch])
+        assert lookahead.take([(list(i), list(l)) for i, l in SHARED]) is None  # equal, not the same
+        micro, below = lookahead.take(SHARED)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            hidden = lookahead.upper_hidden(below[0], micro[0])
+            ahead = masked_token_sums(hidden, micro[0]["labels"], head)
+        ahead.loss.backward()
+        grads = gradients(model)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            whole = loss_sums(model, collate_packed(SHARED, share_prefix=True))
+        whole.loss.backward()
+    finally:
+        lookahead.close()
+    assert ahead.count == whole.count == 6
+    assert ahead.loss.item() == pytest.approx(whole.loss.item(), rel=1e-6)
+    for a, b in zip(grads, gradients(model), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_layers_run_ahead_only_where_they_exist_and_the_split_is_exact():
+    """Nothing runs ahead with every layer adapted, full fine-tuning, one CPU, or a decoder
+    family outside ``SUPPORTED``; what was submitted but never taken is dropped in order."""
+    cpu = torch.device("cpu")
+
+    def decoder(family: str, **overrides) -> torch.nn.Module:
+        return apply_adapter(tiny_model(family, PACKED), spec(**overrides)).get_base_model().base_model
+
+    assert Lookahead.usable(decoder("llama", lora_layers=1), cpu, cpus=1) == 0
+    assert Lookahead.usable(decoder("llama"), cpu, cpus=2) == 0  # every layer adapted
+    full = tiny_model("llama", PACKED)
+    assert Lookahead.usable(apply_adapter(full, spec(full_finetune=True)).base_model, cpu, 2) == 0
+    assert Lookahead.usable(decoder("gemma", lora_layers=1), cpu, cpus=2) == 0
+    lookahead = Lookahead(decoder("llama", lora_layers=1), 1, use_bf16=False, threads=2)
+    try:
+        first, second = EXAMPLES[:2], EXAMPLES[2:]
+        lookahead.submit(first, [collate_packed(first)])
+        lookahead.submit(second, [collate_packed(second)])
+        assert lookahead.take(second) is not None  # the first was never taken: dropped
+        assert lookahead.take(first) is None and not lookahead.pending
+    finally:
+        lookahead.close()

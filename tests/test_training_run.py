@@ -13,6 +13,7 @@ import time
 
 import psutil
 import pytest
+import safetensors.torch
 import torch
 from peft import PeftModel
 
@@ -187,3 +188,35 @@ def test_training_from_a_tuned_model_continues_its_adapter(finished_run):
     manifest = json.loads(storage.get(f"adapters/{job}/final/manifest.json"))
     assert manifest["init_adapter"] == f"adapters/{JOB}/final"
     assert manifest["lora"]["r"] == first.lora_r  # the adapter's shape, not the spec's r=4
+
+
+def test_a_worker_runs_the_frozen_layers_ahead_and_trains_as_one_that_does_not(finished_run):
+    """LoRA on the last layer only: a worker with 2 CPUs runs the frozen first layer of the next
+    step ahead, on a thread of its own (``training.lookahead``); a worker with 1 CPU cannot.
+    Over two epochs (the first step of each has nothing run ahead) both report the same losses,
+    step by step, and the same final adapter."""
+    storage = finished_run["storage"]
+    runs = {}
+    for cpus, job in ((2, "ftjob-" + "a" * 24), (1, "ftjob-" + "b" * 24)):
+        spec = TrainSpec(job_id=job, base_model=models.TINY_MODEL_ID, training_files=((FILE, 1.0),),
+                         n_epochs=2, batch_size=40, lora_layers=1, cpus_per_worker=cpus,
+                         checkpoint_every_steps=0, seed=5)
+        with pytest.MonkeyPatch.context() as env:
+            for name, value in finished_run["env"].items():
+                env.setenv(name, value)
+            run_training(spec, finished_run["config"])
+        evs = [json.loads(storage.get(i.key)) for i in storage.iter(f"jobs/{job}/events/")]
+        runs[cpus] = {
+            "worker": next(e["message"] for e in evs if e["message"].startswith("Worker 0/1")),
+            "losses": [e["data"]["train_loss"] for e in evs
+                       if e["type"] == "metrics" and "train_loss" in e["data"]],
+            "adapter": storage.get(f"adapters/{job}/final/adapter_model.safetensors"),
+        }
+    assert "2 torch threads (one runs the 1 frozen layers of the next step ahead)" in runs[2]["worker"]
+    assert "ahead" not in runs[1]["worker"]
+    assert len(runs[2]["losses"]) == len(runs[1]["losses"]) == 16  # 320 examples / 40, twice
+    assert runs[2]["losses"] == pytest.approx(runs[1]["losses"], rel=1e-3)
+    ahead, alone = (safetensors.torch.load(runs[c]["adapter"]) for c in (2, 1))
+    assert ahead.keys() == alone.keys()
+    for name in ahead:
+        torch.testing.assert_close(ahead[name], alone[name], rtol=1e-2, atol=1e-4)

@@ -68,6 +68,8 @@ def pair_metrics(sums: torch.Tensor) -> dict[str, float]:
 class DPOTrainer(SFTTrainer):
     """One worker's share of a DPO run (see the module docstring)."""
 
+    looks_ahead = False  # its step scores pairs with the whole decoder (``score``)
+
     # -- data ----------------------------------------------------------------------------------
 
     def setup_data(self) -> None:

@@ -11,12 +11,14 @@ Ray Train touch points, kept few and visible:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import random
 import time
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from training.adapter import (
 from training.attention import shares_prefixes, use_packed_attention
 from training.config import MIN_LR_FRACTION, WARMUP_FRACTION, TrainSpec, resolve_hyperparameters
 from training.events import EventLog
+from training.lookahead import Lookahead
 from training.lora import apply_adapter, default_target_modules
 from training.loss import masked_token_sums, normalised_loss, supervised_count
 
@@ -105,6 +108,9 @@ def lr_lambda(total_steps: int):
 class SFTTrainer:
     """One worker's share of a supervised fine-tuning run."""
 
+    looks_ahead = True
+    """Whether a CPU worker runs the frozen lower layers of the next step ahead (``Lookahead``)."""
+
     def __init__(self, spec: TrainSpec, storage_config: StorageConfig, *, in_ray: bool = True):
         """``in_ray=False`` builds a single-process trainer (rank 0 of 1, no checkpoints through
         Ray) for benchmarks and debugging; a run always goes through Ray Train."""
@@ -134,6 +140,7 @@ class SFTTrainer:
         self.setup_data()
         self.hp = self.resolve_hyperparameters()
         self.setup_model(model_dir)
+        self.lookahead = self.setup_lookahead(threads)
         self.setup_optimizer()
         checkpoint = ray.train.get_checkpoint() if self.in_ray else None  # [5]
         self.state = checkpoints.restore_checkpoint(
@@ -144,7 +151,9 @@ class SFTTrainer:
             self.resumed_from = self.state.step
             self.emit(f"Resumed from the checkpoint at step {self.state.step}",
                       data={"resumed_from_step": self.state.step})
-        self.emit(f"Worker {self.rank}/{self.world_size}: {threads} torch threads, "
+        ahead = (f" (one runs the {len(self.lookahead.lower.layers)} frozen layers of the next "
+                 "step ahead)" if self.lookahead is not None else "")
+        self.emit(f"Worker {self.rank}/{self.world_size}: {threads} torch threads{ahead}, "
                   f"bf16={'on' if self.use_bf16 else 'off'}, device={self.device}")
         self.verify_settings()
 
@@ -229,6 +238,14 @@ class SFTTrainer:
             checkpoints.load_weights(self.model, self.init_dir)
             self.emit(f"Starting from the adapter {self.spec.init_adapter}")
 
+    def setup_lookahead(self, threads: int) -> Lookahead | None:
+        """A ``Lookahead`` where it applies: each step's forward then lends it one of the
+        worker's ``threads`` (``train_step``)."""
+        n_frozen = Lookahead.usable(self.decoder, self.device, threads) if self.looks_ahead else 0
+        if not n_frozen or self.spec.activation_checkpointing:  # (that trades speed for memory)
+            return None
+        return Lookahead(self.decoder, n_frozen, self.use_bf16, threads)
+
     def fetch_adapter(self, prefix: str | None, name: str) -> Path | None:
         """Download a committed LoRA adapter of this base model from storage."""
         if prefix is None:
@@ -280,12 +297,23 @@ class SFTTrainer:
                 order_epoch = epoch
                 order = packing.epoch_order(self.train_sources, self.weights, self.spec.seed,
                                             epoch)
-            share = packing.rank_share(order, step_in_epoch, self.hp.batch_size, self.rank,
-                                       self.world_size)  # [2]
             started = time.perf_counter()
-            sums = self.train_step([self.train_examples[i] for i in share])
+            sums = self.step_at(order, step_in_epoch)
             self.after_step(sums, time.perf_counter() - started, epoch)
         self.finish()
+
+    def step_at(self, order: list[int], step_in_epoch: int) -> torch.Tensor:
+        """``train_step`` on this rank's share of a step of the epoch ``order``, the next step's
+        frozen layers started ahead (``Lookahead``) where they apply."""
+        if self.lookahead is not None and step_in_epoch + 1 < self.steps_per_epoch:
+            upcoming = self.step_examples(order, step_in_epoch + 1)
+            self.lookahead.submit(upcoming, self.batches(upcoming))
+        return self.train_step(self.step_examples(order, step_in_epoch))
+
+    def step_examples(self, order: list[int], step_in_epoch: int) -> list[packing.Example]:
+        share = packing.rank_share(order, step_in_epoch, self.hp.batch_size, self.rank,
+                                   self.world_size)  # [2]
+        return [self.train_examples[i] for i in share]
 
     def batches(self, examples: list[packing.Example]) -> list[dict[str, torch.Tensor]]:
         return packing.micro_batches(examples, packing=self.spec.packing,
@@ -294,11 +322,15 @@ class SFTTrainer:
                                      pad_id=self.tokenizer.pad_token_id or 0,
                                      share_prefix=self.share_prefix)
 
-    def forward_sums(self, batch: dict[str, torch.Tensor]):
+    def forward_sums(self, batch: dict[str, torch.Tensor], below: Future | None = None):
+        """Token sums of ``batch``; ``below``: its frozen layers' output, looked ahead."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         labels = batch.pop("labels")
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            hidden = self.decoder(**batch, use_cache=False).last_hidden_state
+            if below is not None:
+                hidden = self.lookahead.upper_hidden(below, batch)
+            else:
+                hidden = self.decoder(**batch, use_cache=False).last_hidden_state
             return masked_token_sums(hidden, labels, self.lm_head, self.softcap)
 
     def train_step(self, examples: list[packing.Example]) -> torch.Tensor:
@@ -306,12 +338,16 @@ class SFTTrainer:
 
         Returns the global sums ``[loss, correct, supervised, tokens]`` of the step.
         """
-        micro = self.batches(examples)
+        ahead = self.lookahead.take(examples) if self.lookahead is not None else None
+        micro, below = ahead or (self.batches(examples), None)
         local = torch.tensor([float(sum(supervised_count(b["labels"]) for b in micro))])
         global_count = int(self.all_reduce(local).item())
         sums = torch.zeros(4)
-        for batch in micro:
-            token_sums = self.forward_sums(batch)
+        for i, batch in enumerate(micro):
+            # The first forward shares the CPUs with the next step's frozen layers.
+            with (self.lookahead.sharing_threads() if below and i == 0
+                  else contextlib.nullcontext()):
+                token_sums = self.forward_sums(batch, below[i] if below else None)
             normalised_loss(token_sums, global_count).backward()
             sums[:3] += torch.tensor([token_sums.loss.item(), token_sums.correct, token_sums.count])
         # Trained tokens are the examples' own (what the caller sent), however they were batched.
@@ -457,6 +493,8 @@ class SFTTrainer:
             self.events.add(message, level=level, data=data)  # type: ignore[arg-type]
 
     def cleanup(self) -> None:
+        if self.lookahead is not None:
+            self.lookahead.close()
         if self.world_size > 1:
             dist.barrier()
         checkpoints.remove_local_dirs(self.spec.job_id, self.rank)

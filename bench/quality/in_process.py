@@ -66,8 +66,7 @@ def train(args: argparse.Namespace) -> SFTTrainer:
                                                               lr_lambda(trainer.total_steps))
     order = packing.epoch_order(trainer.train_sources, trainer.weights, trainer.spec.seed, 0)
     for step in range(trainer.total_steps):
-        share = packing.rank_share(order, step, trainer.hp.batch_size, 0, 1)
-        trainer.train_step([trainer.train_examples[i] for i in share])
+        trainer.step_at(order, step)
     return trainer
 
 
