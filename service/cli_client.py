@@ -54,7 +54,9 @@ class Client:
     def sse(self, method: str, path: str, *, timeout: float | None = None,
             **kwargs: Any) -> Iterator[Any]:
         """The ``data:`` payloads of a server-sent event stream, JSON-decoded, until ``[DONE]``."""
-        with self.http.stream(method, path, timeout=httpx.Timeout(timeout, connect=10.0),
+        # (connect, read, write, pool) as a plain tuple: an httpx.Timeout object is only understood
+        # by httpx's own clients, not by Starlette's TestClient (built on httpx2 since 1.10).
+        with self.http.stream(method, path, timeout=(10.0, timeout, timeout, timeout),
                               **kwargs) as response:
             if response.status_code >= 400:
                 response.read()
