@@ -31,6 +31,14 @@ class CliError(Exception):
         self.code = code
 
 
+def timeouts(seconds: float | None) -> tuple[float, float | None, float | None, float | None]:
+    """(connect, read, write, pool): 10 s to connect, ``seconds`` for the rest (None: no limit).
+
+    A plain tuple, not an ``httpx.Timeout``: only httpx's own clients understand that object, and
+    the tests swap in Starlette's TestClient (built on httpx2 since Starlette 1.10)."""
+    return (10.0, seconds, seconds, seconds)
+
+
 class Client:
     """A thin httpx client of the tuneserve API that turns error bodies into ``CliError``."""
 
@@ -38,7 +46,7 @@ class Client:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.base_url, headers=headers,
-                                 timeout=httpx.Timeout(timeout, connect=10.0))
+                                 timeout=timeouts(timeout))
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self.http.request(method, path, **kwargs)
@@ -54,10 +62,7 @@ class Client:
     def sse(self, method: str, path: str, *, timeout: float | None = None,
             **kwargs: Any) -> Iterator[Any]:
         """The ``data:`` payloads of a server-sent event stream, JSON-decoded, until ``[DONE]``."""
-        # (connect, read, write, pool) as a plain tuple: an httpx.Timeout object is only understood
-        # by httpx's own clients, not by Starlette's TestClient (built on httpx2 since 1.10).
-        with self.http.stream(method, path, timeout=(10.0, timeout, timeout, timeout),
-                              **kwargs) as response:
+        with self.http.stream(method, path, timeout=timeouts(timeout), **kwargs) as response:
             if response.status_code >= 400:
                 response.read()
                 check(response)

@@ -411,7 +411,7 @@ def test_frozen_layers_run_ahead_give_the_loss_and_grads_of_the_whole_decoder(au
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_frozen_layers_run_ahead_only_where_they_exist_and_the_split_is_exact():
+def test_frozen_layers_run_ahead_only_where_they_exist_and_unclaimed_ones_are_dropped():
     """Nothing runs ahead with every layer adapted, full fine-tuning, one CPU, or a decoder
     family outside ``SUPPORTED``; what was submitted but never taken is dropped in order."""
     cpu = torch.device("cpu")
