@@ -84,12 +84,32 @@ HAPROXY_FREE_PORTS = (
 """Ray port settings that get free loopback ports in embedded HAProxy mode (unless set)."""
 
 
-def _free_loopback_port() -> int:
+def free_loopback_port() -> int:
+    """A loopback port free now, drawn from below the kernel's ephemeral range.
+
+    Not ``bind(port 0)``: that draws from the ephemeral range, which the kernel also hands to
+    every outgoing connection and every port-0 server, and Ray opens hundreds of both before
+    HAProxy binds the ports picked here. One was taken in between in CI ("cannot bind socket
+    (Address already in use)" for the metrics port). Below that range only servers with fixed
+    ports bind, and Ray's own (6379, 8265, 10001, ...) lie below 20000."""
+    import random
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default
+    draw = random.SystemRandom()
+    for _ in range(100):
+        port = draw.randrange(20000, ephemeral_low) if ephemeral_low > 21000 else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -103,7 +123,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             os.environ.setdefault(name, value)
         if os.environ.get(HAPROXY_ENV) == "1":
             for name in HAPROXY_FREE_PORTS:
-                os.environ.setdefault(name, str(_free_loopback_port()))
+                os.environ.setdefault(name, str(free_loopback_port()))
     import ray
     from ray import serve
 
@@ -125,7 +145,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         # asks it whether a run's controller died, and without it the CPUs of a run whose
         # driver was killed stay reserved forever, so the resumed run never starts.
         ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=_free_loopback_port(), _node_ip_address="127.0.0.1",
+                 dashboard_port=free_loopback_port(), _node_ip_address="127.0.0.1",
                  namespace="tuneserve", runtime_env=runtime_env)
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})

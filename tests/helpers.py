@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,9 +15,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port that the processes a test starts will not take first."""
+    from service.cli import free_loopback_port
+
+    return free_loopback_port()
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
