@@ -54,3 +54,21 @@ def test_public_bind_without_api_keys_is_refused(tmp_path):
                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert out.returncode != 0
     assert "TUNESERVE_API_KEYS" in out.stderr
+
+
+def test_ports_it_picks_are_free_and_outside_the_range_the_kernel_hands_out():
+    """``up`` picks HAProxy's stats and metrics ports (and Serve's fallback proxy's) before its
+    Ray starts; Ray's own port-0 servers and connections draw from the ephemeral range, so a
+    port picked there could be taken before HAProxy binds it."""
+    import socket
+
+    from service.cli import free_loopback_port
+
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    ports = [free_loopback_port() for _ in range(50)]
+    assert all(20000 <= p < ephemeral_low for p in ports), ports
+    assert len(set(ports)) > 40  # drawn at random, so two services do not pick the same ones
+    for port in ports[:5]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
