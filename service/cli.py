@@ -101,8 +101,10 @@ def free_loopback_port() -> int:
     except (OSError, ValueError, IndexError):
         ephemeral_low = 32768  # Linux's default
     draw = random.SystemRandom()
-    for _ in range(100):
-        port = draw.randrange(20000, ephemeral_low) if ephemeral_low > 21000 else 0
+    # (A machine whose ephemeral range starts that low leaves nothing below it: port 0 then.)
+    ports = [draw.randrange(20000, ephemeral_low) for _ in range(100)] \
+        if ephemeral_low > 21000 else [0]
+    for port in ports:
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))

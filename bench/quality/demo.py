@@ -25,7 +25,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_data
 
 from service import cli_eval, eval_tasks
+from service.cli import free_loopback_port
 from service.cli_client import Client, upload_file
 from service.cli_jobs import follow
 from training.models import TINY_MODEL_ID
@@ -94,12 +94,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # -- the service --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def service(args: argparse.Namespace) -> Iterator[str]:
     """The API's base URL: ``--base-url``, or a ``tuneserve up`` started (and stopped) here."""
@@ -107,7 +101,7 @@ def service(args: argparse.Namespace) -> Iterator[str]:
         yield args.base_url
         return
     with tempfile.TemporaryDirectory(prefix="tuneserve-quality-") as tmp:
-        port = _free_port()
+        port = free_loopback_port()
         storage = args.storage or str(Path(tmp) / "storage")
         log_path = Path(tmp) / "service.log"
         with log_path.open("wb") as log_file:
