@@ -8,6 +8,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -142,6 +144,45 @@ def test_loss_falls_and_metrics_are_reported(finished_run):
                 "supervised_tokens", "total_steps"):
         assert key in first
     assert finished_run["result"]["trained_tokens"] > 0
+
+
+def test_the_job_driver_loads_no_training_library():
+    """A job's driver builds the trainer in a process that never trains: what it imports must
+    not pull in peft, transformers or datasets, ~2.5 s added to the start of every job."""
+    probe = ("import sys, service.job_driver, training.events, training.run; "
+             "print(sorted(m for m in ('peft', 'transformers', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "[]"
+
+
+def train_worker_log_lines() -> list[str]:
+    """Every line the session's Ray Train workers wrote to their logs (``worker-*.err``)."""
+    import glob
+
+    import ray
+
+    logs_dir = ray._private.worker._global_node.get_logs_dir_path()
+    lines = []
+    for path in glob.glob(os.path.join(logs_dir, "worker-*.err")):
+        with open(path, errors="replace") as f:
+            text = f.read()
+        if ":actor_name:RayTrainWorker" in text:
+            lines += text.splitlines()
+    return lines
+
+
+def test_training_workers_log_no_printed_bytecode(finished_run):
+    """An operator reads the Train workers' logs: what the training code says is there, and not
+    a disassembly some library printed into a captured stream (dill's ``dis.dis``, when datasets
+    fingerprints the tokenised data), which Ray Train's print patch made ~40 INFO lines a job."""
+    import re
+
+    lines = train_worker_log_lines()
+    assert any("Verified settings" in line for line in lines), "no Train worker log found"
+    # "  160     2 LOAD_GLOBAL      0 (pa)", "66 RETURN_VALUE": plain or inside a JSON line
+    bytecode = re.compile(r'\d+ (RESUME|LOAD_[A-Z_]+|PRECALL|CALL|RETURN_VALUE)( {2,}|"|$)')
+    assert [line for line in lines if bytecode.search(line)] == []
 
 
 def test_final_adapter_is_complete_and_changes_the_output(finished_run, tmp_path):
