@@ -21,6 +21,7 @@ from peft import PeftModel
 
 from service.storage import open_storage
 from service.storage_config import StorageConfig
+from tests.helpers import REPO
 from training import models
 from training.config import TrainSpec
 from training.run import run_training
@@ -152,7 +153,7 @@ def test_the_job_driver_loads_no_training_library():
     probe = ("import sys, service.job_driver, training.events, training.run; "
              "print(sorted(m for m in ('peft', 'transformers', 'datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=REPO)
     assert out.stdout.strip() == "[]"
 
 
