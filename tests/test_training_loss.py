@@ -332,6 +332,8 @@ def test_chunked_cross_entropy_equals_autograd(autocast: bool, softcap: float | 
     head = torch.nn.Linear(16, 50, bias=False)
     hidden = torch.randn(1, 24, 16)
     labels = torch.randint(0, 50, (1, 24))
+    with torch.no_grad():  # every third token is the head's top prediction: hits to count
+        labels[0, 1::3] = head(hidden[0, :-1:3]).argmax(dim=-1)
     labels[0, :5] = X
     results = []
     for projection in (head, Projection(head)):
@@ -343,7 +345,7 @@ def test_chunked_cross_entropy_equals_autograd(autocast: bool, softcap: float | 
         results.append((sums.loss.item(), sums.correct, h.grad.clone(), head.weight.grad.clone()))
     fused, reference = results
     assert fused[0] == pytest.approx(reference[0], rel=1e-4 if autocast else 1e-6)
-    assert fused[1] == reference[1]
+    assert fused[1] == reference[1] >= 6
     tolerance = {"rtol": 2e-2, "atol": 1e-3} if autocast else {"rtol": 1e-5, "atol": 1e-6}
     torch.testing.assert_close(fused[2], reference[2], **tolerance)
     torch.testing.assert_close(fused[3], reference[3], **tolerance)
@@ -378,7 +380,8 @@ def test_a_frozen_head_cast_once_still_follows_its_weights():
 def test_frozen_layers_run_ahead_give_the_loss_and_grads_of_the_whole_decoder(autocast: bool):
     """With LoRA on the last layer only, the frozen first layer of a batch runs ahead on its own
     thread (``training.lookahead``): the loss and every gradient are those of the whole decoder,
-    on shared-prefix rows as the trainer builds them, in fp32 and under bf16 autocast."""
+    on shared-prefix rows as the trainer builds them, in fp32 and under bf16 autocast. The
+    frozen layer computes the prefix once, for the first row; the second row reuses it."""
     model = apply_adapter(tiny_model("llama", PACKED), spec(lora_layers=1),
                           frozen_dtype=torch.bfloat16 if autocast else None).train()
     with torch.no_grad():  # move B off zero so every LoRA weight gets a gradient
@@ -390,25 +393,28 @@ def test_frozen_layers_run_ahead_give_the_loss_and_grads_of_the_whole_decoder(au
     assert Lookahead.usable(decoder, torch.device("cpu"), cpus=2) == 1
     lookahead = Lookahead(decoder, 1, use_bf16=autocast, threads=2)
     try:
-        batch = collate_packed(SHARED, share_prefix=True)
-        lookahead.submit(SHARED, [batch])
-        assert lookahead.take([(list(i), list(l)) for i, l in SHARED]) is None  # equal, not the same
-        micro, below = lookahead.take(SHARED)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            hidden = lookahead.upper_hidden(below[0], micro[0])
-            ahead = masked_token_sums(hidden, micro[0]["labels"], head)
-        ahead.loss.backward()
-        grads = gradients(model)
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            whole = loss_sums(model, collate_packed(SHARED, share_prefix=True))
-        whole.loss.backward()
+        for examples in (SHARED, SHARED[::-1]):
+            batch = collate_packed(examples, share_prefix=True)
+            lookahead.submit(examples, [batch])
+            assert lookahead.take([(list(i), list(l)) for i, l in examples]) is None  # equal ≠ same
+            micro, below = lookahead.take(examples)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                hidden = lookahead.upper_hidden(below[0], micro[0])
+                ahead = masked_token_sums(hidden, micro[0]["labels"], head)
+            ahead.loss.backward()
+            grads = gradients(model)
+            model.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                whole = loss_sums(model, collate_packed(examples, share_prefix=True))
+            whole.loss.backward()
+            assert ahead.count == whole.count == 6
+            assert ahead.loss.item() == pytest.approx(whole.loss.item(), rel=1e-6)
+            for a, b in zip(grads, gradients(model), strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+            model.zero_grad()
+        assert list(lookahead.prefixes) == [tuple(SHARED[0][0][:3])]  # computed once, kept
     finally:
         lookahead.close()
-    assert ahead.count == whole.count == 6
-    assert ahead.loss.item() == pytest.approx(whole.loss.item(), rel=1e-6)
-    for a, b in zip(grads, gradients(model), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_frozen_layers_run_ahead_only_where_they_exist_and_unclaimed_ones_are_dropped():

@@ -74,7 +74,8 @@ def masked_token_sums(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch
 
 
 CHUNK = 512
-"""Positions whose logits exist at once in ``LinearCrossEntropy`` (100 MB at a 49k vocabulary)."""
+"""Positions whose logits exist at once in ``LinearCrossEntropy`` (with their softmax, 200 MB at a
+49k vocabulary)."""
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -109,12 +110,20 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if softcap:
                     capped = torch.tanh(logits / softcap)
                     logits = softcap * capped
-                lse = torch.logsumexp(logits, dim=-1)
-                loss += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-                correct += (logits.argmax(dim=-1) == y).sum()
+                # One softmax pass and two max reductions over the (N, V) logits, not
+                # logsumexp, arg-max, subtract and exp (4 passes, 2 unvectorised on CPU: 16 →
+                # 6 ms of a ~0.4 s SmolLM2 step). The log-sum-exp comes from the top
+                # probability, which is ≥ 1/V and so has an exact log; a token counts as correct
+                # when its logit is the top one (a tie, which arg-max breaks by index, is rare).
+                top = logits.amax(dim=-1)
+                probs = torch.softmax(logits, dim=-1)
+                lse = top - probs.amax(dim=-1).log()
+                target = logits.gather(1, y[:, None]).squeeze(1)
+                loss += (lse - target).sum()
+                correct += (target == top).sum()
                 if grad_hidden is None:
                     continue
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad = probs
                 grad[torch.arange(len(y), device=grad.device), y] -= 1
                 if softcap:
                     grad *= 1 - capped ** 2
