@@ -399,7 +399,7 @@ def test_frozen_layers_run_ahead_give_the_loss_and_grads_of_the_whole_decoder(au
             assert lookahead.take([(list(i), list(l)) for i, l in examples]) is None  # equal ≠ same
             micro, below = lookahead.take(examples)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                hidden = lookahead.upper_hidden(below[0], micro[0])
+                hidden = lookahead.upper_hidden(below[0], micro[0], micro[0]["labels"])
                 ahead = masked_token_sums(hidden, micro[0]["labels"], head)
             ahead.loss.backward()
             grads = gradients(model)

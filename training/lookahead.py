@@ -19,6 +19,10 @@ once per prefix and keep it: its hidden state, and its keys and values in each l
 (``training.attention.PrefixKV``), which the rest of each later row attends to. For the sort
 task the prefix is 32 of a row's ~230 tokens: the frozen layers' share of a step falls by as much.
 
+The loss reads the last hidden state only where a label follows (a response's tokens: 90 of a
+sort row's ~230), so the last layer runs its MLP, three quarters of its weights, only there
+(``LastLayerAtLabels``); attention still runs at every position, whose keys the others need.
+
 The split reuses the decoder's own ``forward``: a slice module shares every weight and runs some
 of the layers; the upper slice takes the lower one's output as ``inputs_embeds``. That is exact
 only for decoders whose forward does nothing to ``inputs_embeds`` before the first layer and
@@ -38,6 +42,8 @@ import torch
 
 from training import packing
 from training.attention import PrefixKV
+from training.chat import IGNORE_INDEX
+from training.loss import shifted_labels
 
 SUPPORTED = ("LlamaModel",)
 """Decoder classes whose layers can be split as above (SmolLM2 and the tiny test model)."""
@@ -68,12 +74,32 @@ def decoder_slice(decoder: torch.nn.Module, start: int, stop: int | None, *,
     return part
 
 
+class LastLayerAtLabels(torch.nn.Module):
+    """A decoder's last layer (Llama's) that, given ``at_labels`` (B, T) bool, returns its output
+    only there, (1, N, C): attention at every position, the MLP at those N alone."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states: torch.Tensor, *, at_labels: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        layer = self.layer
+        if at_labels is None:
+            return layer(hidden_states, **kwargs)
+        # LlamaDecoderLayer.forward, the rows cut after attention
+        attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+        hidden = (hidden_states + attended)[at_labels][None]
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
 class Lookahead:
     """Runs the frozen layers of a step's micro-batches ahead, on one thread."""
 
     def __init__(self, decoder: torch.nn.Module, n_frozen: int, use_bf16: bool, threads: int):
         self.lower = decoder_slice(decoder, 0, n_frozen, final_norm=False)
         self.upper = decoder_slice(decoder, n_frozen, None, final_norm=True)
+        self.upper.layers[-1] = LastLayerAtLabels(self.upper.layers[-1])
         self.use_bf16 = use_bf16
         self.threads = threads
         # One torch thread: it shares the worker's CPUs with the training thread(s).
@@ -121,10 +147,16 @@ class Lookahead:
         finally:
             torch.set_num_threads(self.threads)
 
-    def upper_hidden(self, below: Future, batch: dict[str, Any]) -> torch.Tensor:
-        """The decoder's last hidden state from the frozen layers' output (under autocast)."""
+    def upper_hidden(self, below: Future, batch: dict[str, Any], labels: torch.Tensor
+                     ) -> torch.Tensor:
+        """The decoder's last hidden state (N, C) at the N positions that predict one of
+        ``labels``, from the frozen layers' output (under autocast)."""
         inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
-        return self.upper(inputs_embeds=below.result(), **inputs, use_cache=False).last_hidden_state
+        at = torch.zeros_like(labels, dtype=torch.bool)
+        at[:, :-1] = shifted_labels(labels) != IGNORE_INDEX
+        hidden = self.upper(inputs_embeds=below.result(), **inputs, at_labels=at,
+                            use_cache=False).last_hidden_state
+        return hidden[0]
 
     def _lower(self, batch: dict[str, Any]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}

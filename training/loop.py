@@ -328,7 +328,7 @@ class SFTTrainer:
         labels = batch.pop("labels")
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             if below is not None:
-                hidden = self.lookahead.upper_hidden(below, batch)
+                hidden = self.lookahead.upper_hidden(below, batch, labels)
             else:
                 hidden = self.decoder(**batch, use_cache=False).last_hidden_state
             return masked_token_sums(hidden, labels, self.lm_head, self.softcap)
