@@ -82,11 +82,9 @@ class LastLayerAtLabels(torch.nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, hidden_states: torch.Tensor, *, at_labels: torch.Tensor | None = None,
+    def forward(self, hidden_states: torch.Tensor, *, at_labels: torch.Tensor,
                 **kwargs) -> torch.Tensor:
         layer = self.layer
-        if at_labels is None:
-            return layer(hidden_states, **kwargs)
         # LlamaDecoderLayer.forward, the rows cut after attention
         attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
         hidden = (hidden_states + attended)[at_labels][None]
