@@ -6,6 +6,7 @@ import httpx
 import psutil
 import pytest
 
+from service.cli import EMBEDDED_TIMER_SLACK_NS
 from tests.helpers import Service
 
 pytestmark = pytest.mark.slow
@@ -26,6 +27,13 @@ def test_up_answers_probes_and_models_then_stops_clean(tmp_path):
                         if "raylet" in p.name() or "gcs_server" in p.name()]
         assert len(ray_children) >= 2
         family = psutil.Process(service.proc.pid).children(recursive=True)
+        # Every process of its local Ray lets the kernel batch its timer wakeups
+        # (service.cli.coalesce_timers): the Serve replicas as well as the GCS and raylet.
+        replicas = [p for p in family if "ServeReplica" in " ".join(p.cmdline())]
+        assert replicas
+        for p in ray_children + replicas:
+            with open(f"/proc/{p.pid}/timerslack_ns") as f:
+                assert int(f.read()) == EMBEDDED_TIMER_SLACK_NS, p.cmdline()[:1]
     finally:
         code = service.stop()
     assert code == 0
