@@ -9,8 +9,8 @@ blocks, SIGSTOPped otherwise) in one process, so the machine's drift from minute
 on all alike:
 
 - ``20 x 80 us``: what the service's processes take (~16 % of a core);
-- the same with the wakers' timer slack at 10 ms (``service.cli.coalesce_timers``: the kernel
-  may then fire their timers together);
+- the same with the wakers' timer slack at 10 ms (set by ``service.cli.coalesce_timers``, as
+  ``tuneserve up`` sets it for its Ray: the kernel may then fire their timers together);
 - ``2 x 800 us``: the same CPU in a tenth of the wakeups.
 
 The step is the demo's: ``SFTTrainer.step_at`` (the frozen layers of the next step run ahead on a
@@ -45,9 +45,10 @@ LOADS = {  # name: (wakers, microseconds spun per wakeup, timer slack in microse
     "2 x 800 us": (2, 800, 0),
 }
 WAKER = """
-import ctypes, time
+import time
 if {slack_ns}:
-    ctypes.CDLL(None).prctl(29, {slack_ns}, 0, 0, 0)  # PR_SET_TIMERSLACK
+    from service.cli import coalesce_timers
+    coalesce_timers({slack_ns})
 while True:
     time.sleep(0.01)
     t = time.perf_counter()
@@ -69,7 +70,7 @@ def timed(name: str, fn, totals: dict):
 def measure(rounds: int) -> dict:
     """In the child process: cycle blocks of steps through quiet and each load; medians per kind."""
     wakers = {name: [subprocess.Popen([sys.executable, "-c", WAKER.format(
-                         busy_us=busy_us, slack_ns=slack_us * 1000)]) for _ in range(n)]
+                         busy_us=busy_us, slack_ns=slack_us * 1000)], cwd=REPO) for _ in range(n)]
               for name, (n, busy_us, slack_us) in LOADS.items()}
     try:
         for procs in wakers.values():
@@ -160,9 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(measure(args.rounds)))
         return 0
-    # The training worker's allocator settings (training.run) hold for the whole child process.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="33554432",
-               MALLOC_TRIM_THRESHOLD_="1099511627776", MALLOC_TOP_PAD_="268435456")
+    # The training worker's allocator settings hold for the whole child process.
+    from training.run import TRAINING_MALLOC_ENV
+
+    env = {**os.environ, **TRAINING_MALLOC_ENV}
     child = [sys.executable, "-m", "bench.step_noise", "--child", "--rounds", str(args.rounds)]
     out = subprocess.run(child, cwd=REPO, env=env, check=True, capture_output=True, text=True)
     result = {"kinds": json.loads(out.stdout.strip().splitlines()[-1]), "rounds": args.rounds,
