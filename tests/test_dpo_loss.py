@@ -19,7 +19,7 @@ from training.chat import IGNORE_INDEX
 from training.config import TrainSpec
 from training.dpo_loop import chosen_token_counts
 from training.lora import apply_adapter
-from training.packing import shared_prefix_length
+from training.packing import shared_prefix_length, trained_length
 from training.preference_data import Pair
 
 REPO = Path(__file__).resolve().parent.parent
@@ -234,7 +234,10 @@ def test_a_pair_computes_its_prompt_once_and_scores_the_same(tiny):
         body.set_attn_implementation("sdpa")
     prompts = [shared_prefix_length([p.chosen, p.rejected]) for p in pairs]
     assert min(prompts) > 0
-    assert shared_batch["input_ids"].shape[1] == sum(p.n_tokens for p in pairs) - sum(prompts)
+    # Each answer's row ends at its end-of-turn marker (the template's newline is left out).
+    trained = sum(trained_length(labels) for p in pairs for _, labels in (p.chosen, p.rejected))
+    assert trained == sum(p.n_tokens for p in pairs) - 2 * len(pairs)
+    assert shared_batch["input_ids"].shape[1] == trained - sum(prompts)
     assert int(shared_batch["tokens"]) == sum(p.n_tokens for p in pairs)
     torch.testing.assert_close(shared[0], stacked[0], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(shared[1], stacked[1], atol=1e-4, rtol=1e-5)

@@ -132,6 +132,26 @@ def assert_same_loss_and_grads(model, batch, reference, count: int) -> None:
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
 
 
+TAILED = [  # what follows the last supervised token (a template's newline after <|im_end|>)
+    ([3, 4, 5, 6, 7, 8, 9, 1], [X, X, X, X, X, 8, 9, X]),
+    ([3, 4, 5, 6, 12, 13, 1, 1], [X, X, X, X, 12, X, X, X]),
+    ([3, 4, 5, 6, 15, 16, 17, 18, 19], [X, X, X, X, X, 16, X, 18, 19]),  # no tail; a gap kept
+]
+
+
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_rows_leave_out_what_follows_the_last_supervised_token(share_prefix: bool):
+    """Tokens after an example's last supervised one predict nothing trained and nothing
+    attends to them: rows leave them out, with the loss and every gradient of the whole
+    examples padded."""
+    model = tiny_model("llama", PACKED).train()
+    row = collate_packed(TAILED, share_prefix=share_prefix)
+    shared = 3 if share_prefix else 0
+    assert row["input_ids"].shape[1] == 7 + 5 + 9 - 2 * shared
+    assert row["input_ids"][0, -5:].tolist() == [15, 16, 17, 18, 19]
+    assert_same_loss_and_grads(model, row, collate_padded(TAILED, pad_id=0), 6)
+
+
 SHARED = [  # a common unsupervised start (a system prompt, an instruction), then each its own
     ([3, 4, 5, 6, 7, 8, 9], [X, X, X, X, X, 8, 9]),
     ([3, 4, 5, 6, 12], [X, X, X, X, 12]),

@@ -104,6 +104,19 @@ def shared_prefix_length(examples: Sequence[Example]) -> int:
     return length
 
 
+def trained_length(labels: Sequence[int]) -> int:
+    """The tokens of an example that its loss depends on: through its last supervised one.
+
+    What follows (a chat template's newline after the final end-of-turn marker) predicts no
+    trained token, and no token before it attends to it: a row without it gives the same loss
+    and gradients, and every layer computes that many positions fewer (one of a sort example's
+    ~50 outside the shared prefix)."""
+    for index in range(len(labels) - 1, -1, -1):
+        if labels[index] != IGNORE_INDEX:
+            return index + 1
+    return len(labels)
+
+
 def collate_packed(examples: Sequence[Example], share_prefix: bool = False
                    ) -> dict[str, torch.Tensor]:
     """One row (B=1) of several examples back to back, with position ids restarting at 0.
@@ -112,7 +125,8 @@ def collate_packed(examples: Sequence[Example], share_prefix: bool = False
     ``position_ids`` and builds the block-diagonal causal mask for SDPA/eager, and
     ``cu_seq_lens_q`` (the segments' cumulative lengths) lets ``training.attention.PACKED``
     attend within each example without that mask. The first label of each example is ignored:
-    it would be "predicted" from the previous example's last token.
+    it would be "predicted" from the previous example's last token. Each example ends at its
+    last supervised token (``trained_length``).
 
     ``share_prefix`` (only with ``PACKED`` attention): the tokens all examples start with
     (``shared_prefix_length``) come once, and each example continues from it
@@ -146,6 +160,8 @@ def collate_groups(groups: Sequence[Sequence[Example]], share_prefix: bool
             parent = len(parents)
             parents.append(-1)
         for ids, labs in group:
+            keep = trained_length(labs)
+            ids, labs = ids[:keep], labs[:keep]
             input_ids += ids[prefix:]
             labels += [IGNORE_INDEX, *labs[prefix + 1:]]
             positions += range(prefix, len(ids))
