@@ -2,7 +2,8 @@
 
 ``tuneserve up`` names ``setup`` in its runtime_env, so Serve replicas, job drivers and training
 workers all log as the API does; in embedded mode (``EMBEDDED_ENV``) they also keep Ray Serve's
-inter-deployment gRPC server and HAProxy's stats and metrics ports on loopback.
+inter-deployment gRPC server and HAProxy's stats and metrics ports on loopback, and Ray Train's
+placement-group cleaner asks the GCS, not the dashboard, whether a run's controller lives.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def setup() -> None:
         bind_serve_grpc_to_loopback()
         if os.environ.get(HAPROXY_ENV) == "1":
             bind_haproxy_to_loopback()
+        ask_the_gcs_whether_train_controllers_live()
 
 
 def bind_serve_grpc_to_loopback() -> None:
@@ -95,8 +97,8 @@ def bind_haproxy_to_loopback() -> None:
     if HAPROXY_TEMPLATES in sys.modules:
         log.warning("%s was imported before the setup hook: HAProxy's stats and metrics may "
                     "listen on every interface", HAPROXY_TEMPLATES)
-    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport(HAPROXY_TEMPLATES, _loopback_haproxy_template))
+    else:
+        patch_on_import(HAPROXY_TEMPLATES, _loopback_haproxy_template)
 
 
 def _loopback_haproxy_template(module: ModuleType) -> None:
@@ -105,6 +107,53 @@ def _loopback_haproxy_template(module: ModuleType) -> None:
         log.warning("HAProxy's stats and metrics bind lines not found in %s (Ray changed?): they "
                     "may listen on every interface", HAPROXY_TEMPLATES)
     module.HAPROXY_CONFIG_TEMPLATE = template
+
+
+PLACEMENT_GROUP_CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def ask_the_gcs_whether_train_controllers_live() -> None:
+    """Make Ray Train's ``PlacementGroupCleaner`` ask the GCS whether a run's controller lives.
+
+    Every Ray Train run starts that detached actor, Ray Train's guard against CPUs left
+    reserved: when the run's controller dies without cleaning up (its job driver was killed,
+    say), it removes the run's placement group. Ray 2.60 has it ask the State API, every second,
+    through ``is_actor_alive`` in ``placement_group_cleaner.py``; the State API is served by the
+    dashboard, which the embedded Ray runs without (its processes slow training:
+    ``service.cli``). There each question fails: the cleaner logs a warning every second of
+    every run and never cleans up. This asks the GCS, which the State API asks too, with the
+    same answer (an actor the GCS does not know of counts as dead).
+    Patched where the module is imported (in the cleaner's and the controller's workers):
+    importing Ray Train here would cost every worker seconds of CPU.
+    """
+    if PLACEMENT_GROUP_CLEANER in sys.modules:
+        log.warning("%s was imported before the setup hook: a dead run's placement group may "
+                    "stay reserved", PLACEMENT_GROUP_CLEANER)
+    else:
+        patch_on_import(PLACEMENT_GROUP_CLEANER, _use_gcs_for_liveness)
+
+
+def actor_alive_in_gcs(actor_id: str, timeout: float | None = None) -> bool:
+    """Whether the GCS knows the actor (hex id) and it is not dead; ``timeout`` is unused (the
+    GCS answers in well under a millisecond on loopback)."""
+    from ray._private import state
+
+    info = state.actors(actor_id=actor_id)
+    return bool(info) and info.get("State") != "DEAD"
+
+
+def _use_gcs_for_liveness(module: ModuleType) -> None:
+    if not hasattr(module, "is_actor_alive"):
+        log.warning("is_actor_alive not found in %s (Ray changed?): a dead run's placement group "
+                    "may stay reserved", PLACEMENT_GROUP_CLEANER)
+        return
+    module.is_actor_alive = actor_alive_in_gcs
+
+
+def patch_on_import(name: str, patch: Callable[[ModuleType], None]) -> None:
+    """Run ``patch`` on module ``name`` right after it is first imported (once per process)."""
+    if not any(isinstance(f, _PatchOnImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport(name, patch))
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):

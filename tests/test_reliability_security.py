@@ -262,7 +262,7 @@ def _listening(pid: int) -> list[tuple[str, str, int]]:
 @pytest.mark.slow
 def test_embedded_mode_listens_on_loopback_only(tmp_path):
     """Every listening socket of ``tuneserve up`` and its Ray is on loopback: GCS, raylet, object
-    manager, agents, dashboard, workers, HAProxy (the ingress, its stats page and Prometheus
+    manager, agents, workers, HAProxy (the ingress, its stats page and Prometheus
     exporter: Ray 2.60 binds the last two to every interface), Serve's fallback proxy, and each
     Serve replica's inter-deployment gRPC server (Ray binds that one to ``[::]:0``;
     ``service.ray_worker`` rebinds these in embedded mode). A chat through the API checks that
@@ -283,8 +283,9 @@ def test_embedded_mode_listens_on_loopback_only(tmp_path):
     # The service's port is HAProxy's (the embedded default ingress), beside its stats and metrics.
     haproxy = [s for s in sockets if "haproxy" in s[0]]
     assert service.port in [port for _, _, port in haproxy] and len(haproxy) >= 3, sockets
-    # Ray's dashboard runs (Ray Train needs its State API) and serves the Jobs API on its port.
-    assert any("dashboard" in name for name, _, _ in sockets), sockets
+    # No dashboard (service.cli): nothing serves Ray's Jobs API, which runs any code it is sent.
+    assert not [s for s in sockets if "dashboard/dashboard.py" in s[0]], sockets
+    assert any("DashboardAgent" in name for name, _, _ in sockets), sockets  # its agent does run
     assert any(name.startswith("ray::ServeReplica:") for name, _, _ in sockets), sockets
     exposed = [s for s in sockets if not _is_loopback(s[1])]
     assert not exposed, f"listening beyond loopback: {exposed}"

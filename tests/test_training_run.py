@@ -262,3 +262,59 @@ def test_a_worker_runs_the_frozen_layers_ahead_and_trains_as_one_that_does_not(f
     assert ahead.keys() == alone.keys()
     for name in ahead:
         torch.testing.assert_close(ahead[name], alone[name], rtol=1e-2, atol=1e-4)
+
+
+def test_a_dead_runs_placement_group_is_freed_without_the_dashboard(ray_local):
+    """Ray Train's cleaner frees the CPUs of a run whose controller died. It asks whether the
+    controller lives, which Ray asks the dashboard (not running here, nor in the embedded
+    service); the workers' setup hook has it ask the GCS."""
+    import ray
+    from ray.util.placement_group import (
+        placement_group,
+        placement_group_table,
+        remove_placement_group,
+    )
+
+    from tests.helpers import wait_until
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def actor_id(self) -> str:
+            return ray.get_runtime_context().get_actor_id()
+
+    @ray.remote(num_cpus=0)
+    class Cleaner:
+        """Ray Train's cleaner, in a new worker that first runs what the setup hook runs."""
+
+        def __init__(self, controller_id: str):
+            from service.ray_worker import ask_the_gcs_whether_train_controllers_live
+
+            ask_the_gcs_whether_train_controllers_live()
+            from ray.train.v2._internal.execution.controller.placement_group_cleaner import (
+                PlacementGroupCleaner,
+            )
+
+            self.cleaner = PlacementGroupCleaner(controller_id, check_interval_s=0.2,
+                                                 get_actor_timeout_s=1, stop_timeout=2)
+
+        def watch(self, pg) -> None:
+            self.cleaner.register_placement_group(pg)
+            self.cleaner.start_monitoring()
+
+    controller = Controller.remote()
+    pg = placement_group([{"CPU": 1}])
+    ray.get(pg.ready(), timeout=30)
+    try:
+        # A worker of its own (its own runtime env): no earlier import of the cleaner counts.
+        cleaner = Cleaner.options(runtime_env={"env_vars": {"TUNESERVE_FRESH_WORKER": "1"}}) \
+            .remote(ray.get(controller.actor_id.remote()))
+        ray.get(cleaner.watch.remote(pg))
+        time.sleep(2)  # ten checks: a live controller keeps its placement group
+        assert placement_group_table(pg).get("state") == "CREATED"
+
+        ray.kill(controller)
+        wait_until(lambda: placement_group_table(pg).get("state", "REMOVED") == "REMOVED", 30,
+                   what="the dead controller's placement group to be removed")
+    finally:
+        if placement_group_table(pg).get("state", "REMOVED") != "REMOVED":
+            remove_placement_group(pg)  # the other tests need the CPU
