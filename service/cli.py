@@ -180,12 +180,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         # Embedded mode: a local Ray on loopback only (LOOPBACK_RAY_ENV), without the dashboard:
         # Ray then starts none of its nine module processes (nor their fork server), which
-        # wake on the cores training uses; the head runs on in a minimal form, with no HTTP
-        # port. (SIGSTOPping all of the dashboard's processes, the head and agent too, in
-        # alternate 20-step blocks of a job: median step 0.422 s against 0.443 s.) Nothing serves
-        # Ray's Jobs API either. Ray Train's placement-group cleaner asks the dashboard's State
-        # API whether a run's controller died; the workers' setup hook has it ask the GCS
-        # instead (service.ray_worker).
+        # wake on the cores training uses; the head runs on in a minimal form, serving only its
+        # own metrics. (SIGSTOPping all of the dashboard's processes, head and agent too, in
+        # alternate 20-step blocks of a job: median step 0.422 s against 0.443 s.) Nothing
+        # serves Ray's Jobs API either. Ray Train's placement-group cleaner asks the dashboard's
+        # State API whether a run's controller died; the workers' setup hook has it ask the
+        # GCS instead (service.ray_worker).
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
                  namespace="tuneserve", runtime_env=runtime_env)
     try:
