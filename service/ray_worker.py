@@ -94,11 +94,8 @@ def bind_haproxy_to_loopback() -> None:
     importing it here would load Ray Serve into every worker, training ones too. The setup hook
     runs before any actor code, so the module cannot have been imported yet.
     """
-    if HAPROXY_TEMPLATES in sys.modules:
-        log.warning("%s was imported before the setup hook: HAProxy's stats and metrics may "
-                    "listen on every interface", HAPROXY_TEMPLATES)
-    else:
-        patch_on_import(HAPROXY_TEMPLATES, _loopback_haproxy_template)
+    patch_on_import(HAPROXY_TEMPLATES, _loopback_haproxy_template,
+                    "HAProxy's stats and metrics may listen on every interface")
 
 
 def _loopback_haproxy_template(module: ModuleType) -> None:
@@ -126,11 +123,8 @@ def ask_the_gcs_whether_train_controllers_live() -> None:
     Patched where the module is imported (in the cleaner's and the controller's workers):
     importing Ray Train here would cost every worker seconds of CPU.
     """
-    if PLACEMENT_GROUP_CLEANER in sys.modules:
-        log.warning("%s was imported before the setup hook: a dead run's placement group may "
-                    "stay reserved", PLACEMENT_GROUP_CLEANER)
-    else:
-        patch_on_import(PLACEMENT_GROUP_CLEANER, _use_gcs_for_liveness)
+    patch_on_import(PLACEMENT_GROUP_CLEANER, _use_gcs_for_liveness,
+                    "a dead run's placement group may stay reserved")
 
 
 def actor_alive_in_gcs(actor_id: str, timeout: float | None = None) -> bool:
@@ -150,9 +144,12 @@ def _use_gcs_for_liveness(module: ModuleType) -> None:
     module.is_actor_alive = actor_alive_in_gcs
 
 
-def patch_on_import(name: str, patch: Callable[[ModuleType], None]) -> None:
-    """Run ``patch`` on module ``name`` right after it is first imported (once per process)."""
-    if not any(isinstance(f, _PatchOnImport) and f.name == name for f in sys.meta_path):
+def patch_on_import(name: str, patch: Callable[[ModuleType], None], unpatched: str) -> None:
+    """Run ``patch`` on module ``name`` right after it is first imported (once per process);
+    if it was imported already, warn that ``unpatched`` instead."""
+    if name in sys.modules:
+        log.warning("%s was imported before the setup hook: %s", name, unpatched)
+    elif not any(isinstance(f, _PatchOnImport) and f.name == name for f in sys.meta_path):
         sys.meta_path.insert(0, _PatchOnImport(name, patch))
 
 
