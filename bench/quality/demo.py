@@ -49,10 +49,10 @@ from training.models import TINY_MODEL_ID
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 RESULTS = REPO / "bench" / "results"
 # The settings for issue 11 on the built-in model. Data size is the lever for accuracy (3,200
-# examples: ~85 % exact match on sort, 4,800: 89-95 %, 5,400 in steps of 6: 90.4 and 91.0 % on
-# two seeds' lists); LoRA on the last 10 layers and steps of 6 examples (a step's
+# examples: ~85 % exact match on sort, 4,800: 89-95 %, 5,400 in steps of 6: 90.4-92.6 % on
+# four seeds' lists); LoRA on the last 10 layers and steps of 6 examples (a step's
 # fixed costs, in-service ones too, shared by more examples; the peak LR raised for the third
-# fewer updates) fit that in 10 minutes: 5,400 in 540-558 s jobs, where 4,800 in steps of 4 took
+# fewer updates) fit that in 10 minutes: 5,400 in 522-558 s jobs, where 4,800 in steps of 4 took
 # 608-675 s. bench/results/quality.md lists the runs.
 DEFAULTS = {"n_train": 5400, "n_epochs": 1, "batch_size": 6, "lr_multiplier": 1.8,
             "lora_r": 32, "lora_alpha": 64, "lora_layers": 10, "num_workers": 1}
