@@ -10,7 +10,7 @@ misses (prompt and answer). ``--fp32`` trains without bf16 autocast.
 ``--lora-plus K`` trains the LoRA B matrices at K times the rate of the A matrices (LoRA+,
 Hayou et al. 2024), an option the product does not have; it is here because it was measured.
 
-Usage: ``python bench/quality/in_process.py --n 1600 [--batch 4] [--lrm 1.5] [--layers N] [--seed S] [--fp32]``.
+Usage: ``python bench/quality/in_process.py --n 1600 [--batch 4] [--lrm 1.5] [--layers N] [--seed S --job-seed S] [--fp32]``.
 """
 
 from __future__ import annotations
@@ -37,17 +37,19 @@ from training.loop import SFTTrainer, lr_lambda
 
 
 def sort_trainer(n: int, batch: int, r: int = 32, lrm: float | str = "auto",
-                 layers: int | None = None, bf16: bool = True, seed: int = 0) -> SFTTrainer:
+                 layers: int | None = None, bf16: bool = True, seed: int = 0,
+                 job_seed: int = 42) -> SFTTrainer:
     """A set-up single-process trainer on ``n`` sort examples, as a job would build it.
 
-    ``seed`` picks the training lists and the job's seed, as ``demo.py --seed`` does."""
+    ``seed`` picks the training lists, ``job_seed`` the job's own seed (its example order)."""
     rows = make_data.datasets("sort", n, 0, seed=seed)["sort-train.chat.jsonl"]
     file_id = "file-" + "0" * 24
     spec = TrainSpec(job_id="ftjob-" + "0" * 24,
                      base_model=str(models.resolve_model(models.BUILTIN_MODEL_ID)),
                      training_files=((file_id, 1.0),), n_epochs=1, batch_size=batch,
                      lora_r=r, lora_alpha=2 * r, cpus_per_worker=2,
-                     learning_rate_multiplier=lrm, lora_layers=layers, bf16=bf16, seed=seed)
+                     learning_rate_multiplier=lrm, lora_layers=layers, bf16=bf16,
+                     seed=job_seed)
     trainer = SFTTrainer(spec, StorageConfig(uri=tempfile.mkdtemp()), in_ray=False)
     trainer.storage.put(f"files/{file_id}/content", make_data.to_jsonl(rows).encode())
     trainer.setup()
@@ -56,7 +58,7 @@ def sort_trainer(n: int, batch: int, r: int = 32, lrm: float | str = "auto",
 
 def train(args: argparse.Namespace) -> SFTTrainer:
     trainer = sort_trainer(args.n, args.batch, args.r, args.lrm, args.layers or None,
-                           bf16=not args.fp32, seed=args.seed)
+                           bf16=not args.fp32, seed=args.seed, job_seed=args.job_seed)
     if args.lora_plus != 1:
         named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
         lr = trainer.hp.learning_rate
@@ -106,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=0, help="adapt the last N layers (0: all)")
     parser.add_argument("--fp32", action="store_true", help="train without bf16 autocast")
     parser.add_argument("--n-eval", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0,
-                        help="training and held-out lists, and the job's seed (demo.py --seed)")
+    # demo.py --seed S gives the job the seed S too: --seed S --job-seed S stands in for it.
+    parser.add_argument("--seed", type=int, default=0, help="the training and held-out lists")
+    parser.add_argument("--job-seed", type=int, default=42, help="the job's seed (its order)")
     parser.add_argument("--out", default="/tmp/in_process.jsonl")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
