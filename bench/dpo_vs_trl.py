@@ -6,7 +6,7 @@ all linear layers, 2 threads; bf16 autocast where the CPU has bf16 matmuls (AMX,
 fp32 elsewhere, on both sides. Variants, each in a fresh process so that peak
 memory is its own, run interleaved for several rounds:
 
-- ``ours``: the worker's DPO step (``training.dpo_loop.DPOTrainer.train_step``, the production
+- ``ours``: the worker's DPO step (``training.recipes.dpo.DPOTrainer.train_step``, the production
   code, driven without Ray) with reference log-probs precomputed in one pass before training;
 - ``ours_inline``: the same step, but the reference computed inside every step (a no-grad
   forward with the adapter disabled), as TRL does by default: the difference is what
@@ -73,11 +73,15 @@ def run_ours(steps: int, warmup: int, inline_reference: bool) -> dict:
     """Drive ``DPOTrainer.train_step`` in this process (rank 0 of 1, no Ray)."""
     import torch
 
-    from training import chat, models, reference
-    from training.config import TrainSpec, resolve_hyperparameters
-    from training.dpo_loop import DPOTrainer
-    from training.loop import SFTTrainer, bf16_supported
-    from training.preference_data import Pair
+    from training.model import chat
+
+    from training.model import registry
+
+    from training.recipes import reference
+    from training.spec import TrainSpec, resolve_hyperparameters
+    from training.recipes.dpo import DPOTrainer
+    from training.recipes.sft import SFTTrainer, bf16_supported
+    from training.data.preference import Pair
 
     class InlineReference(DPOTrainer):
         """The reference forward inside every step (what precomputing avoids)."""
@@ -91,15 +95,15 @@ def run_ours(steps: int, warmup: int, inline_reference: bool) -> dict:
     torch.manual_seed(SEED)
     trainer = (InlineReference if inline_reference else DPOTrainer).__new__(
         InlineReference if inline_reference else DPOTrainer)
-    trainer.spec = TrainSpec(job_id="ftjob-" + "0" * 24, base_model=models.BUILTIN_MODEL_ID,
+    trainer.spec = TrainSpec(job_id="ftjob-" + "0" * 24, base_model=registry.BUILTIN_MODEL_ID,
                              training_files=(("file-" + "0" * 24, 1.0),), method="dpo",
                              batch_size=BATCH, n_epochs=1, beta=BETA, lora_r=LORA_R,
                              lora_alpha=LORA_ALPHA, max_length=MAX_LENGTH, cpus_per_worker=THREADS)
     trainer.rank, trainer.world_size, trainer.events = 0, 1, None
     trainer.device = torch.device("cpu")
     trainer.use_bf16 = bf16_supported(trainer.device)
-    model_dir = models.resolve_model(models.BUILTIN_MODEL_ID)
-    trainer.tokenizer = models.load_tokenizer(model_dir)
+    model_dir = registry.resolve_model(registry.BUILTIN_MODEL_ID)
+    trainer.tokenizer = registry.load_tokenizer(model_dir)
     pairs = []
     for i, row in enumerate(toy_pairs()):
         p = chat.tokenize_preference(trainer.tokenizer, row["prompt"], row["chosen"],
@@ -138,9 +142,9 @@ def run_trl(steps: int, warmup: int, precompute: bool) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from training import models
-    from training.lora import TARGET_MODULES
-    from training.loop import bf16_supported
+    from training.model import registry
+    from training.model.lora import TARGET_MODULES
+    from training.recipes.sft import bf16_supported
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -153,9 +157,9 @@ def run_trl(steps: int, warmup: int, precompute: bool) -> dict:
             self.times.append(time.perf_counter() - self.started)
 
     torch.manual_seed(SEED)
-    model_dir = models.resolve_model(models.BUILTIN_MODEL_ID)
-    tokenizer = models.load_tokenizer(model_dir)
-    model = models.load_model(model_dir, torch.float32, attn_implementation="sdpa")
+    model_dir = registry.resolve_model(registry.BUILTIN_MODEL_ID)
+    tokenizer = registry.load_tokenizer(model_dir)
+    model = registry.load_model(model_dir, torch.float32, attn_implementation="sdpa")
     rows = [{"prompt": r["prompt"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in toy_pairs()]
     n_steps = warmup + steps
@@ -291,7 +295,7 @@ def write_results(args: argparse.Namespace, runs: list[dict], rounds_done: int) 
     """Rewritten after every run, so a long benchmark stopped early still leaves its figures."""
     import torch
 
-    from training.loop import bf16_supported
+    from training.recipes.sft import bf16_supported
 
     config = {"rounds": rounds_done, "rounds_planned": args.rounds, "steps": args.steps,
               "warmup": args.warmup, "batch_pairs": BATCH, "beta": BETA, "lora_r": LORA_R,

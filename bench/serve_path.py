@@ -3,7 +3,7 @@
 Measures, in one run on this machine, with only the tiny model offered (quick):
 
 1. **Per-request overhead of the Serve path** over a plain uvicorn app. The same FastAPI app
-   (``service.app.create_app``, same settings, same local storage, same API key) is served (a)
+   (``service.api.app.create_app``, same settings, same local storage, same API key) is served (a)
    by plain uvicorn on a loopback port and (b) by ``tuneserve up`` (HAProxy → the ``Api``
    ingress replica's own uvicorn, the embedded default; with ``RAY_SERVE_ENABLE_HA_PROXY=0`` in
    the environment, Serve's Python proxy → the replica). Both are hit with the same
@@ -43,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from service.cli import EMBEDDED_RAY_DEFAULTS, HAPROXY_ENV
+from service.cli.main import EMBEDDED_RAY_DEFAULTS, HAPROXY_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -55,11 +55,11 @@ NOTES = "<!-- notes below are written by hand and kept when the benchmark rewrit
 
 
 def plain_app():
-    """The ingress's app without Serve: what ``service.serve_app`` builds on its replica, minus
+    """The ingress's app without Serve: what ``service.ray.app`` builds on its replica, minus
     the chat and runner back ends (the cheap request uses neither). For ``uvicorn --factory``."""
-    from service.app import create_app
-    from service.logs import setup_logging
-    from service.settings import Settings
+    from service.api.app import create_app
+    from service.core.logs import setup_logging
+    from service.core.settings import Settings
 
     setup_logging()
     return create_app(Settings())

@@ -81,7 +81,7 @@ def make_adapters(base_dir: Path, out: Path, n: int, r: int) -> list[tuple[str, 
     """``n`` random r-rank all-linear adapters in the training engine's folder layout."""
     from peft import LoraConfig, get_peft_model
 
-    from training import models
+    from training.model import registry as models
 
     fingerprint = models.model_fingerprint(base_dir)
     model = get_peft_model(models.load_model(base_dir),
@@ -161,7 +161,7 @@ def lockstep_decode(variants: dict[str, tuple[Any, Callable[[], None]]], prompt:
 def engine_seconds_per_token(engine: Any, prompt: list[int], tokens: int,
                              adapter_id: str | None) -> float:
     """Per-token time of the whole engine (loop thread, sampling, detokenising, hand-off)."""
-    from serving.sampling import SamplingParams
+    from serving.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eot=True)
     stamps = [time.perf_counter() for _ in engine.submit(prompt, params, adapter_id)]
@@ -216,7 +216,7 @@ def zipf_requests(k: int, n: int, n_prompts: int, seed: int) -> list[tuple[int, 
 
 def ours_throughput(engine: Any, adapter_ids: list[str], prompts: list[list[int]],
                     requests: list[tuple[int, int]], clients: int, tokens: int) -> float:
-    from serving.sampling import SamplingParams
+    from serving.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eot=True)
     produced = [0] * clients
@@ -270,7 +270,7 @@ def peft_swapping_throughput(peft_model: Any, tokenizer: Any, names: list[str],
 def unique_prompts(tokenizer: Any, requests: list[tuple[int, int]], tag: str) -> list[list[int]]:
     """A prompt per request, each ending its own way, so that a prefix cache can only reuse
     what distinct requests share (the chat template's system prompt), never a whole prompt."""
-    from training import chat
+    from training.model import chat
 
     return [chat.render_prompt(tokenizer, [{"role": "user",
                                             "content": f"{PROMPTS[p]} (Request {tag}-{i}.)"}])
@@ -332,7 +332,7 @@ def bench_throughput(engine: Any, peft_model: Any, tokenizer: Any,
 def bench_cold_first_token(server: Any, adapters: list[tuple[str, Path]],
                            prompt: list[dict[str, str]], repeats: int) -> dict[str, Any]:
     """From a complete adapter in storage to the first streamed token of its first request."""
-    from service.chat_backend import ChatCall
+    from serving.protocol import ChatCall
 
     times = []
     for adapter_id, _ in adapters[:repeats]:
@@ -404,11 +404,12 @@ def run(dtype: str, threads: int, rank: int, *, repeats: int, decode_tokens: int
         ) -> dict[str, Any]:
     from peft import PeftModel
 
-    from service.storage import open_storage
-    from service.storage_config import StorageConfig
-    from serving.engine import Engine, pick_dtype
+    from service.core.storage import open_storage
+    from service.core.storage.config import StorageConfig
+    from serving.engine.native import Engine, pick_dtype
     from serving.server import ChatServer
-    from training import chat, models
+    from training.model import chat
+    from training.model import registry as models
 
     dtype = pick_dtype(dtype)
     torch_dtype = getattr(torch, dtype)

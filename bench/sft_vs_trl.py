@@ -11,7 +11,7 @@ and repeated, and medians are reported:
 - ``trl_default``: TRL's defaults (padded batches of 8, gradient checkpointing on);
 - ``trl_packing``: ``packing=True`` (BFD, padding-free rows holding ~8 examples);
 - ``trl_padding_free``: ``padding_free=True`` (each batch of 8 flattened into one row);
-- ``ours_packed`` / ``ours_unpacked``: ``training.loop.SFTTrainer.train_step``, the step the
+- ``ours_packed`` / ``ours_unpacked``: ``training.recipes.sft.SFTTrainer.train_step``, the step the
   Ray Train workers run, packed (default) or padded; ``ours_packed_ckpt`` with activation
   checkpointing (as TRL's default does).
 
@@ -62,7 +62,7 @@ def synthetic_chats(n: int, seed: int = 0) -> list[dict]:
 
 
 def tokenised(tokenizer, n: int) -> list[tuple[list[int], list[int]]]:
-    from training import chat
+    from training.model import chat
 
     out = []
     for example in synthetic_chats(n):
@@ -117,10 +117,10 @@ def child(config: str, steps: int, warmup: int) -> dict:
     import torch
 
     torch.set_num_threads(THREADS)
-    from training import models
+    from training.model import registry
 
-    model_dir = models.resolve_model(models.BUILTIN_MODEL_ID)
-    tokenizer = models.load_tokenizer(model_dir)
+    model_dir = registry.resolve_model(registry.BUILTIN_MODEL_ID)
+    tokenizer = registry.load_tokenizer(model_dir)
     examples = tokenised(tokenizer, (steps + warmup) * BATCH * 2)
     loaded_rss = peak_rss_mb()
     run = run_ours if config.startswith("ours") else run_trl
@@ -139,9 +139,9 @@ def child(config: str, steps: int, warmup: int) -> dict:
 
 
 def run_ours(config: str, model_dir, tokenizer, examples, n_steps: int):
-    from service.storage_config import StorageConfig
-    from training.config import TrainSpec
-    from training.loop import SFTTrainer
+    from service.core.storage.config import StorageConfig
+    from training.spec import TrainSpec
+    from training.recipes.sft import SFTTrainer
 
     root = tempfile.mkdtemp(prefix="bench-ours-")
     file_id = "file-" + "0" * 24
@@ -178,8 +178,8 @@ def trl_trainer(config: str, model_dir, examples, n_steps: int, mean_len: float)
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from training import models
-    from training.loop import bf16_supported
+    from training.model import registry
+    from training.recipes.sft import bf16_supported
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -218,7 +218,7 @@ def trl_trainer(config: str, model_dir, examples, n_steps: int, mean_len: float)
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, disable_tqdm=True)
     dataset = Dataset.from_dict({"input_ids": [ids for ids, _ in examples],
                                  "labels": [labels for _, labels in examples]})
-    model = models.load_model(model_dir, torch.float32, attn_implementation="sdpa")
+    model = registry.load_model(model_dir, torch.float32, attn_implementation="sdpa")
     timer = Timer()
     trainer = CountingSFT(model=model, args=args, train_dataset=dataset, callbacks=[timer],
                           peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
@@ -240,14 +240,14 @@ def first_loss_check(model_dir) -> dict:
     """The loss of the same first batch, before any update: TRL's compute_loss vs ours."""
     import torch
 
-    from training import models
-    from training.config import TrainSpec
-    from training.lora import apply_adapter
-    from training.loss import masked_token_sums
-    from training.packing import collate_padded
+    from training.model import registry
+    from training.spec import TrainSpec
+    from training.model.lora import apply_adapter
+    from training.losses.cross_entropy import masked_token_sums
+    from training.data.packing import collate_padded
 
     torch.set_num_threads(THREADS)
-    tokenizer = models.load_tokenizer(model_dir)
+    tokenizer = registry.load_tokenizer(model_dir)
     examples = tokenised(tokenizer, BATCH)
     trainer, _ = trl_trainer("trl_default", model_dir, examples, 1, 0)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(BATCH)])
@@ -255,7 +255,7 @@ def first_loss_check(model_dir) -> dict:
         trl_loss = float(trainer.compute_loss(trainer.model, dict(batch)))
     spec = TrainSpec(job_id="ftjob-" + "0" * 24, base_model="x",
                      training_files=(("file-" + "0" * 24, 1.0),), lora_r=LORA["r"])
-    ours = apply_adapter(models.load_model(model_dir, attn_implementation="sdpa"), spec,
+    ours = apply_adapter(registry.load_model(model_dir, attn_implementation="sdpa"), spec,
                          frozen_dtype=torch.bfloat16).get_base_model()
     padded = collate_padded(examples, tokenizer.pad_token_id)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -379,9 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         sys.stdout.write(json.dumps(child(args.child, args.steps, args.warmup)) + "\n")
         return 0
-    from training import models
+    from training.model import registry
 
-    model_dir = models.resolve_model(models.BUILTIN_MODEL_ID)
+    model_dir = registry.resolve_model(registry.BUILTIN_MODEL_ID)
     if args.loss_check:
         sys.stdout.write(json.dumps(first_loss_check(model_dir)) + "\n")
         return 0
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("rep %d %s: %.1f supervised tok/s, peak %.0f MB", rep, config,
                         result["supervised_tokens_per_second"], result["peak_rss_mb"])
             runs.append(result)
-    n_params = sum(p.numel() for p in models.load_model(model_dir).parameters())
+    n_params = sum(p.numel() for p in registry.load_model(model_dir).parameters())
     summary = summarise(runs, loss_check, peak, n_params)
     meta = {"reps": args.reps, "steps": args.steps, "warmup": args.warmup,
             "seconds": time.monotonic() - started, "threads": THREADS, "batch": BATCH,

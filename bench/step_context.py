@@ -1,7 +1,7 @@
 """Where a training step loses time inside the service: the same SFT step in a bare process, in
 a Ray task, beside idle Ray actors, and in a Ray Train worker (issue 11's in-service penalty).
 
-Every context times ``training.loop.SFTTrainer.train_step`` on the same batches of 4 sort
+Every context times ``training.recipes.sft.SFTTrainer.train_step`` on the same batches of 4 sort
 examples (``bench/quality/make_data.py``), SmolLM2-135M-Instruct, LoRA r=32, bf16, 2 torch
 threads, and reports the median step and its ratio to the bare process. The contexts run one
 after another in fresh processes (a local Ray is started and stopped for each Ray context):

@@ -9,7 +9,7 @@ blocks, SIGSTOPped otherwise) in one process, so the machine's drift from minute
 on all alike:
 
 - ``20 x 80 us``: what the service's processes take (~16 % of a core);
-- the same with the wakers' timer slack at 10 ms (set by ``service.cli.coalesce_timers``, as
+- the same with the wakers' timer slack at 10 ms (set by ``service.cli.main.coalesce_timers``, as
   ``tuneserve up`` sets it for its Ray: the kernel may then fire their timers together);
 - ``2 x 800 us``: the same CPU in a tenth of the wakeups.
 
@@ -47,7 +47,7 @@ LOADS = {  # name: (wakers, microseconds spun per wakeup, timer slack in microse
 WAKER = """
 import time
 if {slack_ns}:
-    from service.cli import coalesce_timers
+    from service.cli.main import coalesce_timers
     coalesce_timers({slack_ns})
 while True:
     time.sleep(0.01)
@@ -81,7 +81,7 @@ def measure(rounds: int) -> dict:
         sys.path[:0] = [str(REPO), str(REPO / "bench" / "quality")]
         from in_process import sort_trainer
 
-        from training import packing
+        from training.data import packing
 
         trainer = sort_trainer(4800, 4, layers=10)
         phases: dict[str, float] = collections.defaultdict(float)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from service.errors import InvalidRequest, NotFound
+from service.core.errors import InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def fetch_adapter(storage: Any, adapter_id: str, cache_dir: Path) -> Path:
         NotFound: no complete adapter (no manifest) under that id.
         AdapterIncompatible: the folder holds pickled weights or no safetensors.
     """
-    from service.storage import join_key
+    from service.core.storage import join_key
 
     check_adapter_id(adapter_id)
     prefix = join_key("adapters", *adapter_id.split("/"))

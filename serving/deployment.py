@@ -1,6 +1,6 @@
 """The Ray Serve chat deployment: one per base model, adapters multiplexed per replica (LRU).
 
-``service.serve_app`` creates one per base model as
+``service.ray.app`` creates one per base model as
 ``ChatModel.options(name=deployment_name(base)).bind(base_model=..., settings_args=...)``.
 A request for a tuned model carries the adapter id (``ftjob-…/final``) as multiplexed model
 id; ``serve.get_multiplexed_model_id()`` reads it here and ``@serve.multiplexed`` loads the
@@ -19,10 +19,10 @@ from typing import Any
 
 from ray import serve
 
-from service.chat_backend import ChatCall, ChatOutput, ReplicaStats
-from service.settings import Settings
-from service.storage_config import StorageConfig
-from serving.engine import AdapterNotLoaded
+from serving.protocol import ChatCall, ChatOutput, ReplicaStats
+from service.core.settings import Settings
+from service.core.storage.config import StorageConfig
+from serving.engine.native import AdapterNotLoaded
 from serving.server import ChatServer, collect, outputs
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """What a chat replica does, without Ray: one engine, adapters fetched from storage, chat calls.
 
 The Serve deployment (``serving.deployment``) and the in-process back end
-(``service.chat_backend.LocalChatBackend``) both wrap a ``ChatServer``.
+(``service.chat.backends.LocalChatBackend``) both wrap a ``ChatServer``.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 
-from service.chat_backend import ChatCall, ChatOutput
-from service.errors import InvalidRequest
-from service.settings import Settings
-from service.storage import open_storage
-from service.storage_config import StorageConfig
+from serving.protocol import ChatCall, ChatOutput
+from service.core.errors import InvalidRequest
+from service.core.settings import Settings
+from service.core.storage import open_storage
+from service.core.storage.config import StorageConfig
 from serving.adapters import fetch_adapter
-from serving.engine import Engine, Generation, pick_dtype
-from serving.sampling import SamplingParams
+from serving.engine.native import Engine, Generation, pick_dtype
+from serving.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class ChatServer:
     def start(self, call: ChatCall) -> Generation:
         """Render the conversation with the training template and queue it (from the loop
         that will read the result)."""
-        from training.chat import ExampleError, render_prompt
+        from training.model.chat import ExampleError, render_prompt
 
         try:
             prompt = render_prompt(self.engine.tokenizer, call.messages)

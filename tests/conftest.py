@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.storage import Storage, open_storage
-from service.storage_config import StorageConfig
+from service.core.storage import Storage, open_storage
+from service.core.storage.config import StorageConfig
 from tests.s3server import S3Server
 
 

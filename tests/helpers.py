@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def free_port() -> int:
     """A free loopback port that the processes a test starts will not take first."""
-    from service.cli import free_loopback_port
+    from service.cli.main import free_loopback_port
 
     return free_loopback_port()
 
@@ -74,7 +74,7 @@ class Service:
         folder = (Path(self.storage).parent if "://" not in self.storage
                   else Path(os.environ.get("TMPDIR", "/tmp")))
         self.log_path = folder / f"tuneserve-{port}.log"
-        self.args = [sys.executable, "-m", "service.cli", "up", "--port", str(port),
+        self.args = [sys.executable, "-m", "service.cli.main", "up", "--port", str(port),
                      "--storage", self.storage]
 
     def start(self, timeout: float = 240) -> Service:

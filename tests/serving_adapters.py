@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from service.storage import Storage, join_key
+from service.core.storage import Storage, join_key
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -34,11 +34,11 @@ def write_adapter(storage: Storage, model_dir: Path, base_model: str, *, seed: i
     """
     from peft import LoraConfig, get_peft_model
 
-    from training import models
+    from training.model import registry
 
     job_id = job_id or new_job_id()
     folder = "final" if step is None else f"ckpt-step-{step}"
-    base = model if model is not None else models.load_model(model_dir)
+    base = model if model is not None else registry.load_model(model_dir)
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0)
     peft_model = get_peft_model(base, config)
     generator = torch.Generator().manual_seed(seed)
@@ -47,7 +47,7 @@ def write_adapter(storage: Storage, model_dir: Path, base_model: str, *, seed: i
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
     manifest = {
-        "base_model": base_model, **models.model_fingerprint(model_dir),
+        "base_model": base_model, **registry.model_fingerprint(model_dir),
         "eot_token_ids": [2], "job_id": job_id, "tenant": tenant, "step": step,
         "lora": {"r": r, "alpha": 2 * r, "dropout": 0.0, "target_modules": targets},
         "data_hashes": {}, "hyperparameters": {}, "seed": seed, "versions": {}, "metrics": {},

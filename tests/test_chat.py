@@ -20,8 +20,8 @@ from tests.chat_templates import (
     TEMPLATES,
     Template,
 )
-from training import chat
-from training.chat import (
+from training.model import chat
+from training.model.chat import (
     IGNORE_INDEX,
     MaskError,
     TruncatedError,
@@ -31,7 +31,7 @@ from training.chat import (
     tokenize_conversation,
     tokenize_preference,
 )
-from training.models import TINY_MODEL_ID, load_tokenizer, resolve_model
+from training.model.registry import TINY_MODEL_ID, load_tokenizer, resolve_model
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,20 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.cli_client import Client, upload_file
-from service.cli_jobs import follow
-from service.job_store import JobRecord, JobStore, new_job_id
-from service.settings import Settings
+from service.api.app import create_app
+from service.cli.client import Client, upload_file
+from service.cli.jobs import follow
+from service.jobs.store import JobRecord, JobStore, new_job_id
+from service.core.settings import Settings
 from tests.helpers import REPO, free_port
-from training.events import EventLog
+from service.core.events import EventLog
 
 GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"},
                                 {"role": "assistant", "content": "hello"}]})
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, text=True,
+    return subprocess.run([sys.executable, "-m", "service.cli.main", *args], cwd=REPO, text=True,
                           capture_output=True, timeout=120)
 
 
@@ -101,7 +101,7 @@ def test_upload_sends_the_file_through_the_progress_reader(api, tmp_path):
 
 
 def test_follow_shows_the_dpo_step_metrics_by_name():
-    from service.cli_jobs import Progress
+    from service.cli.jobs import Progress
 
     progress = Progress()
     progress.update({"created_at": 1, "data": {
@@ -113,7 +113,7 @@ def test_follow_shows_the_dpo_step_metrics_by_name():
 
 
 def test_follow_shows_an_eta_from_the_steps_own_times():
-    from service.cli_jobs import LineView
+    from service.cli.jobs import LineView
 
     view = LineView()
     lines = []
@@ -130,7 +130,7 @@ def test_upload_feeds_the_whole_file_to_the_progress_bar_and_files_list_shows_it
         api, tmp_path, monkeypatch, capsys):
     import argparse
 
-    from service import cli_client
+    from service.cli import client as cli_client
 
     _, client = api
     fed = []

@@ -61,7 +61,7 @@ def cli(service: Service, *args: str, stdin: str | None = None, timeout: float =
         key: str = API_KEY) -> subprocess.CompletedProcess:
     env = {**os.environ, "TUNESERVE_BASE_URL": f"{service.url}/v1", "TUNESERVE_API_KEY": key}
     env.pop("OPENAI_BASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "service.cli.main", *args], cwd=REPO, env=env,
                           input=stdin, capture_output=True, text=True, timeout=timeout)
 
 
@@ -256,8 +256,8 @@ def test_the_api_key_is_never_logged(service, trained, ray_tmp):
     texts = "\n".join(p.read_text(errors="replace") for p in files if p.suffix in (".err", ".log"))
     assert '"logger": "tuneserve.access"' in texts and '"tenant": "alice"' in texts
     # Lines the training workers and the job's driver wrote name the job. The model cache
-    # (training.models) is shared with serving, whose replicas build a base model outside any job.
+    # (training.model.registry) is shared with serving, whose replicas build a base model outside any job.
     training = [json.loads(line[line.index("{"):]) for line in texts.splitlines()
                 if '"logger": "training.' in line and "{" in line
-                and '"logger": "training.models"' not in line]
+                and '"logger": "training.model.registry"' not in line]
     assert training and all(line.get("job_id") == trained["job_id"] for line in training)

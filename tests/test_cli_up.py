@@ -6,7 +6,7 @@ import httpx
 import psutil
 import pytest
 
-from service.cli import EMBEDDED_TIMER_SLACK_NS
+from service.cli.main import EMBEDDED_TIMER_SLACK_NS
 from tests.helpers import Service
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def test_up_answers_probes_and_models_then_stops_clean(tmp_path):
         assert len(ray_children) >= 2
         family = psutil.Process(service.proc.pid).children(recursive=True)
         # Every process of its local Ray lets the kernel batch its timer wakeups
-        # (service.cli.coalesce_timers): the Serve replicas as well as the GCS and raylet.
+        # (service.cli.main.coalesce_timers): the Serve replicas as well as the GCS and raylet.
         replicas = [p for p in family if "ServeReplica" in " ".join(p.cmdline())]
         assert replicas
         for p in ray_children + replicas:
@@ -46,7 +46,7 @@ def test_invalid_setting_fails_at_start_naming_the_variable(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "service.cli", "up"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "service.cli.main", "up"], capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "TUNESERVE_PORT": "not-a-port",
                               "HOME": str(tmp_path)}, timeout=60)
     assert out.returncode != 0
@@ -57,7 +57,7 @@ def test_public_bind_without_api_keys_is_refused(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "service.cli", "up", "--host", "0.0.0.0"],
+    out = subprocess.run([sys.executable, "-m", "service.cli.main", "up", "--host", "0.0.0.0"],
                          capture_output=True, text=True, timeout=60,
                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert out.returncode != 0
@@ -70,7 +70,7 @@ def test_ports_it_picks_are_free_and_outside_the_range_the_kernel_hands_out():
     port picked there could be taken before HAProxy binds it."""
     import socket
 
-    from service.cli import free_loopback_port
+    from service.cli.main import free_loopback_port
 
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
         ephemeral_low = int(f.read().split()[0])

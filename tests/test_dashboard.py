@@ -12,10 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
-from service.job_store import JobRecord, JobStore, new_job_id
-from service.settings import Settings
-from training.events import EventLog
+from service.api.app import create_app
+from service.jobs.store import JobRecord, JobStore, new_job_id
+from service.core.settings import Settings
+from service.core.events import EventLog
 
 KEYS = {"key-alice-0001": "alice", "key-bob-0002": "bob"}
 

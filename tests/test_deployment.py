@@ -114,7 +114,7 @@ def rayservice(variant: str) -> Doc:
 def serve_import_path_and_deployments(variant: str = "base") -> tuple[str, list[str]]:
     """``import_path`` of the one Serve application in the RayService and its deployment names.
 
-    For the test that imports ``service.serve_app:build_app`` and compares the deployment names
+    For the test that imports ``service.ray.app:build_app`` and compares the deployment names
     it builds with these.
     """
     config = yaml.safe_load(rayservice(variant)["spec"]["serveConfigV2"])
@@ -299,7 +299,7 @@ def test_image_variant_matches_the_hardware():
 
 
 def test_credentials_come_from_the_secret_and_settings_from_the_configmap():
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     for variant in KUSTOMIZATIONS:
         for c in _containers(rayservice(variant)):
@@ -320,7 +320,7 @@ def test_credentials_come_from_the_secret_and_settings_from_the_configmap():
 
 
 def test_settings_in_the_configmap_are_valid(monkeypatch: pytest.MonkeyPatch):
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     (configmap,) = [d for d in rendered()["base"] if d["kind"] == "ConfigMap"]
     for key, value in configmap["data"].items():
@@ -368,7 +368,7 @@ def test_probes_are_left_to_kuberay():
 def test_serve_config_names_the_app_and_its_deployments():
     for variant in KUSTOMIZATIONS:
         import_path, names = serve_import_path_and_deployments(variant)
-        assert import_path == "service.serve_app:build_app"
+        assert import_path == "service.ray.app:build_app"
         assert names == ["Api", "Chat-smollm2-135m-instruct"]
 
 

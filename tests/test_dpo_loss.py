@@ -13,14 +13,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training import chat, dpo, models, preference_data, reference
-from training.attention import shares_prefixes, use_packed_attention
-from training.chat import IGNORE_INDEX
-from training.config import TrainSpec
-from training.dpo_loop import chosen_token_counts
-from training.lora import apply_adapter
-from training.packing import shared_prefix_length, trained_length
-from training.preference_data import Pair
+from training.model import chat
+
+from training.losses import dpo
+
+from training.model import registry
+
+from training.data import preference as preference_data
+
+from training.recipes import reference
+from training.model.attention import shares_prefixes, use_packed_attention
+from training.model.chat import IGNORE_INDEX
+from training.spec import TrainSpec
+from training.recipes.dpo import chosen_token_counts
+from training.model.lora import apply_adapter
+from training.data.packing import shared_prefix_length, trained_length
+from training.data.preference import Pair
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -171,8 +179,8 @@ def test_micro_batches_never_split_a_pair():
 
 @pytest.fixture(scope="module")
 def tiny():
-    model_dir = models.resolve_model(models.TINY_MODEL_ID)
-    tokenizer = models.load_tokenizer(model_dir)
+    model_dir = registry.resolve_model(registry.TINY_MODEL_ID)
+    tokenizer = registry.load_tokenizer(model_dir)
     module = load_make_preferences()
     train, _ = module.make_preferences(6, 2, seed=1)
     pairs = []
@@ -180,10 +188,10 @@ def tiny():
         p = chat.tokenize_preference(tokenizer, row["prompt"], row["chosen"], row["rejected"], 512)
         pairs.append(Pair(i, (p.chosen.input_ids, p.chosen.labels),
                           (p.rejected.input_ids, p.rejected.labels)))
-    spec = TrainSpec(job_id="ftjob-" + "0" * 24, base_model=models.TINY_MODEL_ID,
+    spec = TrainSpec(job_id="ftjob-" + "0" * 24, base_model=registry.TINY_MODEL_ID,
                      training_files=(("file-" + "0" * 24, 1.0),), method="dpo")
     torch.manual_seed(0)
-    model = apply_adapter(models.load_model(model_dir, torch.float32,
+    model = apply_adapter(registry.load_model(model_dir, torch.float32,
                                             attn_implementation="sdpa"), spec)
     return model, pairs
 

@@ -20,11 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from service.storage import open_storage
-from service.storage_config import StorageConfig
+from service.core.storage import open_storage
+from service.core.storage.config import StorageConfig
 from tests.test_dpo_loss import load_make_preferences
-from training import models
-from training.config import TrainSpec
+from training.model import registry as models
+from training.spec import TrainSpec
 from training.run import run_training
 
 pytestmark = pytest.mark.slow

@@ -14,11 +14,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from service.storage import open_storage
-from service.storage_config import StorageConfig
+from service.core.storage import open_storage
+from service.core.storage.config import StorageConfig
 from tests.test_dpo_loss import load_make_preferences
-from training import chat, models
-from training.config import TrainSpec
+from training.model import chat
+from training.model import registry
+from training.spec import TrainSpec
 from training.run import run_training
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,7 @@ def test_dpo_after_chatty_sft_shortens_answers(ray_local, tmp_path):
     storage.put(f"files/{SFT_FILE}/content", toy.to_jsonl(chatty_sft_rows(train, 0.9, seed=11)))
     storage.put(f"files/{PAIRS}/content", toy.to_jsonl(train[:128]))
     storage.put(f"files/{HELDOUT}/content", toy.to_jsonl(heldout))
-    common = {"base_model": models.TINY_MODEL_ID, "cpus_per_worker": 2,
+    common = {"base_model": registry.TINY_MODEL_ID, "cpus_per_worker": 2,
               "checkpoint_every_steps": 0, "seed": 3}
     # A random tiny model needs a big rank and rate to learn the filler in a minute.
     run_training(TrainSpec(job_id=SFT_JOB, training_files=((SFT_FILE, 1.0),), n_epochs=6,
@@ -77,11 +78,11 @@ def test_dpo_after_chatty_sft_shortens_answers(ray_local, tmp_path):
     assert result["full_valid_rewards/accuracies"] >= 0.9
     assert result["full_valid_rewards/margins"] > 0
 
-    model_dir = models.resolve_model(models.TINY_MODEL_ID)
-    tokenizer = models.load_tokenizer(model_dir)
+    model_dir = registry.resolve_model(registry.TINY_MODEL_ID)
+    tokenizer = registry.load_tokenizer(model_dir)
     for job in (SFT_JOB, DPO_JOB):
         storage.download_prefix(f"adapters/{job}/final", str(tmp_path / job))
-    tuned = PeftModel.from_pretrained(models.load_model(model_dir), str(tmp_path / SFT_JOB),
+    tuned = PeftModel.from_pretrained(registry.load_model(model_dir), str(tmp_path / SFT_JOB),
                                       adapter_name="sft")
     tuned.load_adapter(str(tmp_path / DPO_JOB), adapter_name="dpo")
     tuned.eval()

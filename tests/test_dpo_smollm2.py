@@ -10,12 +10,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from service.storage import open_storage
-from service.storage_config import StorageConfig
+from service.core.storage import open_storage
+from service.core.storage.config import StorageConfig
 from tests.test_dpo_loss import load_make_preferences
 from tests.test_dpo_shorter import greedy_answers
-from training import models
-from training.config import TrainSpec
+from training.model import registry
+from training.spec import TrainSpec
 from training.run import run_training
 
 # Measured on a quiet machine (167 s): the reward accuracy and margin asserts pass, the length
@@ -41,18 +41,18 @@ def test_dpo_shortens_smollm2_answers(ray_local, tmp_path):
     train, heldout = toy.make_preferences(64, 16, seed=5)
     storage.put(f"files/{TRAIN}/content", toy.to_jsonl(train))
     storage.put(f"files/{HELDOUT}/content", toy.to_jsonl(heldout))
-    spec = TrainSpec(job_id=JOB, base_model=models.BUILTIN_MODEL_ID, method="dpo",
+    spec = TrainSpec(job_id=JOB, base_model=registry.BUILTIN_MODEL_ID, method="dpo",
                      training_files=((TRAIN, 1.0),), validation_file=HELDOUT, n_epochs=3,
                      batch_size=8, cpus_per_worker=2, checkpoint_every_steps=0, seed=1)
     result = run_training(spec, config)
     assert result["full_valid_rewards/accuracies"] >= 0.9
     assert result["full_valid_rewards/margins"] > 0
 
-    model_dir = models.resolve_model(models.BUILTIN_MODEL_ID)
-    tokenizer = models.load_tokenizer(model_dir)
+    model_dir = registry.resolve_model(registry.BUILTIN_MODEL_ID)
+    tokenizer = registry.load_tokenizer(model_dir)
     storage.download_prefix(f"adapters/{JOB}/final", str(tmp_path / "adapter"))
     # bf16 weights: generation on CPU is bound by reading them once per token
-    base = models.load_model(model_dir, torch.bfloat16)
+    base = registry.load_model(model_dir, torch.bfloat16)
     tuned = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
     tuned.eval()
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -19,10 +19,10 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.file_store import create_result_file
-from service.files import FileTokenizer
-from service.settings import Settings
+from service.api.app import create_app
+from service.files.store import create_result_file
+from service.api.routes.files import FileTokenizer
+from service.core.settings import Settings
 from tests.broken_files import BROKEN, MAX_LINE_BYTES, Broken
 from tests.helpers import free_port, wait_until
 
@@ -38,7 +38,7 @@ FORMATS = {"openai_chat": "openai_chat", "alpaca": "alpaca", "self_instruct": "a
 
 @pytest.fixture(scope="module")
 def tiny_dir() -> str:
-    from training.models import TINY_MODEL_ID, resolve_model
+    from training.model.registry import TINY_MODEL_ID, resolve_model
 
     return str(resolve_model(TINY_MODEL_ID))
 

@@ -1,4 +1,4 @@
-"""training/formats.py and training/validation.py: every format normalises to the expected
+"""training/data/formats.py and training/data/validation.py: every format normalises to the expected
 conversation, and every broken file is rejected naming its line and its problem."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.broken_files import BROKEN, MAX_LINE_BYTES, Broken
-from training.formats import FORMATS, FormatError, iter_normalised
-from training.jsonl import iter_raw_lines
-from training.validation import validate_jsonl
+from training.data.formats import FORMATS, FormatError, iter_normalised
+from training.data.jsonl import iter_raw_lines
+from training.data.validation import validate_jsonl
 
 DATA = Path(__file__).parent / "data" / "formats"
 
@@ -234,7 +234,7 @@ def test_an_over_long_line_is_skipped_without_holding_it() -> None:
 
 
 def test_formats_import_without_torch_or_fastapi() -> None:
-    code = ("import sys, training.formats, training.validation; "
+    code = ("import sys, training.data.formats, training.data.validation; "
             "bad = {'torch', 'fastapi', 'transformers'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
@@ -244,13 +244,13 @@ def test_formats_import_without_torch_or_fastapi() -> None:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from training.models import TINY_MODEL_ID, load_tokenizer, resolve_model
+    from training.model.registry import TINY_MODEL_ID, load_tokenizer, resolve_model
 
     return load_tokenizer(resolve_model(TINY_MODEL_ID))
 
 
 def test_token_counts_follow_the_chat_template(tokenizer) -> None:
-    from training.chat import tokenize_conversation
+    from training.model.chat import tokenize_conversation
 
     examples = [e for _, e in read("alpaca")]
     full = [tokenize_conversation(tokenizer, e["messages"]) for e in examples]

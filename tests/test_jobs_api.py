@@ -14,8 +14,8 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from service.api.app import create_app
+from service.core.settings import Settings
 
 TINY = "tuneserve/tiny-llama"
 KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
@@ -168,7 +168,7 @@ def test_idempotency_key_same_body_same_job_other_body_422(client):
 
 
 def test_idempotency_key_in_flight_is_409(app, client, monkeypatch):
-    from service import jobs
+    from service.api.routes import fine_tuning as jobs
 
     file_id = upload(client, _chat_lines())
     entered, release = threading.Event(), threading.Event()
@@ -236,7 +236,7 @@ def test_sdk_retry_after_injected_503_makes_one_job(app):
 
 
 def test_cancel_without_runner_and_finished_job_conflict(client, app):
-    from service.job_store import JobStore
+    from service.jobs.store import JobStore
 
     job_id = create(client, training_file=upload(client, _chat_lines())).json()["id"]
     JobStore(app.state.storage).transition(job_id, "failed")
@@ -247,8 +247,8 @@ def test_cancel_without_runner_and_finished_job_conflict(client, app):
 def test_extensions_reach_the_training_spec(client, app):
     """Our extensions (LoRA shape, activation checkpointing, DPO's rpo_alpha) end up in the spec
     the training run gets."""
-    from service.job_driver import train_spec
-    from service.job_store import JobStore
+    from service.jobs.driver import train_spec
+    from service.jobs.store import JobStore
 
     file_id = upload(client, _pref_lines())
     r = create(client, training_file=file_id, lora={"r": 8, "layers": 2},
@@ -266,8 +266,8 @@ def test_extensions_reach_the_training_spec(client, app):
 def test_event_stream_cursor_returns_late_events_once_and_skips_old_ones(storage, monkeypatch):
     """The stream's cursor on both storages: an event that lands after a later-stamped one is
     still sent (once); events older than its window are not listed again on each poll."""
-    from service.jobs import EventCursor
-    from training.events import event_key
+    from service.api.routes.fine_tuning import EventCursor
+    from service.core.events import event_key
 
     job_id = "ftjob-" + "a" * 24
     second = 10**9

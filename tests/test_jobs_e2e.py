@@ -161,10 +161,10 @@ def test_cluster_restart_resumes_from_the_last_checkpoint(service_env, service, 
 
 def _checkpoint_steps(storage: str, env: dict, job_id: str) -> list[int]:
     """The checkpoints' steps, read from storage directly (the service is down)."""
-    from service.job_store import JobStore
-    from service.jobs import read_checkpoints
-    from service.storage import open_storage
-    from service.storage_config import StorageConfig
+    from service.jobs.store import JobStore
+    from service.api.routes.fine_tuning import read_checkpoints
+    from service.core.storage import open_storage
+    from service.core.storage.config import StorageConfig
 
     store = open_storage(StorageConfig(uri=storage, endpoint_url=env["TUNESERVE_S3_ENDPOINT_URL"]))
     return [c["step_number"] for c in read_checkpoints(store, JobStore(store).get(job_id))]

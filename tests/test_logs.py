@@ -9,9 +9,9 @@ import logging
 import pytest
 from fastapi.testclient import TestClient
 
-from service import logs
-from service.app import create_app
-from service.settings import Settings
+from service.core import logs
+from service.api.app import create_app
+from service.core.settings import Settings
 
 KEY = "sk-logtest-5b1e0c93"
 
@@ -99,18 +99,18 @@ def test_every_line_a_training_worker_writes_names_its_job(captured, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from service.storage import open_storage
-    from service.storage_config import StorageConfig
+    from service.core.storage import open_storage
+    from service.core.storage.config import StorageConfig
     from tests.test_training_run import sorting_lines
-    from training import models
-    from training.config import TrainSpec
-    from training.loop import train_loop_per_worker
+    from training.model import registry
+    from training.spec import TrainSpec
+    from training.recipes.sft import train_loop_per_worker
 
     job, file_id = "ftjob-" + "7" * 24, "file-" + "8" * 24
     config = StorageConfig(uri=str(tmp_path))
     storage = open_storage(config)
     storage.put(f"files/{file_id}/content", sorting_lines(16, seed=1))
-    spec = TrainSpec(job_id=job, base_model=models.TINY_MODEL_ID,
+    spec = TrainSpec(job_id=job, base_model=registry.TINY_MODEL_ID,
                      training_files=((file_id, 1.0),), n_epochs=1, batch_size=8, num_workers=1,
                      cpus_per_worker=1, seed=3)
 
@@ -149,9 +149,9 @@ def test_job_lines_stay_json_after_ray_train_replaces_the_root_handlers(captured
         "root": {"level": "INFO", "handlers": ["console"]}})
     with logs.job_logging(job):
         # Ray's CoreContextFilter sets the Ray job's id on records in the same attribute.
-        logging.getLogger("training.loop").info("step 1 with key %s", KEY,
+        logging.getLogger("training.recipes.sft").info("step 1 with key %s", KEY,
                                                 extra={"job_id": "01000000"})
-    [line] = [line for line in lines(captured) if line["logger"] == "training.loop"]
+    [line] = [line for line in lines(captured) if line["logger"] == "training.recipes.sft"]
     assert line["job_id"] == job and KEY not in line["message"]
     assert line["ray_job_id"] == "01000000"
     names = [type(h).__name__ for h in logging.getLogger().handlers]

@@ -13,14 +13,14 @@ import time
 import pytest
 import torch
 
-from service import model_names
-from service.errors import InvalidRequest, NotFound
-from service.storage import open_storage
-from service.storage_config import StorageConfig
+from service.core import names as model_names
+from service.core.errors import InvalidRequest, NotFound
+from service.core.storage import open_storage
+from service.core.storage.config import StorageConfig
 from tests.helpers import REPO
-from training import models
-from training.chat import end_of_turn_ids, render_prompt
-from training.models import (
+from training.model import registry as models
+from training.model.chat import end_of_turn_ids, render_prompt
+from training.model.registry import (
     BUILTIN_MODEL_ID,
     TINY_MODEL_ID,
     base_model_ids,

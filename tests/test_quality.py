@@ -16,15 +16,15 @@ import sys
 
 import pytest
 
-from service import eval_tasks
-from service.cli_eval import Answer, summarize, wilson_interval
+from service.cli import eval_tasks
+from service.cli.evaluate import Answer, summarize, wilson_interval
 from tests.helpers import REPO, Service
 
 sys.path.insert(0, str(REPO / "bench" / "quality"))
 import demo
 import make_data
 
-from training.formats import iter_normalised
+from training.data.formats import iter_normalised
 
 TINY = "tuneserve/tiny-llama"
 
@@ -119,7 +119,7 @@ def test_exact_match_interval_is_wilsons():
 def test_eval_names_a_bad_file_line(tmp_path):
     bad = tmp_path / "heldout.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    done = subprocess.run([sys.executable, "-m", "service.cli", "eval", "m", "--task", "sort",
+    done = subprocess.run([sys.executable, "-m", "service.cli.main", "eval", "m", "--task", "sort",
                            "--file", str(bad)], check=False, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 1
     assert f"{bad}:1:" in done.stderr and "reference answer last" in done.stderr
@@ -145,7 +145,7 @@ def test_demo_runs_end_to_end_on_the_tiny_model(service, tmp_path):
     result = json.loads((results / "quality.json").read_text())
     tuned_model = result["rows"]["tuned"]["model"]
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "eval", tuned_model, "--task", "sort", "--n", "4",
+        [sys.executable, "-m", "service.cli.main", "eval", tuned_model, "--task", "sort", "--n", "4",
          "--max-tokens", "8", "--json", "--base-url", f"{service.url}/v1"],
         check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert set(result["rows"]) == {"base", "tuned"}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from service.chat_backend import (
+from service.chat.backends import (
     ChatCall,
     ChatOutput,
     ChatUnavailable,
@@ -28,8 +28,8 @@ from service.chat_backend import (
     ReplicaStats,
     reproducible,
 )
-from service.storage import open_storage
-from service.storage_config import StorageConfig
+from service.core.storage import open_storage
+from service.core.storage.config import StorageConfig
 from tests.helpers import Service, wait_until
 from tests.test_serving_api import add_tuned_model
 
@@ -108,7 +108,7 @@ def client_loop(url: str, model: str, stream: bool, stop: threading.Event,
 
 
 def test_killed_chat_replica_under_load_recovers(service):
-    tuned = add_tuned_model(service.storage, "local", seed=5, suffix="faulty")
+    tuned = add_tuned_model(service.core.storage, "local", seed=5, suffix="faulty")
     [replica] = wait_until(lambda: chat_replicas(service), 30, what="the chat replica process")
     outcomes: list[Outcome] = []
     stop = threading.Event()

@@ -20,9 +20,9 @@ import time
 import openai
 import pytest
 
-from service.job_store import JobRecord, JobStore
-from service.storage import open_storage
-from service.storage_config import StorageConfig
+from service.jobs.store import JobRecord, JobStore
+from service.core.storage import open_storage
+from service.core.storage.config import StorageConfig
 from tests.helpers import Service, wait_until
 
 pytestmark = pytest.mark.slow
@@ -124,11 +124,11 @@ def _load_adapter(storage, prefix: str) -> None:
     import torch
     from peft import PeftModel
 
-    from training import models
+    from training.model import registry
 
     with tempfile.TemporaryDirectory() as tmp:
         storage.download_prefix(prefix, tmp)
-        base = models.load_model(models.resolve_model(TINY)).eval()
+        base = registry.load_model(registry.resolve_model(TINY)).eval()
         tuned = PeftModel.from_pretrained(base, tmp).eval()
         with torch.no_grad():
             logits = tuned(torch.tensor([[1, 2, 3]])).logits

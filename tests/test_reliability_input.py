@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.chat_backend import LocalChatBackend
-from service.job_store import JobRecord, JobStore
-from service.settings import Settings
+from service.api.app import create_app
+from service.chat.backends import LocalChatBackend
+from service.jobs.store import JobRecord, JobStore
+from service.core.settings import Settings
 from tests.serving_adapters import new_job_id
 
 TINY = "tuneserve/tiny-llama"
@@ -421,7 +421,7 @@ def test_refused_uploads_leave_no_storage_write_waiting(world):
     worker thread per request, and hung the app's shutdown.)"""
     import gc
 
-    from service.uploads import Pipe
+    from service.files.uploads import Pipe
 
     client = world["client"]
     r = client.post("/v1/files", files={"file": ("t.jsonl", b"x" * (MAX_UPLOAD + 1))},

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.app import create_app
-from service.chat_backend import LocalChatBackend
-from service.settings import Settings
+from service.api.app import create_app
+from service.chat.backends import LocalChatBackend
+from service.core.settings import Settings
 
 schemathesis = pytest.importorskip("schemathesis")
 

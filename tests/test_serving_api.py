@@ -16,13 +16,13 @@ import openai
 import pytest
 import uvicorn
 
-from service.app import create_app
-from service.chat_backend import LocalChatBackend
-from service.job_store import JobRecord, JobStore
-from service.settings import Settings
+from service.api.app import create_app
+from service.chat.backends import LocalChatBackend
+from service.jobs.store import JobRecord, JobStore
+from service.core.settings import Settings
 from tests.helpers import free_port, scrape_metrics, wait_until
 from tests.serving_adapters import new_job_id, write_adapter
-from training import models
+from training.model import registry as models
 
 TINY = models.TINY_MODEL_ID
 CAP = 512

@@ -12,16 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.errors import InvalidRequest, NotFound, RateLimited
-from service.storage import open_storage
-from service.storage_config import StorageConfig
-from serving import packed_linear
+from service.core.errors import InvalidRequest, NotFound, RateLimited
+from service.core.storage import open_storage
+from service.core.storage.config import StorageConfig
+from serving.engine import packed_linear
 from serving.adapters import AdapterCache, AdapterIncompatible, fetch_adapter
-from serving.engine import AdapterNotLoaded, Engine
-from serving.prefix_cache import PrefixCache
-from serving.sampling import IncrementalText, SamplingParams, StopText
+from serving.engine.native import AdapterNotLoaded, Engine
+from serving.engine.prefix_cache import PrefixCache
+from serving.engine.sampling import IncrementalText, SamplingParams, StopText
 from tests.serving_adapters import write_adapter
-from training import chat, models
+from training.model import chat
+from training.model import registry
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 QUESTIONS = ["What is the capital of France?", "Hi", "Write a haiku about the sea, please.",
@@ -30,22 +31,22 @@ QUESTIONS = ["What is the capital of France?", "Hi", "Write a haiku about the se
 
 @pytest.fixture(scope="module")
 def tiny_dir() -> Path:
-    return models.resolve_model(models.TINY_MODEL_ID)
+    return registry.resolve_model(registry.TINY_MODEL_ID)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_dir):
     """Local storage holding four adapters of the tiny model (seeds 0..3)."""
     storage = open_storage(StorageConfig(uri=str(tmp_path_factory.mktemp("storage"))))
-    base = models.load_model(tiny_dir)
-    ids = [write_adapter(storage, tiny_dir, models.TINY_MODEL_ID, seed=i, model=base)
+    base = registry.load_model(tiny_dir)
+    ids = [write_adapter(storage, tiny_dir, registry.TINY_MODEL_ID, seed=i, model=base)
            for i in range(4)]
     return storage, ids
 
 
 @pytest.fixture
 def engine(tiny_dir):
-    eng = Engine.for_base_model(models.TINY_MODEL_ID, dtype="float32", max_batch=8,
+    eng = Engine.for_base_model(registry.TINY_MODEL_ID, dtype="float32", max_batch=8,
                                 max_pending=16)
     yield eng
     eng.close()
@@ -96,7 +97,7 @@ def test_prompts_sharing_a_prefix_reuse_it_and_answer_as_without(engine, store, 
     """A conversation's next turn, and other prompts with the same opening, reuse the keys and
     values already computed for that opening, per adapter, and answer exactly as without."""
     storage, ids = store
-    uncached = Engine(models.load_model(tiny_dir), engine.tokenizer, base_model=engine.base_model,
+    uncached = Engine(registry.load_model(tiny_dir), engine.tokenizer, base_model=engine.base_model,
                       fingerprint=engine.fingerprint, eot_ids=engine.eot_ids,
                       prefix_cache_tokens=0)
     for eng in (engine, uncached):
@@ -169,7 +170,7 @@ def _peft_greedy(engine: Engine, tiny_dir: Path, path: Path, prompt: list[int],
     """PEFT's own greedy answer (full forward per token) with the adapter folder at ``path``."""
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(models.load_model(tiny_dir, dtype=dtype),
+    peft_model = PeftModel.from_pretrained(registry.load_model(tiny_dir, dtype=dtype),
                                            str(path)).eval()
     tokens = list(prompt)
     with torch.no_grad():
@@ -200,7 +201,7 @@ def test_bf16_engine_on_packed_weights_answers_as_peft(store, tiny_dir, tmp_path
     """In bf16 the engine's base matmuls run on packed weights (the plain copies are freed);
     with an adapter its greedy answer is PEFT's own on the plain bf16 model."""
     storage, ids = store
-    engine = Engine.for_base_model(models.TINY_MODEL_ID, dtype="bfloat16")
+    engine = Engine.for_base_model(registry.TINY_MODEL_ID, dtype="bfloat16")
     try:
         path = fetch_adapter(storage, ids[1], tmp_path)
         engine.load_adapter(ids[1], path)
@@ -220,7 +221,7 @@ def test_adapters_on_some_sibling_modules_with_other_ranks(engine, store, tiny_d
     storage, ids = store
     specs = [(["q_proj", "v_proj", "up_proj"], 4), (["k_proj", "gate_proj", "down_proj"], 8),
              (["v_proj", "o_proj"], 2)]
-    partial = [write_adapter(storage, tiny_dir, models.TINY_MODEL_ID, seed=20 + i, r=r,
+    partial = [write_adapter(storage, tiny_dir, registry.TINY_MODEL_ID, seed=20 + i, r=r,
                              targets=targets) for i, (targets, r) in enumerate(specs)]
     paths = {a: fetch_adapter(storage, a, tmp_path) for a in [*partial, ids[0]]}
     for adapter_id, path in paths.items():
@@ -255,7 +256,7 @@ def test_lru_with_room_for_two_and_requests_for_three(engine, store, tmp_path):
     a, b, c = ids[:3]
     reference = {}
     for adapter_id in (a, b, c):  # answers of each adapter on an engine of its own
-        solo = Engine(models.load_model(models.resolve_model(models.TINY_MODEL_ID)),
+        solo = Engine(registry.load_model(registry.resolve_model(registry.TINY_MODEL_ID)),
                       engine.tokenizer, base_model=engine.base_model,
                       fingerprint=engine.fingerprint, eot_ids=engine.eot_ids)
         solo.load_adapter(adapter_id, fetch_adapter(storage, adapter_id, tmp_path))
@@ -327,12 +328,12 @@ def test_adapter_in_use_is_unloaded_after_its_requests(engine, store, tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"base_weights_hash": "sha256:other"}, "different base weights"),
     ({"template_hash": "sha256:other"}, "different base chat template"),
-    ({"base_model": models.BUILTIN_MODEL_ID}, "trained on 'HuggingFaceTB/SmolLM2-135M-Instruct'"),
+    ({"base_model": registry.BUILTIN_MODEL_ID}, "trained on 'HuggingFaceTB/SmolLM2-135M-Instruct'"),
     ({"lora": {"r": 512}}, "rank 512"),
 ])
 def test_mismatched_adapter_is_refused(engine, store, tiny_dir, tmp_path, change, message):
     storage, _ = store
-    adapter_id = write_adapter(storage, tiny_dir, models.TINY_MODEL_ID, seed=9,
+    adapter_id = write_adapter(storage, tiny_dir, registry.TINY_MODEL_ID, seed=9,
                                manifest_overrides=change)
     with pytest.raises(AdapterIncompatible, match=message) as info:
         _load(engine, storage, adapter_id, tmp_path)
@@ -342,7 +343,7 @@ def test_mismatched_adapter_is_refused(engine, store, tiny_dir, tmp_path, change
 
 def test_pickled_adapter_is_refused(engine, store, tiny_dir, tmp_path):
     storage, _ = store
-    adapter_id = write_adapter(storage, tiny_dir, models.TINY_MODEL_ID, seed=9)
+    adapter_id = write_adapter(storage, tiny_dir, registry.TINY_MODEL_ID, seed=9)
     storage.put(f"adapters/{adapter_id}/adapter_model.bin", b"pickle")
     with pytest.raises(AdapterIncompatible, match=r"pickled weights \(adapter_model.bin\)"):
         _load(engine, storage, adapter_id, tmp_path)
@@ -350,7 +351,7 @@ def test_pickled_adapter_is_refused(engine, store, tiny_dir, tmp_path):
 
 def test_adapter_without_manifest_is_not_found(engine, store, tiny_dir, tmp_path):
     storage, _ = store
-    adapter_id = write_adapter(storage, tiny_dir, models.TINY_MODEL_ID, seed=9)
+    adapter_id = write_adapter(storage, tiny_dir, registry.TINY_MODEL_ID, seed=9)
     storage.delete(f"adapters/{adapter_id}/manifest.json")  # still being written
     with pytest.raises(NotFound):
         _load(engine, storage, adapter_id, tmp_path)
@@ -413,7 +414,7 @@ def test_manifest_check_reads_the_manifest_file(engine, store, tmp_path):
     storage, ids = store
     path = fetch_adapter(storage, ids[0], tmp_path)
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["base_model"] == models.TINY_MODEL_ID
+    assert manifest["base_model"] == registry.TINY_MODEL_ID
     engine.load_adapter(ids[0], path)
     assert engine.adapters == [ids[0]]
 

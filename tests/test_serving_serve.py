@@ -1,6 +1,6 @@
 """The chat deployment on a real Ray Serve: multiplexed adapters (LRU), streaming, eviction.
 
-One Serve application like ``service.serve_app`` builds (an ``Api`` ingress over the FastAPI
+One Serve application like ``service.ray.app`` builds (an ``Api`` ingress over the FastAPI
 app with ``ServeChatBackend``, and ``ChatModel`` for the tiny model), adapters in real S3,
 driven with the ``openai`` client over Serve's HTTP proxy.
 """
@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
-from service.model_names import deployment_name
-from service.settings import Settings
-from service.storage import open_storage
+from service.core.names import deployment_name
+from service.core.settings import Settings
+from service.core.storage import open_storage
 from tests.helpers import free_port, scrape_metrics, wait_until
 from tests.test_serving_api import HI, TINY, add_tuned_model
 
@@ -39,8 +39,8 @@ def served(ray_local, s3_server, tmp_path_factory):
     storage = open_storage(settings.storage_config())
 
     def build_api():
-        from service.app import create_app
-        from service.chat_backend import ServeChatBackend
+        from service.api.app import create_app
+        from service.chat.backends import ServeChatBackend
 
         replica_settings = Settings(**settings_args)
         return create_app(replica_settings, chat=ServeChatBackend(replica_settings))

@@ -13,9 +13,9 @@ import httpx
 import psutil
 import pytest
 
-from service.errors import AlreadyExists, InvalidRequest, NotFound, PreconditionFailed, StorageError
-from service.storage import Storage, join_key, open_storage
-from service.storage_config import StorageConfig
+from service.core.errors import AlreadyExists, InvalidRequest, NotFound, PreconditionFailed, StorageError
+from service.core.storage import Storage, join_key, open_storage
+from service.core.storage.config import StorageConfig
 from tests.s3server import free_ports
 
 # -- reads and writes --------------------------------------------------------------------------

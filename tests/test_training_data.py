@@ -9,14 +9,14 @@ from collections import Counter
 import pytest
 import torch
 
-from service.errors import InvalidRequest
-from service.storage import open_storage
-from service.storage_config import StorageConfig
-from training import models
-from training.chat import IGNORE_INDEX
-from training.config import TrainSpec, resolve_hyperparameters
-from training.data import build_split, load_split, write_split
-from training.packing import (
+from service.core.errors import InvalidRequest
+from service.core.storage import open_storage
+from service.core.storage.config import StorageConfig
+from training.model import registry
+from training.model.chat import IGNORE_INDEX
+from training.spec import TrainSpec, resolve_hyperparameters
+from training.data.examples import build_split, load_split, write_split
+from training.data.packing import (
     collate_packed,
     epoch_length,
     epoch_order,
@@ -37,7 +37,7 @@ def chat_line(user: str, assistant: str) -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return models.load_tokenizer(models.resolve_model(models.TINY_MODEL_ID))
+    return registry.load_tokenizer(registry.resolve_model(registry.TINY_MODEL_ID))
 
 
 def test_build_split_counts_and_names_dropped_examples(tmp_path, tokenizer):
@@ -111,7 +111,7 @@ def test_unpacked_micro_batches_pad_with_pad_id_and_ignore_index():
 
 
 def spec(**overrides) -> TrainSpec:
-    fields = {"job_id": JOB, "base_model": models.TINY_MODEL_ID,
+    fields = {"job_id": JOB, "base_model": registry.TINY_MODEL_ID,
               "training_files": ((FILE_A, 1.0),), **overrides}
     return TrainSpec(**fields)
 

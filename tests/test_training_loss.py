@@ -10,16 +10,16 @@ import safetensors.torch
 import torch
 import transformers
 
-from service.errors import InvalidRequest
-from training import loss as loss_module
-from training.adapter import lora_settings
-from training.attention import PACKED, shares_prefixes, use_packed_attention
-from training.chat import IGNORE_INDEX
-from training.config import TrainSpec
-from training.lookahead import Lookahead
-from training.lora import TARGET_MODULES, AddmmLora, apply_adapter
-from training.loss import masked_token_sums, normalised_loss, supervised_count
-from training.packing import collate_packed, collate_padded, shared_prefix_length
+from service.core.errors import InvalidRequest
+from training.losses import cross_entropy as loss_module
+from training.model.adapter import lora_settings
+from training.model.attention import PACKED, shares_prefixes, use_packed_attention
+from training.model.chat import IGNORE_INDEX
+from training.spec import TrainSpec
+from training.cpu.lookahead import Lookahead
+from training.model.lora import TARGET_MODULES, AddmmLora, apply_adapter
+from training.losses.cross_entropy import masked_token_sums, normalised_loss, supervised_count
+from training.data.packing import collate_packed, collate_padded, shared_prefix_length
 
 X = IGNORE_INDEX
 
@@ -399,7 +399,7 @@ def test_a_frozen_head_cast_once_still_follows_its_weights():
 @pytest.mark.parametrize("autocast", [False, True])
 def test_frozen_layers_run_ahead_give_the_loss_and_grads_of_the_whole_decoder(autocast: bool):
     """With LoRA on the last layer only, the frozen first layer of a batch runs ahead on its own
-    thread (``training.lookahead``): the loss and every gradient are those of the whole decoder,
+    thread (``training.cpu.lookahead``): the loss and every gradient are those of the whole decoder,
     on shared-prefix rows as the trainer builds them, in fp32 and under bf16 autocast. The
     frozen layer computes the prefix once, for the first row; the second row reuses it."""
     model = apply_adapter(tiny_model("llama", PACKED), spec(lora_layers=1),

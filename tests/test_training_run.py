@@ -19,11 +19,11 @@ import safetensors.torch
 import torch
 from peft import PeftModel
 
-from service.storage import open_storage
-from service.storage_config import StorageConfig
+from service.core.storage import open_storage
+from service.core.storage.config import StorageConfig
 from tests.helpers import REPO
-from training import models
-from training.config import TrainSpec
+from training.model import registry
+from training.spec import TrainSpec
 from training.run import run_training
 
 JOB = "ftjob-" + "d" * 24
@@ -92,7 +92,7 @@ def finished_run(ray_local, s3_server):
                                endpoint_url=s3_server.endpoint_url)
         storage = open_storage(config)
         storage.put(f"files/{FILE}/content", sorting_lines(320, seed=1))
-        spec = TrainSpec(job_id=JOB, base_model=models.TINY_MODEL_ID,
+        spec = TrainSpec(job_id=JOB, base_model=registry.TINY_MODEL_ID,
                          training_files=((FILE, 1.0),), n_epochs=3, batch_size=8, num_workers=2,
                          cpus_per_worker=1, checkpoint_every_steps=CHECKPOINT_EVERY,
                          max_failures=2, seed=3)
@@ -150,7 +150,7 @@ def test_loss_falls_and_metrics_are_reported(finished_run):
 def test_the_job_driver_loads_no_training_library():
     """A job's driver builds the trainer in a process that never trains: what it imports must
     not pull in peft, transformers or datasets, ~2.5 s added to the start of every job."""
-    probe = ("import sys, service.job_driver, training.events, training.run; "
+    probe = ("import sys, service.jobs.driver, service.core.events, training.run; "
              "print(sorted(m for m in ('peft', 'transformers', 'datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          cwd=REPO)
@@ -199,9 +199,9 @@ def test_final_adapter_is_complete_and_changes_the_output(finished_run, tmp_path
     assert storage.exists(f"adapters/{JOB}/ckpt-step-{CHECKPOINT_EVERY}/manifest.json")
 
     storage.download_prefix(f"adapters/{JOB}/final", tmp_path)
-    model_dir = models.resolve_model(models.TINY_MODEL_ID)
+    model_dir = registry.resolve_model(registry.TINY_MODEL_ID)
     inputs = torch.tensor([[1, 2, 3, 4, 5]])
-    base = models.load_model(model_dir).eval()
+    base = registry.load_model(model_dir).eval()
     with torch.no_grad():
         before = base(inputs).logits
         tuned = PeftModel.from_pretrained(base, str(tmp_path)).eval()
@@ -214,7 +214,7 @@ def test_training_from_a_tuned_model_continues_its_adapter(finished_run):
     loss before its first step is already the tuned model's, not the base model's."""
     storage, first = finished_run["storage"], finished_run["spec"]
     job = "ftjob-" + "c" * 24
-    spec = TrainSpec(job_id=job, base_model=models.TINY_MODEL_ID, training_files=((FILE, 1.0),),
+    spec = TrainSpec(job_id=job, base_model=registry.TINY_MODEL_ID, training_files=((FILE, 1.0),),
                      n_epochs=1, batch_size=80, cpus_per_worker=1, checkpoint_every_steps=0,
                      seed=4, lora_r=4, init_adapter=f"adapters/{JOB}/final")
     with pytest.MonkeyPatch.context() as env:
@@ -234,13 +234,13 @@ def test_training_from_a_tuned_model_continues_its_adapter(finished_run):
 
 def test_a_worker_runs_the_frozen_layers_ahead_and_trains_as_one_that_does_not(finished_run):
     """LoRA on the last layer only: a worker with 2 CPUs runs the frozen first layer of the next
-    step ahead, on a thread of its own (``training.lookahead``); a worker with 1 CPU cannot.
+    step ahead, on a thread of its own (``training.cpu.lookahead``); a worker with 1 CPU cannot.
     Over two epochs (the first step of each has nothing run ahead) both report the same losses,
     step by step, and the same final adapter."""
     storage = finished_run["storage"]
     runs = {}
     for cpus, job in ((2, "ftjob-" + "a" * 24), (1, "ftjob-" + "b" * 24)):
-        spec = TrainSpec(job_id=job, base_model=models.TINY_MODEL_ID, training_files=((FILE, 1.0),),
+        spec = TrainSpec(job_id=job, base_model=registry.TINY_MODEL_ID, training_files=((FILE, 1.0),),
                          n_epochs=2, batch_size=40, lora_layers=1, cpus_per_worker=cpus,
                          checkpoint_every_steps=0, seed=5)
         with pytest.MonkeyPatch.context() as env:
@@ -287,7 +287,7 @@ def test_a_dead_runs_placement_group_is_freed_without_the_dashboard(ray_local):
         """Ray Train's cleaner, in a new worker that first runs what the setup hook runs."""
 
         def __init__(self, controller_id: str):
-            from service.ray_worker import ask_the_gcs_whether_train_controllers_live
+            from service.ray.worker_setup import ask_the_gcs_whether_train_controllers_live
 
             ask_the_gcs_whether_train_controllers_live()
             from ray.train.v2._internal.execution.controller.placement_group_cleaner import (

@@ -10,10 +10,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from service.storage import open_storage
-from service.storage_config import StorageConfig
-from training import chat, models
-from training.config import TrainSpec
+from service.core.storage import open_storage
+from service.core.storage.config import StorageConfig
+from training.model import chat
+from training.model import registry
+from training.spec import TrainSpec
 from training.run import run_training
 
 JOB = "ftjob-" + "5" * 24
@@ -51,17 +52,17 @@ def test_smollm2_learns_to_sort_lists(ray_local, tmp_path):
     storage = open_storage(config)
     lines = [json.dumps({"messages": conversation(xs)}) for xs in number_lists(480, seed=1)]
     storage.put(f"files/{FILE}/content", ("\n".join(lines) + "\n").encode())
-    spec = TrainSpec(job_id=JOB, base_model=models.BUILTIN_MODEL_ID, training_files=((FILE, 1.0),),
+    spec = TrainSpec(job_id=JOB, base_model=registry.BUILTIN_MODEL_ID, training_files=((FILE, 1.0),),
                      n_epochs=1, batch_size=8, num_workers=1, cpus_per_worker=2,
                      checkpoint_every_steps=0)
     result = run_training(spec, config)
     assert result["step"] == 60 and result["train_loss"] < 0.2
 
     storage.download_prefix(f"adapters/{JOB}/final", tmp_path / "adapter")
-    model_dir = models.resolve_model(models.BUILTIN_MODEL_ID)
-    tokenizer = models.load_tokenizer(model_dir)
+    model_dir = registry.resolve_model(registry.BUILTIN_MODEL_ID)
+    tokenizer = registry.load_tokenizer(model_dir)
     held_out = number_lists(30, seed=99)
-    base = models.load_model(model_dir).eval()
+    base = registry.load_model(model_dir).eval()
     before = sorting_accuracy(base, tokenizer, held_out)
     tuned = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     after = sorting_accuracy(tuned, tokenizer, held_out)

@@ -23,12 +23,12 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from service.errors import TuneserveError
-from service.logs import job_logging
-from service.storage import open_storage
-from service.storage_config import StorageConfig
-from training.adapter import MANIFEST, adapter_prefix
-from training.config import TrainSpec
+from service.core.errors import TuneserveError
+from service.core.logs import job_logging
+from service.core.storage import open_storage
+from service.core.storage.config import StorageConfig
+from training.model.adapter import MANIFEST, adapter_prefix
+from training.spec import TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,12 @@ def worker_env() -> dict[str, str]:
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """What each Ray Train worker runs: ``training.loop.train_loop_per_worker``, imported here.
+    """What each Ray Train worker runs: ``training.recipes.sft.train_loop_per_worker``, imported here.
 
     Ray pickles this function by reference, so the job driver, which builds the trainer, imports
     only this module: the training loop's peft, transformers and datasets (~2.5 s of imports)
     would otherwise delay every job's start in a process that never trains."""
-    from training.loop import train_loop_per_worker
+    from training.recipes.sft import train_loop_per_worker
 
     train_loop_per_worker(config)
 

@@ -40,11 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import make_data
 
-from service import cli_eval, eval_tasks
-from service.cli import free_loopback_port
-from service.cli_client import Client, upload_file
-from service.cli_jobs import follow
-from training.models import TINY_MODEL_ID
+from service.cli import evaluate as cli_eval
+
+from service.cli import eval_tasks
+from service.cli.main import free_loopback_port
+from service.cli.client import Client, upload_file
+from service.cli.jobs import follow
+from training.model.registry import TINY_MODEL_ID
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 RESULTS = REPO / "bench" / "results"
@@ -108,7 +110,7 @@ def service(args: argparse.Namespace) -> Iterator[str]:
         log_path = Path(tmp) / "service.log"
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "up", "--port", str(port), "--storage",
+                [sys.executable, "-m", "service.cli.main", "up", "--port", str(port), "--storage",
                  storage], cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
                 # No idle deployment of the tiny test model beside the job (it would take CPU
                 # from it; production runs without it too), unless it is the model under test.

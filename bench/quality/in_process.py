@@ -4,7 +4,7 @@ A quicker, noisier stand-in for ``demo.py`` when comparing settings (no Ray, no 
 background processes; ~5 minutes for 1,600 examples here): builds the trainer exactly as a job
 does, takes one epoch in the job's example order, then generates greedily for ``--n-eval``
 held-out prompts (left-padded batches under bf16 autocast, at most 48 new tokens) and scores
-them with ``service.eval_tasks.is_correct``. Appends one JSON line per run to ``--out``, with the
+them with ``service.cli.eval_tasks.is_correct``. Appends one JSON line per run to ``--out``, with the
 misses (prompt and answer). ``--fp32`` trains without bf16 autocast.
 
 ``--lora-plus K`` trains the LoRA B matrices at K times the rate of the A matrices (LoRA+,
@@ -29,11 +29,12 @@ sys.path[:0] = [str(REPO), str(REPO / "bench" / "quality")]
 
 import make_data
 
-from service import eval_tasks
-from service.storage_config import StorageConfig
-from training import models, packing
-from training.config import TrainSpec
-from training.loop import SFTTrainer, lr_lambda
+from service.cli import eval_tasks
+from service.core.storage.config import StorageConfig
+from training.model import registry
+from training.data import packing
+from training.spec import TrainSpec
+from training.recipes.sft import SFTTrainer, lr_lambda
 
 
 def sort_trainer(n: int, batch: int, r: int = 32, lrm: float | str = "auto",
@@ -45,7 +46,7 @@ def sort_trainer(n: int, batch: int, r: int = 32, lrm: float | str = "auto",
     rows = make_data.datasets("sort", n, 0, seed=seed)["sort-train.chat.jsonl"]
     file_id = "file-" + "0" * 24
     spec = TrainSpec(job_id="ftjob-" + "0" * 24,
-                     base_model=str(models.resolve_model(models.BUILTIN_MODEL_ID)),
+                     base_model=str(registry.resolve_model(registry.BUILTIN_MODEL_ID)),
                      training_files=((file_id, 1.0),), n_epochs=1, batch_size=batch,
                      lora_r=r, lora_alpha=2 * r, cpus_per_worker=2,
                      learning_rate_multiplier=lrm, lora_layers=layers, bf16=bf16,

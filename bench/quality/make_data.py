@@ -1,6 +1,6 @@
 """Task data for the before/after demo: training and held-out sets, in two formats.
 
-Deterministic for a seed (the examples come from ``service.eval_tasks``). For each task it writes
+Deterministic for a seed (the examples come from ``service.cli.eval_tasks``). For each task it writes
 
     DIR/<task>-train.chat.jsonl      {"messages": [user, assistant]}
     DIR/<task>-train.alpaca.jsonl    {"instruction", "input", "output"} (the seed's format)
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from service import eval_tasks
+from service.cli import eval_tasks
 
 OPENINGS = (
     "Sure! I would be happy to help you with this task.",

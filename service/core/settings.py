@@ -1,0 +1,116 @@
+"""Service settings from ``TUNESERVE_*`` environment variables (pydantic-settings).
+
+Built once at the edge (``create_app``, the CLI), never at import, so tests pass their own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+import platformdirs
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.core.storage.config import StorageConfig
+
+
+def default_storage_uri() -> str:
+    return str(Path(platformdirs.user_data_dir("tuneserve")) / "storage")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNESERVE_", extra="ignore", frozen=True)
+
+    storage: str = Field(default_factory=default_storage_uri)
+    """Where everything durable lives: a local directory (path or ``file://``) or ``s3://bucket/prefix``."""
+    s3_endpoint_url: str | None = None
+    """Endpoint of an S3-compatible server (SeaweedFS, MinIO); None means AWS."""
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    """``key:tenant`` pairs, comma-separated. Empty: one local tenant, loopback only."""
+    models: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    """Extra base models, ``id=path-or-s3-prefix`` pairs, comma-separated."""
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    max_line_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    max_request_bytes: int = Field(default=1024 * 1024, gt=0)
+    """Largest JSON request body (job specs, chat requests); uploads have max_upload_bytes."""
+    max_concurrent_runs: int = Field(default=1, ge=1)
+    ray_address: str | None = None
+    """Address of an existing Ray cluster; None starts a local one (``tuneserve up``)."""
+    cpus_per_worker: int = Field(default=0, ge=0)
+    """CPUs each training worker asks Ray for; 0 means all CPUs of the machine / workers."""
+    max_tokens_cap: int = Field(default=2048, ge=1)
+    chat_max_concurrency: int = Field(default=32, ge=1)
+    max_adapters_per_replica: int = Field(default=8, ge=1)
+    builtin_models: bool = True
+    """Offer the built-in SmolLM2-135M-Instruct as a base model."""
+    tiny_model: bool = True
+    """Also offer the tiny random test model (fast trials; off in production)."""
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_api_keys(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        keys: dict[str, str] = {}
+        for pair in filter(None, (p.strip() for p in value.split(","))):
+            key, sep, tenant = pair.partition(":")
+            if not sep or not key or not tenant:
+                raise ValueError(f"TUNESERVE_API_KEYS: expected key:tenant pairs, got {pair[:4]!r}…")
+            if not tenant.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"TUNESERVE_API_KEYS: tenant {tenant!r} must be letters, digits, - or _")
+            keys[key] = tenant
+        return keys
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        models: dict[str, str] = {}
+        for pair in filter(None, (p.strip() for p in value.split(","))):
+            model_id, sep, location = pair.partition("=")
+            if not sep or not model_id or not location:
+                raise ValueError(f"TUNESERVE_MODELS: expected id=path pairs, got {pair!r}")
+            models[model_id] = location
+        return models
+
+    @field_validator("storage")
+    @classmethod
+    def _check_storage(cls, value: str) -> str:
+        if value.startswith("s3://"):
+            if not value[5:].split("/")[0]:
+                raise ValueError("TUNESERVE_STORAGE: s3:// URI needs a bucket, e.g. s3://bucket/prefix")
+        elif "://" in value and not value.startswith("file://"):
+            raise ValueError("TUNESERVE_STORAGE: use a directory, file://… or s3://bucket/prefix")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_open_bind_without_keys(self) -> Settings:
+        if not self.api_keys and not _is_loopback(self.host):
+            raise ValueError(
+                f"TUNESERVE_HOST={self.host} is not loopback but TUNESERVE_API_KEYS is empty: "
+                "set API keys before exposing the service")
+        return self
+
+    @property
+    def tenants_by_key(self) -> dict[str, str]:
+        return self.api_keys
+
+    def storage_config(self) -> StorageConfig:
+        return StorageConfig(uri=self.storage, endpoint_url=self.s3_endpoint_url)
+
+
+LOCAL_TENANT = "local"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

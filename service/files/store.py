@@ -1,0 +1,150 @@
+"""Uploaded files in storage: their records, their content, and who owns them.
+
+Layout (docs/interfaces.md)::
+
+    files/<file_id>/content       the uploaded bytes
+    files/<file_id>/object.json   the record: FileObject fields + tenant + description
+    file-index/<tenant>/<created_ns:020d>-<file_id>
+                                  an empty marker, so one tenant's files list in upload order
+                                  without reading anyone else's records
+
+Every key is built from a generated id (``file-`` + 24 hex) and a tenant name that settings
+validated; the uploaded filename is only ever a field of the record. A file of another tenant is
+reported exactly like a missing one (404).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from typing import IO, Any, Literal
+
+from service.core.errors import NotFound
+from service.core.storage import Storage, join_key
+
+FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
+FINE_TUNE = "fine-tune"
+RESULTS = "fine-tune-results"
+Order = Literal["asc", "desc"]
+
+
+def new_file_id() -> str:
+    return f"file-{secrets.token_hex(12)}"
+
+
+def content_key(file_id: str) -> str:
+    return join_key("files", file_id, "content")
+
+
+def record_key(file_id: str) -> str:
+    return join_key("files", file_id, "object.json")
+
+
+def file_prefix(file_id: str) -> str:
+    return join_key("files", file_id) + "/"
+
+
+def _index_prefix(tenant: str) -> str:
+    return join_key("file-index", tenant) + "/"
+
+
+def _not_found(file_id: str, param: str | None) -> NotFound:
+    return NotFound(f"No such File object: {file_id}", param=param, code="file_not_found")
+
+
+def save_record(storage: Storage, tenant: str, file_id: str, *, filename: str, purpose: str,
+                size: int, description: dict[str, Any] | None) -> dict[str, Any]:
+    """Write the record of a file whose content is already in storage, and index it."""
+    created_ns = time.time_ns()
+    record = {
+        "id": file_id, "object": "file", "bytes": size, "created_at": created_ns // 10**9,
+        "filename": filename, "purpose": purpose, "status": "processed", "status_details": None,
+        "expires_at": None, "description": description, "tenant": tenant,
+        "index_key": join_key("file-index", tenant, f"{created_ns:020d}-{file_id}"),
+    }
+    storage.create(record_key(file_id), json.dumps(record).encode())
+    storage.put(record["index_key"], b"")
+    return record
+
+
+def get_file(storage: Storage, tenant: str, file_id: str, *,
+             param: str | None = None) -> dict[str, Any]:
+    """The record of ``file_id`` if ``tenant`` owns it; NotFound (naming ``param``) otherwise."""
+    if not isinstance(file_id, str) or not FILE_ID.match(file_id):
+        raise _not_found(file_id, param)
+    try:
+        record = json.loads(storage.get(record_key(file_id)))
+    except NotFound:
+        raise _not_found(file_id, param) from None
+    if record.get("tenant") != tenant:
+        raise _not_found(file_id, param)
+    return record
+
+
+def open_content(storage: Storage, tenant: str, file_id: str) -> IO[bytes]:
+    """A streaming reader of the file's bytes (a context manager)."""
+    get_file(storage, tenant, file_id)
+    return storage.open(content_key(file_id))
+
+
+def delete_file(storage: Storage, tenant: str, file_id: str) -> None:
+    record = get_file(storage, tenant, file_id)
+    # Record and index first: once they are gone the file is gone for every reader, and a crash
+    # before the content is removed leaves only unreachable bytes.
+    storage.delete(record["index_key"])
+    storage.delete(record_key(file_id))
+    storage.delete_prefix(file_prefix(file_id))
+
+
+def list_files(storage: Storage, tenant: str, *, after: str | None = None, limit: int = 10000,
+               order: Order = "desc", purpose: str | None = None) -> tuple[list[dict], bool]:
+    """One page of the tenant's files in upload order, and whether more follow."""
+    keys = [info.key for info in storage.iter(_index_prefix(tenant))]
+    ids = [key.rsplit("/", 1)[-1].split("-", 1)[1] for key in sorted(keys)]
+    if order == "desc":
+        ids.reverse()
+    if after is not None:
+        if after not in ids:  # another tenant's file, or a deleted one: "not found" alike
+            raise NotFound(f"Invalid 'after': no file {after!r} in this list.", param="after",
+                           code="invalid_cursor")
+        ids = ids[ids.index(after) + 1:]
+    page: list[dict] = []
+    for file_id in ids:
+        try:
+            record = get_file(storage, tenant, file_id)
+        except NotFound:  # deleted while we listed
+            continue
+        if purpose is not None and record["purpose"] != purpose:
+            continue
+        if len(page) == limit:
+            return page, True
+        page.append(record)
+    return page, False
+
+
+def file_kind(record: dict[str, Any]) -> Literal["sft", "preference"] | None:
+    """What a training file holds: conversations ("sft") or preference pairs ("preference")."""
+    return (record.get("description") or {}).get("kind")
+
+
+def create_result_file(storage: Storage, tenant: str, filename: str, data: bytes) -> str:
+    """Store a file the service made (a job's metrics CSV), purpose ``fine-tune-results``."""
+    file_id = new_file_id()
+    storage.put(content_key(file_id), data)
+    save_record(storage, tenant, file_id, filename=filename, purpose=RESULTS, size=len(data),
+                description=None)
+    return file_id
+
+
+def describe_for_training(storage: Storage, job: Any) -> tuple[int, int]:
+    """``(examples, tokens)`` of a job's training file, from the description made at upload."""
+    record = get_file(storage, job.organization_id, job.training_file, param="training_file")
+    description = record.get("description") or {}
+    examples = int(description.get("examples") or 0)
+    mean = (description.get("tokens") or {}).get("mean")
+    if mean:  # the statistics may cover only the first examples of a large file
+        return examples, max(round(mean * examples), 1)
+    # Without a tokenizer at upload time, ~4 bytes per token is the usual estimate for English.
+    return examples, max(record["bytes"] // 4, 1)

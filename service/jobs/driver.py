@@ -1,0 +1,193 @@
+"""The driver of one job's training run: a detached Ray actor, so the API can restart under it.
+
+It turns the job record into a ``TrainSpec``, runs it, and moves the record to its final
+status itself. Killing the actor (cancel, pause) kills the Ray Train run it owns.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+import traceback
+
+import ray
+
+from service.jobs.store import JobRecord, JobStore
+from service.core.storage import open_storage
+from service.core.storage.config import StorageConfig
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "tuneserve-jobs"
+
+
+def train_spec(record: JobRecord, cpus_per_worker: int):
+    """The one mapping from a job record to the training run's typed spec."""
+    from service.core.names import parse_tuned_model
+    from training.spec import TrainSpec
+
+    hp = record.hyperparameters
+    ext = record.extensions
+    lora = ext.get("lora") or {}
+    method = record.method.get("type", "supervised")
+    base_model, init_adapter = record.model, None
+    tuned = parse_tuned_model(record.model)
+    if tuned is not None:
+        base_model, init_adapter = tuned.base_model, f"adapters/{tuned.adapter_id}"
+    files = [(record.training_file, 1.0)] + [(f["file"], f["weight"])
+                                            for f in ext.get("training_files") or []]
+    fields = dict(
+        job_id=record.id, base_model=base_model, training_files=tuple(files), method=method,
+        validation_file=record.validation_file, n_epochs=hp.get("n_epochs", "auto"),
+        batch_size=hp.get("batch_size", "auto"),
+        learning_rate_multiplier=hp.get("learning_rate_multiplier", "auto"),
+        seed=record.seed, num_workers=ext.get("num_workers", 1),
+        use_gpu=ext.get("use_gpu", False), cpus_per_worker=cpus_per_worker,
+        full_finetune=ext.get("full_finetune", False), tenant=record.organization_id,
+        init_adapter=init_adapter,
+    )
+    if lora.get("r"):
+        fields["lora_r"] = lora["r"]
+        fields["lora_alpha"] = lora.get("alpha") or 2 * lora["r"]
+    if lora.get("dropout") is not None:
+        fields["lora_dropout"] = lora["dropout"]
+    if lora.get("target_modules"):
+        fields["target_modules"] = tuple(lora["target_modules"])
+    if lora.get("layers"):
+        fields["lora_layers"] = lora["layers"]
+    if method == "dpo":
+        beta = hp.get("beta", "auto")
+        fields["beta"] = 0.1 if beta == "auto" else float(beta)
+        fields["rpo_alpha"] = float(hp.get("rpo_alpha", 0.0))
+        # Continuing from an SFT model: that adapter, frozen, is the reference.
+        fields["reference_adapter"] = init_adapter
+    for name in ("max_length", "pack_length", "checkpoint_every_steps", "max_failures", "packing",
+                 "activation_checkpointing"):
+        if name in ext:
+            fields[name] = ext[name]
+    return TrainSpec(**fields).validate()
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class JobDriver:
+    def __init__(self, job_id: str, storage_config: StorageConfig, cpus_per_worker: int):
+        self.job_id = job_id
+        self.storage = open_storage(storage_config)
+        self.storage_config = storage_config
+        self.cpus_per_worker = cpus_per_worker
+
+    def run(self) -> str:
+        from service.core.events import EventLog
+        from training.run import run_training
+
+        store = JobStore(self.storage)
+        events = EventLog(self.storage, self.job_id)
+        record = store.get(self.job_id)
+        try:
+            spec = train_spec(record, self.cpus_per_worker)
+            events.add("Fine-tuning job started" if record.attempts <= 1
+                       else f"Fine-tuning job resumed (attempt {record.attempts})")
+            result = run_training(spec, self.storage_config)
+        except Exception as exc:  # the job, not the actor, carries the failure
+            log.error("job %s failed: %s", self.job_id, traceback.format_exc())
+            self._fail(store, events, exc)
+            return "failed"
+        self._succeed(store, events, record, result)
+        return "succeeded"
+
+    def exit(self) -> None:
+        ray.actor.exit_actor()
+
+    def _succeed(self, store: JobStore, events, record: JobRecord, result: dict) -> None:
+        manifest_key = f"adapters/{self.job_id}/final/manifest.json"
+        if not self.storage.exists(manifest_key):
+            self._fail(store, events, RuntimeError("the run ended without a complete adapter"))
+            return
+        name = tuned_model_name(record)
+        result_file = _write_result_file(self.storage, record, events)
+
+        def change(job: JobRecord) -> JobRecord | None:
+            if job.status != "running":
+                return None  # cancelled or paused meanwhile: that decision stands
+            return job.model_copy(update={
+                "status": "succeeded", "fine_tuned_model": name, "finished_at": int(time.time()),
+                "trained_tokens": int(result.get("trained_tokens", 0)),
+                "result_files": [result_file] if result_file else [], "estimated_finish": None})
+
+        final = store.update(self.job_id, change)
+        if final.status == "succeeded":
+            events.add("The job has successfully completed", data={"fine_tuned_model": name})
+
+    def _fail(self, store: JobStore, events, exc: Exception) -> None:
+        from service.core.errors import TuneserveError
+
+        param = exc.param if isinstance(exc, TuneserveError) else None
+        code = exc.code if isinstance(exc, TuneserveError) and exc.code else "training_failed"
+        message = str(exc) or type(exc).__name__
+
+        def change(job: JobRecord) -> JobRecord | None:
+            if job.status not in ("running", "validating_files", "queued"):
+                return None
+            return job.model_copy(update={
+                "status": "failed", "finished_at": int(time.time()),
+                "error": {"code": code, "message": message[:2000], "param": param}})
+
+        final = store.update(self.job_id, change)
+        if final.status == "failed":
+            events.add(f"The job failed: {message[:500]}", level="error")
+
+
+def _write_result_file(storage, record: JobRecord, events) -> str | None:
+    """The metrics CSV as a file of purpose ``fine-tune-results`` (OpenAI's ``result_files``)."""
+    from service.files.store import create_result_file
+    from service.api.routes.fine_tuning import read_events
+
+    rows = [e["data"] for e in read_events(storage, record.id) if e.get("type") == "metrics"]
+    if not rows:
+        return None
+    columns = ["step", "train_loss", "train_mean_token_accuracy", "valid_loss",
+               "valid_mean_token_accuracy", "learning_rate", "tokens_per_second"]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return create_result_file(storage, record.organization_id, f"{record.id}-metrics.csv",
+                              out.getvalue().encode())
+
+
+def tuned_model_name(record: JobRecord) -> str:
+    """``ft:<base>:<suffix>:<job id>``; a job tuned from a tuned model names the same base."""
+    from service.core.names import parse_tuned_model
+
+    tuned = parse_tuned_model(record.model)
+    base = tuned.base_model if tuned else record.model
+    return f"ft:{base}:{record.suffix or ''}:{record.id}"
+
+
+def driver_alive(job_id: str) -> bool:
+    try:
+        ray.get_actor(job_id, namespace=NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def start_driver(job_id: str, storage_config: StorageConfig, cpus_per_worker: int) -> None:
+    # Ray Train's helper actors look the cluster up by address; with several Ray instances on
+    # one machine (tests, a laptop) they must be told which one is theirs.
+    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = JobDriver.options(name=job_id, namespace=NAMESPACE, lifetime="detached",
+                               runtime_env={"env_vars": env}).remote(
+        job_id, storage_config, cpus_per_worker)
+    driver.run.remote()
+    # Queued behind run(): the detached actor leaves once the run is over, freeing its name.
+    driver.exit.remote()
+
+
+def stop_driver(job_id: str) -> None:
+    try:
+        ray.kill(ray.get_actor(job_id, namespace=NAMESPACE), no_restart=True)
+    except ValueError:
+        pass  # already gone

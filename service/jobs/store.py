@@ -1,0 +1,172 @@
+"""Durable job records: written before any Ray work starts, changed only by compare-and-swap
+through legal status transitions. Storage is the single source of truth for every replica."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field
+
+from service.core.errors import Conflict, NotFound, PreconditionFailed
+from service.core.storage import Storage, join_key
+
+Status = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed",
+                 "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE: frozenset[str] = frozenset({"validating_files", "queued", "running"})
+
+# Which status may follow which. "running" → "queued" is a run re-queued after it vanished.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "validating_files": frozenset({"queued", "failed", "cancelled"}),
+    "queued": frozenset({"running", "paused", "failed", "cancelled"}),
+    "running": frozenset({"succeeded", "failed", "cancelled", "paused", "queued"}),
+    "paused": frozenset({"queued", "cancelled", "failed"}),
+    "succeeded": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+}
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobRecord(BaseModel):
+    """What storage holds for a job: the OpenAI ``FineTuningJob`` fields plus what never goes
+    on the wire (the tenant, our extensions, the run's bookkeeping)."""
+
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    status: Status = "validating_files"
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    """Resolved numbers once the job is queued; the caller's values ("auto") before."""
+    method: dict[str, Any] = Field(default_factory=dict)
+    suffix: str | None = None
+    seed: int
+    metadata: dict[str, str] | None = None
+    organization_id: str
+    """The tenant that owns the job."""
+    fine_tuned_model: str | None = None
+    """Set when the job succeeds; null before and on failure."""
+    finished_at: int | None = None
+    estimated_finish: int | None = None
+    error: JobError | None = None
+    result_files: list[str] = Field(default_factory=list)
+    trained_tokens: int | None = None
+    integrations: list = Field(default_factory=list)
+    user_provided_suffix: str | None = None
+
+    # Not on the wire.
+    extensions: dict[str, Any] = Field(default_factory=dict)
+    """Our additions to the request (LoRA settings, workers, GPU use, extra training files)."""
+    webhook_url: str | None = None
+    attempts: int = 0
+    """How many times a run was started for this job (resumes included)."""
+    resumed_from_step: int | None = None
+
+    PRIVATE: ClassVar[frozenset[str]] = frozenset({"extensions", "webhook_url", "attempts",
+                                                   "resumed_from_step"})
+
+    def public(self) -> dict[str, Any]:
+        body = self.model_dump(exclude=set(self.PRIVATE))
+        body.update({k: v for k, v in self.extensions.items() if k in PUBLIC_EXTENSIONS})
+        return body
+
+
+PUBLIC_EXTENSIONS = frozenset({"lora", "num_workers", "use_gpu", "training_files"})
+
+
+JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
+
+
+def new_job_id() -> str:
+    return f"ftjob-{secrets.token_hex(12)}"
+
+
+def job_key(job_id: str) -> str:
+    return join_key("jobs", job_id, "job.json")
+
+
+class JobStore:
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    def create(self, record: JobRecord) -> JobRecord:
+        self.storage.create(job_key(record.id), _dump(record))
+        return record
+
+    def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        """The job, as seen by ``tenant`` (another tenant's job is "not found")."""
+        record, _ = self.read(job_id)
+        if tenant is not None and record.organization_id != tenant:
+            raise NotFound(f"No fine-tuning job with id {job_id!r}.", param="fine_tuning_job_id")
+        return record
+
+    def update(self, job_id: str, change: Callable[[JobRecord], JobRecord | None],
+               attempts: int = 20) -> JobRecord:
+        """Apply ``change`` to the latest record with compare-and-swap, retrying on races.
+
+        ``change`` returns the new record, or None to leave it as it is. Status changes are
+        checked against ``TRANSITIONS``.
+        """
+        for _ in range(attempts):
+            current, etag = self.read(job_id)
+            updated = change(current.model_copy(deep=True))
+            if updated is None:
+                return current
+            if updated.status != current.status and updated.status not in TRANSITIONS[current.status]:
+                raise Conflict(f"Job {job_id} is {current.status}; it cannot become {updated.status}.",
+                               code="invalid_state")
+            try:
+                self.storage.replace(job_key(job_id), _dump(updated), etag)
+                return updated
+            except PreconditionFailed:
+                time.sleep(0.01)
+        raise Conflict(f"Job {job_id} is changing too fast; try again.", code="busy")
+
+    def transition(self, job_id: str, status: str, **fields: Any) -> JobRecord:
+        def change(job: JobRecord) -> JobRecord:
+            return job.model_copy(update={"status": status, **fields})
+        return self.update(job_id, change)
+
+    def list(self, tenant: str | None = None) -> list[JobRecord]:
+        """All jobs (of ``tenant`` if given), newest first."""
+        records = []
+        for info in self.storage.iter("jobs/"):
+            if not info.key.endswith("/job.json") or info.key.count("/") != 2:
+                continue
+            record = JobRecord.model_validate_json(self.storage.get(info.key))
+            if tenant is None or record.organization_id == tenant:
+                records.append(record)
+        records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+        return records
+
+    def read(self, job_id: str) -> tuple[JobRecord, str]:
+        """The record and the version it was read at (for a compare-and-swap)."""
+        if not JOB_ID.match(job_id):  # no storage key is ever built from a malformed id
+            raise NotFound(f"No fine-tuning job with id {job_id!r}.", param="fine_tuning_job_id")
+        key = job_key(job_id)
+        for _ in range(5):
+            before = self.storage.head(key)
+            if before is None:
+                raise NotFound(f"No fine-tuning job with id {job_id!r}.", param="fine_tuning_job_id")
+            data = self.storage.get(key)
+            after = self.storage.head(key)
+            if after is not None and after.etag == before.etag:
+                return JobRecord.model_validate_json(data), before.etag
+        raise Conflict(f"Job {job_id} is changing too fast; try again.", code="busy")
+
+
+def _dump(record: JobRecord) -> bytes:
+    return json.dumps(record.model_dump(mode="json"), sort_keys=True).encode()

@@ -1,0 +1,271 @@
+"""The one typed object a training run takes (``TrainSpec``) and the resolution of "auto".
+
+Built once at the edge (the jobs API or ``tuneserve train spec.json``), validated there, sent to
+Ray Train workers as a plain dict (``to_dict``) and rebuilt in the worker's first line
+(``TrainSpec.from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from service.core.errors import InvalidRequest
+
+Auto = Literal["auto"]
+Method = Literal["supervised", "dpo"]
+
+_JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
+_FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
+
+# Peak learning rates before the caller's multiplier. LoRA adapters start at zero and tolerate
+# (and need) a much larger step than full fine-tuning of pretrained weights.
+BASE_LR_LORA = 1e-3
+BASE_LR_FULL = 2e-5
+# DPO needs rates ~20-40x lower: its loss keeps falling by pushing the rejected answers' likelihood
+# down without bound, and at the SFT rate the chosen answers fall with them (measured on SmolLM2:
+# preference accuracy 1.0 but every answer ran to the length cap). TRL's LoRA DPO recipes use
+# 5e-6..5e-5; full-model DPO uses ~5e-7.
+BASE_LR_DPO_LORA = 5e-5
+BASE_LR_DPO_FULL = 5e-7
+WARMUP_FRACTION = 0.05
+MIN_LR_FRACTION = 0.1
+"""Cosine decay ends at this fraction of the peak learning rate."""
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Resolved hyperparameters: numbers only, recorded on the job and in the manifest."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+    learning_rate: float
+    """Peak learning rate = base rate (LoRA or full) × multiplier."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    job_id: str
+    """``ftjob-<24 hex>``; names the Ray run, the events and the adapter folder."""
+    base_model: str
+    """A base model id known to ``training.model.registry.resolve_model``."""
+    training_files: tuple[tuple[str, float], ...]
+    """``(file_id, weight)`` pairs. A weight is how often each example of that file is seen per
+    epoch: 2.0 doubles it, 0.5 samples half of it (a new seeded half every epoch)."""
+    method: Method = "supervised"
+    validation_file: str | None = None
+    n_epochs: int | Auto = "auto"
+    batch_size: int | Auto = "auto"
+    """Examples per optimizer step, over all workers (the global batch)."""
+    learning_rate_multiplier: float | Auto = "auto"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+    """Module names that get adapters; None means every linear layer of the model family."""
+    lora_layers: int | None = None
+    """Adapt only the last N decoder layers (None: all). Nothing below the lowest adapted layer
+    needs a gradient, so the backward pass stops there: adapting the top half of SmolLM2-135M
+    makes a step a third faster. More than the model has means all of them."""
+    full_finetune: bool = False
+    """Train all weights instead of a LoRA adapter (small models only)."""
+    max_length: int = 2048
+    """Tokens per example; longer examples are truncated (never silently: see data.py)."""
+    packing: bool = True
+    """Pack several examples per row (they do not attend to each other)."""
+    pack_length: int = 2048
+    """Tokens per packed row (= one micro-batch); an example longer than this gets its own row.
+    Attention within a row is per example (``training.model.attention``), so a long row costs no
+    quadratic attention: it means fewer, larger matmuls (2048 measured ~8 % faster per token
+    than 512 here). Activation memory grows with it; lower it on small-memory GPUs."""
+    micro_batch_size: int = 8
+    """Examples per micro-batch when packing is off."""
+    seed: int = 42
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    """CPUs each worker reserves in Ray; torch uses exactly this many threads."""
+    checkpoint_every_steps: int = 50
+    """0 keeps only the epoch-end checkpoints."""
+    max_failures: int = 2
+    """Worker failures Ray Train recovers from (from the last checkpoint); -1 is unlimited."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    bf16: bool = True
+    """bf16 autocast where the hardware supports it (AMX/AVX512-bf16 CPUs, bf16 GPUs)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass: activation memory no longer grows
+    with the layers (a long example then costs little), for about a third more compute."""
+    tenant: str = ""
+    # Room for DPO (issue 7): used only when method == "dpo".
+    beta: float = 0.1
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
+    """Weight of the chosen answers' mean token NLL added to the DPO loss (RPO, TRL's
+    ``rpo_alpha``): DPO alone may lower the chosen answers' likelihood along with the rejected
+    ones'; this term holds it up. 0 is plain DPO."""
+    init_adapter: str | None = None
+    """Storage prefix of an adapter to start from (e.g. ``adapters/<job>/final``)."""
+    reference_adapter: str | None = None
+    """Storage prefix of the frozen DPO reference adapter; None = the base model."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form settings for later methods; recorded, never interpreted here."""
+
+    # -- derived numbers ---------------------------------------------------------------------
+
+    @property
+    def base_learning_rate(self) -> float:
+        if self.method == "dpo":
+            return BASE_LR_DPO_FULL if self.full_finetune else BASE_LR_DPO_LORA
+        return BASE_LR_FULL if self.full_finetune else BASE_LR_LORA
+
+    @property
+    def file_ids(self) -> list[str]:
+        ids = [file_id for file_id, _ in self.training_files]
+        return ids + ([self.validation_file] if self.validation_file else [])
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainSpec:
+        """Rebuild from ``to_dict`` or from a JSON spec; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidRequest(f"unknown training spec field(s): {', '.join(unknown)}",
+                                 param=unknown[0])
+        values = dict(data)
+        files = values.get("training_files", ())
+        if isinstance(files, str):
+            files = [(files, 1.0)]
+        values["training_files"] = tuple(
+            (f, 1.0) if isinstance(f, str) else (str(f[0]), float(f[1])) for f in files)
+        if values.get("target_modules") is not None:
+            values["target_modules"] = tuple(values["target_modules"])
+        return cls(**values)
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def validate(self) -> TrainSpec:
+        """Raise one ``InvalidRequest`` listing every problem (``param`` names the first)."""
+        problems = list(self._problems())
+        if problems:
+            raise InvalidRequest("invalid training spec: " + "; ".join(m for _, m in problems),
+                                 param=problems[0][0])
+        return self
+
+    def _problems(self):  # -> Iterator[tuple[param, message]]
+        if not _JOB_ID.match(self.job_id):
+            yield "job_id", f"job_id {self.job_id!r} is not ftjob-<24 hex>"
+        if self.method not in ("supervised", "dpo"):
+            yield "method", f"method must be 'supervised' or 'dpo', not {self.method!r}"
+        if not self.training_files:
+            yield "training_files", "at least one training file is needed"
+        for file_id, weight in self.training_files:
+            if not _FILE_ID.match(file_id):
+                yield "training_file", f"file id {file_id!r} is not file-<24 hex>"
+            if not weight > 0 or math.isinf(weight):
+                yield "training_files", f"weight of {file_id} must be a finite number > 0"
+        if self.validation_file is not None and not _FILE_ID.match(self.validation_file):
+            yield "validation_file", f"file id {self.validation_file!r} is not file-<24 hex>"
+        yield from _check_auto_int("n_epochs", self.n_epochs, 1, 50)
+        yield from _check_auto_int("batch_size", self.batch_size, 1, 256)
+        lrm = self.learning_rate_multiplier
+        if lrm != "auto" and not (isinstance(lrm, (int, float)) and 0 < lrm <= 100):
+            yield ("learning_rate_multiplier",
+                   "learning_rate_multiplier must be > 0 (≤ 100) or 'auto'")
+        yield from self._lora_problems()
+        yield from self._run_problems()
+        if self.method == "dpo" and not 0 < self.beta <= 2:
+            yield "beta", f"beta must be in (0, 2], not {self.beta}"
+        if self.method == "dpo" and self.full_finetune:
+            # The reference is the policy with its adapter disabled: there must be an adapter.
+            yield "full_finetune", "DPO trains a LoRA adapter; full_finetune is not supported"
+        if self.dpo_loss not in ("sigmoid", "ipo"):
+            yield "dpo_loss", f"dpo_loss must be 'sigmoid' or 'ipo', not {self.dpo_loss!r}"
+        if not 0 <= self.label_smoothing < 0.5:
+            yield "label_smoothing", "label_smoothing must be in [0, 0.5)"
+        if not 0 <= self.rpo_alpha <= 10:
+            yield "rpo_alpha", f"rpo_alpha must be in [0, 10], not {self.rpo_alpha}"
+
+    def _lora_problems(self):
+        if not self.full_finetune:
+            if not 1 <= self.lora_r <= 1024:
+                yield "lora.r", f"lora r must be in 1..1024, not {self.lora_r}"
+            if not self.lora_alpha > 0:
+                yield "lora.alpha", "lora alpha must be > 0"
+            if not 0 <= self.lora_dropout < 1:
+                yield "lora.dropout", "lora dropout must be in [0, 1)"
+            if self.target_modules is not None and not self.target_modules:
+                yield "lora.target_modules", "target_modules must name at least one module"
+            if self.lora_layers is not None and self.lora_layers < 1:
+                yield "lora.layers", f"lora layers must be at least 1, not {self.lora_layers}"
+
+    def _run_problems(self):
+        if not 16 <= self.max_length <= 131072:
+            yield "max_length", f"max_length must be in 16..131072, not {self.max_length}"
+        if not 16 <= self.pack_length <= 131072:
+            yield "pack_length", f"pack_length must be in 16..131072, not {self.pack_length}"
+        if self.micro_batch_size < 1:
+            yield "micro_batch_size", "micro_batch_size must be ≥ 1"
+        if not 1 <= self.num_workers <= 512:
+            yield "num_workers", f"num_workers must be in 1..512, not {self.num_workers}"
+        if self.cpus_per_worker < 1:
+            yield "cpus_per_worker", "cpus_per_worker must be ≥ 1"
+        if self.checkpoint_every_steps < 0:
+            yield "checkpoint_every_steps", "checkpoint_every_steps must be ≥ 0"
+        if self.max_failures < -1:
+            yield "max_failures", "max_failures must be ≥ -1 (-1 = unlimited)"
+        if self.max_grad_norm <= 0:
+            yield "max_grad_norm", "max_grad_norm must be > 0"
+
+
+def _check_auto_int(name: str, value: object, low: int, high: int):
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        yield name, f"{name} must be an integer in {low}..{high} or 'auto', not {value!r}"
+
+
+def resolve_hyperparameters(spec: TrainSpec, n_examples: int, n_tokens: int) -> Hyperparameters:
+    """Turn "auto" into numbers from the size of the (weighted) training set.
+
+    The rules follow OpenAI's documented behaviour and aim for a useful adapter in a short run:
+    - n_epochs: 3, raised for tiny sets so at least ~400 examples are seen, lowered for large
+      sets so about 25k examples (or 10M tokens) are seen at most; never outside 1..50.
+    - batch_size: ~1% of the set rounded to a power of two, within 4..32 (fewer than 4 only for
+      sets smaller than 4): small enough for many optimizer steps, large enough for packed rows
+      that keep the matmuls busy.
+    - learning_rate_multiplier: 1 (peak rate 1e-3 for LoRA, 2e-5 for full fine-tuning; for DPO
+      5e-5 and 5e-7).
+    """
+    n_examples = max(n_examples, 1)
+    if spec.n_epochs == "auto":
+        epochs = 3
+        if n_examples * epochs < 400:
+            epochs = min(50, math.ceil(400 / n_examples))
+        tokens_per_example = max(n_tokens / n_examples, 1.0)
+        cap = min(25_000, 10_000_000 / tokens_per_example)
+        if n_examples * epochs > cap:
+            epochs = max(1, int(cap // n_examples))
+    else:
+        epochs = int(spec.n_epochs)
+    if spec.batch_size == "auto":
+        batch = 2 ** round(math.log2(max(n_examples * 0.01, 1)))
+        batch = min(max(batch, 4), 32, n_examples)
+    else:
+        batch = int(spec.batch_size)
+    lrm = 1.0 if spec.learning_rate_multiplier == "auto" else float(spec.learning_rate_multiplier)
+    return Hyperparameters(n_epochs=epochs, batch_size=batch, learning_rate_multiplier=lrm,
+                           learning_rate=spec.base_learning_rate * lrm)
