@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import math
-import re
 import shutil
 import tempfile
 import time
@@ -24,16 +23,15 @@ from typing import Any
 
 import torch
 
+from service.core import limits, names
 from service.core.errors import InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
 
-ADAPTER_ID = re.compile(r"^ftjob-[0-9a-f]{24}/(final|ckpt-step-\d+)$")
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = names.ADAPTER_MANIFEST
 _PICKLED = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-DEFAULT_MAX_RANK = 64
 
 
 class AdapterIncompatible(InvalidRequest):
@@ -54,7 +52,7 @@ class LoadedAdapter:
 
 
 def check_adapter_id(adapter_id: str) -> None:
-    if not ADAPTER_ID.match(adapter_id):
+    if not names.ADAPTER_ID.match(adapter_id):
         raise NotFound(f"The adapter {adapter_id!r} does not exist.", param="model",
                        code="model_not_found")
 
@@ -66,21 +64,19 @@ def fetch_adapter(storage: Any, adapter_id: str, cache_dir: Path) -> Path:
         NotFound: no complete adapter (no manifest) under that id.
         AdapterIncompatible: the folder holds pickled weights or no safetensors.
     """
-    from service.core.storage import join_key
-
     check_adapter_id(adapter_id)
-    prefix = join_key("adapters", *adapter_id.split("/"))
-    if not storage.exists(join_key(prefix, MANIFEST_FILE)):
+    prefix = names.adapter_key(adapter_id)
+    if not storage.exists(names.adapter_key(adapter_id, MANIFEST_FILE)):
         raise NotFound(f"The adapter {adapter_id!r} does not exist (or is still being written).",
                        param="model", code="model_not_found")
-    names = {info.key.rsplit("/", 1)[-1] for info in storage.iter(prefix + "/")}
-    _check_files(adapter_id, names)
+    files = {info.key.rsplit("/", 1)[-1] for info in storage.iter(prefix + "/")}
+    _check_files(adapter_id, files)
     target = cache_dir / adapter_id
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".fetch-"))
     try:
         for name in (WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE):
-            storage.download_file(join_key(prefix, name), str(staging / name))
+            storage.download_file(names.adapter_key(adapter_id, name), str(staging / name))
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     finally:
@@ -88,20 +84,21 @@ def fetch_adapter(storage: Any, adapter_id: str, cache_dir: Path) -> Path:
     return target
 
 
-def _check_files(adapter_id: str, names: set[str]) -> None:
-    pickled = sorted(n for n in names if n.endswith(_PICKLED))
+def _check_files(adapter_id: str, files: set[str]) -> None:
+    pickled = sorted(n for n in files if n.endswith(_PICKLED))
     if pickled:
         raise AdapterIncompatible(
             f"The adapter {adapter_id!r} holds pickled weights ({', '.join(pickled)}); "
             f"only {WEIGHTS_FILE} is loaded. Re-save it with safetensors.")
-    missing = [n for n in (WEIGHTS_FILE, CONFIG_FILE) if n not in names]
+    missing = [n for n in (WEIGHTS_FILE, CONFIG_FILE) if n not in files]
     if missing:
         raise AdapterIncompatible(f"The adapter {adapter_id!r} lacks {', '.join(missing)}.")
 
 
 def check_manifest(manifest: Mapping[str, Any], *, base_model: str,
-                   fingerprint: Mapping[str, str], max_rank: int = DEFAULT_MAX_RANK) -> None:
-    """Refuse an adapter that would produce garbage on this base model."""
+                   fingerprint: Mapping[str, str]) -> None:
+    """Refuse an adapter that would produce garbage on this base model, or whose rank is above
+    ``limits.MAX_LORA_RANK`` (which a job never trains: this guards adapters written by hand)."""
     name = manifest.get("job_id") or "adapter"
     if manifest.get("base_model") != base_model:
         raise AdapterIncompatible(
@@ -115,26 +112,25 @@ def check_manifest(manifest: Mapping[str, Any], *, base_model: str,
                 f"here ({key} {str(manifest.get(key))[:12]}… ≠ {str(fingerprint.get(key))[:12]}…); "
                 "retrain it on the current base model.")
     rank = int((manifest.get("lora") or {}).get("r") or 0)
-    if not 0 < rank <= max_rank:
+    if not 0 < rank <= limits.MAX_LORA_RANK:
         raise AdapterIncompatible(f"The {name} has LoRA rank {rank}; supported ranks are 1 to "
-                                  f"{max_rank}.")
+                                  f"{limits.MAX_LORA_RANK}.")
 
 
 def read_adapter(path: Path, adapter_id: str, modules: Mapping[str, Any], *,
-                 base_model: str, fingerprint: Mapping[str, str],
-                 max_rank: int = DEFAULT_MAX_RANK) -> LoadedAdapter:
+                 base_model: str, fingerprint: Mapping[str, str]) -> LoadedAdapter:
     """Check a local adapter folder against the base model and read its LoRA factors.
 
     ``modules`` maps PEFT module paths (``model.layers.0.self_attn.q_proj``) to objects with
     ``in_features`` and ``out_features`` (the engine's ``LoraLinear``s).
     """
-    names = {p.name for p in path.iterdir()}
-    _check_files(adapter_id, names)
-    if MANIFEST_FILE not in names:
+    files = {p.name for p in path.iterdir()}
+    _check_files(adapter_id, files)
+    if MANIFEST_FILE not in files:
         raise NotFound(f"The adapter {adapter_id!r} does not exist.", param="model",
                        code="model_not_found")
     manifest = json.loads((path / MANIFEST_FILE).read_text())
-    check_manifest(manifest, base_model=base_model, fingerprint=fingerprint, max_rank=max_rank)
+    check_manifest(manifest, base_model=base_model, fingerprint=fingerprint)
     config = json.loads((path / CONFIG_FILE).read_text())
     scale = _scaling(adapter_id, config)
     tensors = read_safetensors(path / WEIGHTS_FILE)

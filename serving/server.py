@@ -16,6 +16,7 @@ from typing import Any
 
 
 from serving.protocol import ChatCall, ChatOutput
+from service.core import limits
 from service.core.errors import InvalidRequest
 from service.core.settings import Settings
 from service.core.storage import open_storage
@@ -44,7 +45,7 @@ class ChatServer:
     @classmethod
     def build(cls, base_model: str, storage_config: StorageConfig, *,
               overrides: dict[str, str] | None = None, dtype: str = "auto", max_batch: int = 16,
-              max_pending: int = 64, default_max_tokens: int = 2048,
+              max_pending: int = 64, default_max_tokens: int = limits.MAX_TOKENS,
               threads: int | None = None) -> ChatServer:
         started = time.monotonic()
         storage = open_storage(storage_config)

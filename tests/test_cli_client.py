@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.cli.client import Client, upload_file
 from service.cli.jobs import follow
-from service.jobs.store import JobRecord, JobStore, new_job_id
+from service.core.names import new_job_id
+from service.jobs.store import JobRecord, JobStore
 from service.core.settings import Settings
 from tests.helpers import REPO, free_port
 from service.core.events import EventLog

@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.app import create_app
-from service.jobs.store import JobRecord, JobStore, new_job_id
+from service.core.names import new_job_id
+from service.jobs.store import JobRecord, JobStore
 from service.core.settings import Settings
 from service.core.events import EventLog
 

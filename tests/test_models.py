@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 
-from service.core import names as model_names
 from service.core.errors import InvalidRequest, NotFound
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
@@ -220,5 +219,3 @@ def test_base_model_ids():
     assert base_model_ids() == [BUILTIN_MODEL_ID, TINY_MODEL_ID]
     assert base_model_ids({"org/a": "/x", TINY_MODEL_ID: "/y"}) == [BUILTIN_MODEL_ID, TINY_MODEL_ID, "org/a"]
     assert base_model_ids({"org/a": "/x"}, builtin=False) == ["org/a"]
-    # The API (torch-free) names the same models.
-    assert (model_names.BUILTIN_MODEL_ID, model_names.TINY_MODEL_ID) == (BUILTIN_MODEL_ID, TINY_MODEL_ID)

@@ -25,6 +25,7 @@ from ray.train.torch import TorchTrainer
 
 from service.core.errors import TuneserveError
 from service.core.logs import job_logging
+from service.core.names import run_key
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
 from training.model.adapter import MANIFEST, adapter_prefix
@@ -44,9 +45,9 @@ def run_storage(config: StorageConfig, job_id: str) -> tuple[str, pyarrow.fs.Fil
     """``(storage_path, storage_filesystem)`` for ``RunConfig``: ``jobs/<job_id>/run``."""
     if not config.uri.startswith("s3://"):
         root = Path(config.uri.removeprefix("file://")).expanduser().resolve()
-        return str(root / "jobs" / job_id / "run"), None
+        return str(root / run_key(job_id)), None
     parsed = urlparse(config.uri)
-    path = "/".join(p for p in (parsed.netloc, parsed.path.strip("/"), "jobs", job_id, "run") if p)
+    path = "/".join(p for p in (parsed.netloc, parsed.path.strip("/"), run_key(job_id)) if p)
     options: dict[str, Any] = {
         "access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
         "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),

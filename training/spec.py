@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from service.core import limits
 from service.core.errors import InvalidRequest
 
 Auto = Literal["auto"]
@@ -179,16 +180,17 @@ class TrainSpec:
                 yield "training_files", f"weight of {file_id} must be a finite number > 0"
         if self.validation_file is not None and not _FILE_ID.match(self.validation_file):
             yield "validation_file", f"file id {self.validation_file!r} is not file-<24 hex>"
-        yield from _check_auto_int("n_epochs", self.n_epochs, 1, 50)
-        yield from _check_auto_int("batch_size", self.batch_size, 1, 256)
+        yield from _check_auto_int("n_epochs", self.n_epochs, 1, limits.MAX_EPOCHS)
+        yield from _check_auto_int("batch_size", self.batch_size, 1, limits.MAX_BATCH_SIZE)
         lrm = self.learning_rate_multiplier
-        if lrm != "auto" and not (isinstance(lrm, (int, float)) and 0 < lrm <= 100):
+        high = limits.MAX_LEARNING_RATE_MULTIPLIER
+        if lrm != "auto" and not (isinstance(lrm, (int, float)) and 0 < lrm <= high):
             yield ("learning_rate_multiplier",
-                   "learning_rate_multiplier must be > 0 (≤ 100) or 'auto'")
+                   f"learning_rate_multiplier must be > 0 (≤ {high:g}) or 'auto'")
         yield from self._lora_problems()
         yield from self._run_problems()
-        if self.method == "dpo" and not 0 < self.beta <= 2:
-            yield "beta", f"beta must be in (0, 2], not {self.beta}"
+        if self.method == "dpo" and not 0 < self.beta <= limits.MAX_BETA:
+            yield "beta", f"beta must be in (0, {limits.MAX_BETA:g}], not {self.beta}"
         if self.method == "dpo" and self.full_finetune:
             # The reference is the policy with its adapter disabled: there must be an adapter.
             yield "full_finetune", "DPO trains a LoRA adapter; full_finetune is not supported"
@@ -196,31 +198,33 @@ class TrainSpec:
             yield "dpo_loss", f"dpo_loss must be 'sigmoid' or 'ipo', not {self.dpo_loss!r}"
         if not 0 <= self.label_smoothing < 0.5:
             yield "label_smoothing", "label_smoothing must be in [0, 0.5)"
-        if not 0 <= self.rpo_alpha <= 10:
-            yield "rpo_alpha", f"rpo_alpha must be in [0, 10], not {self.rpo_alpha}"
+        if not 0 <= self.rpo_alpha <= limits.MAX_RPO_ALPHA:
+            yield "rpo_alpha", f"rpo_alpha must be in [0, {limits.MAX_RPO_ALPHA:g}], not {self.rpo_alpha}"
 
     def _lora_problems(self):
         if not self.full_finetune:
-            if not 1 <= self.lora_r <= 1024:
-                yield "lora.r", f"lora r must be in 1..1024, not {self.lora_r}"
+            if not 1 <= self.lora_r <= limits.MAX_LORA_RANK:
+                yield "lora.r", f"lora r must be in 1..{limits.MAX_LORA_RANK}, not {self.lora_r}"
             if not self.lora_alpha > 0:
                 yield "lora.alpha", "lora alpha must be > 0"
             if not 0 <= self.lora_dropout < 1:
                 yield "lora.dropout", "lora dropout must be in [0, 1)"
             if self.target_modules is not None and not self.target_modules:
                 yield "lora.target_modules", "target_modules must name at least one module"
-            if self.lora_layers is not None and self.lora_layers < 1:
-                yield "lora.layers", f"lora layers must be at least 1, not {self.lora_layers}"
+            if self.lora_layers is not None and not 1 <= self.lora_layers <= limits.MAX_LORA_LAYERS:
+                yield "lora.layers", (f"lora layers must be in 1..{limits.MAX_LORA_LAYERS}, "
+                                      f"not {self.lora_layers}")
 
     def _run_problems(self):
-        if not 16 <= self.max_length <= 131072:
-            yield "max_length", f"max_length must be in 16..131072, not {self.max_length}"
-        if not 16 <= self.pack_length <= 131072:
-            yield "pack_length", f"pack_length must be in 16..131072, not {self.pack_length}"
+        low, high = limits.MIN_CONTEXT_LENGTH, limits.MAX_CONTEXT_LENGTH
+        if not low <= self.max_length <= high:
+            yield "max_length", f"max_length must be in {low}..{high}, not {self.max_length}"
+        if not low <= self.pack_length <= high:
+            yield "pack_length", f"pack_length must be in {low}..{high}, not {self.pack_length}"
         if self.micro_batch_size < 1:
             yield "micro_batch_size", "micro_batch_size must be ≥ 1"
-        if not 1 <= self.num_workers <= 512:
-            yield "num_workers", f"num_workers must be in 1..512, not {self.num_workers}"
+        if not 1 <= self.num_workers <= limits.MAX_WORKERS:
+            yield "num_workers", f"num_workers must be in 1..{limits.MAX_WORKERS}, not {self.num_workers}"
         if self.cpus_per_worker < 1:
             yield "cpus_per_worker", "cpus_per_worker must be ≥ 1"
         if self.checkpoint_every_steps < 0:
@@ -254,7 +258,7 @@ def resolve_hyperparameters(spec: TrainSpec, n_examples: int, n_tokens: int) -> 
     if spec.n_epochs == "auto":
         epochs = 3
         if n_examples * epochs < 400:
-            epochs = min(50, math.ceil(400 / n_examples))
+            epochs = min(limits.MAX_EPOCHS, math.ceil(400 / n_examples))
         tokens_per_example = max(n_tokens / n_examples, 1.0)
         cap = min(25_000, 10_000_000 / tokens_per_example)
         if n_examples * epochs > cap:

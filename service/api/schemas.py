@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.core import limits
+
 Auto = Literal["auto"]
 _SUFFIX = re.compile(r"^[A-Za-z0-9._-]*$")
 
@@ -24,14 +26,15 @@ class Strict(BaseModel):
 
 
 class SupervisedHyperparameters(Strict):
-    n_epochs: Annotated[int, Field(ge=1, le=50)] | Auto = "auto"
-    batch_size: Annotated[int, Field(ge=1, le=256)] | Auto = "auto"
-    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+    n_epochs: Annotated[int, Field(ge=1, le=limits.MAX_EPOCHS)] | Auto = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=limits.MAX_BATCH_SIZE)] | Auto = "auto"
+    learning_rate_multiplier: Annotated[
+        float, Field(gt=0, le=limits.MAX_LEARNING_RATE_MULTIPLIER)] | Auto = "auto"
 
 
 class DpoHyperparameters(SupervisedHyperparameters):
-    beta: Annotated[float, Field(gt=0, le=2)] | Auto = "auto"
-    rpo_alpha: Annotated[float, Field(ge=0, le=10)] = 0.0
+    beta: Annotated[float, Field(gt=0, le=limits.MAX_BETA)] | Auto = "auto"
+    rpo_alpha: Annotated[float, Field(ge=0, le=limits.MAX_RPO_ALPHA)] = 0.0
     """Adds this weight × the chosen answers' mean token NLL to the loss (RPO; 0 = plain DPO)."""
 
 
@@ -59,13 +62,13 @@ class Method(Strict):
 class LoraSettings(Strict):
     """LoRA adapter shape (our extension)."""
 
-    r: int = Field(default=16, ge=1, le=256)
+    r: int = Field(default=16, ge=1, le=limits.MAX_LORA_RANK)
     alpha: float | None = Field(default=None, gt=0)
     """Scaling numerator; None means 2·r."""
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] | None = None
     """Module names to adapt; None means every linear layer of the model family."""
-    layers: int | None = Field(default=None, ge=1, le=1024)
+    layers: int | None = Field(default=None, ge=1, le=limits.MAX_LORA_LAYERS)
     """Adapt only the last N decoder layers (faster steps: the backward pass stops below them);
     None means all."""
 
@@ -80,7 +83,7 @@ class LoraSettings(Strict):
 
 class WeightedFile(Strict):
     file: str = Field(max_length=64)
-    weight: float = Field(default=1.0, gt=0, le=1000)
+    weight: float = Field(default=1.0, gt=0, le=limits.MAX_FILE_WEIGHT)
 
 
 class CreateJobRequest(Strict):
@@ -99,11 +102,12 @@ class CreateJobRequest(Strict):
     lora: LoraSettings | None = None
     full_finetune: bool = False
     """Train every weight instead of a LoRA adapter (small models only)."""
-    num_workers: int = Field(default=1, ge=1, le=64)
+    num_workers: int = Field(default=1, ge=1, le=limits.MAX_WORKERS)
     use_gpu: bool = False
     activation_checkpointing: bool = False
     """Recompute each layer in the backward pass: ~0.6x the memory for ~0.7x the speed."""
-    training_files: list[WeightedFile] | None = Field(default=None, max_length=16)
+    training_files: list[WeightedFile] | None = Field(default=None,
+                                                      max_length=limits.MAX_TRAINING_FILES)
     """Extra training files mixed with ``training_file`` by weight."""
     webhook_url: str | None = Field(default=None, max_length=2048)
 

@@ -14,23 +14,14 @@ import logging
 import time
 from typing import Any, Literal
 
+from service.core.names import event_created_ns, event_id_from_key, event_key
+
+__all__ = ["EventLog", "event_created_ns", "event_id_from_key", "event_key"]
+
 log = logging.getLogger(__name__)
 
 Level = Literal["info", "warn", "error"]
 EventType = Literal["message", "metrics"]
-
-
-def event_key(job_id: str, created_ns: int, seq: int) -> str:
-    return f"jobs/{job_id}/events/{created_ns:020d}-{seq:06d}.json"
-
-
-def event_id_from_key(key: str) -> str:
-    return "ftevent-" + key.rsplit("/", 1)[-1].removesuffix(".json")
-
-
-def event_created_ns(key: str) -> int:
-    """The creation time ``event_key`` put in ``key`` (ns)."""
-    return int(key.rsplit("/", 1)[-1].split("-", 1)[0])
 
 
 class EventLog:

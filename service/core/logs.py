@@ -30,6 +30,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from service.core.names import JOB_ID_FORM
+
 REDACTED = "[REDACTED]"
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 MIN_SECRET_LENGTH = 4
@@ -244,7 +246,7 @@ def _restore_handler() -> None:
 # --- per-request context --------------------------------------------------------------------
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_JOB_IN_PATH = re.compile(r"/(?:fine_tuning/)?jobs/(ftjob-[0-9a-f]{24})")
+_JOB_IN_PATH = re.compile(rf"/(?:fine_tuning/)?jobs/({JOB_ID_FORM})")
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 access_log = logging.getLogger("tuneserve.access")
 

@@ -1,4 +1,13 @@
-"""Model names as callers write them: base ids and ``ft:<base>:<suffix>:<job_id>[:ckpt-step-N]``.
+"""Every id, model name and storage key, built and parsed in one place.
+
+- Ids: ``file-<24 hex>``, ``ftjob-<24 hex>``; a checkpoint ``ftckpt-<24 hex>-<step:08d>``; an
+  event ``ftevent-<created_ns:020d>-<seq:06d>``.
+- Model names as callers write them: base ids, and ``ft:<base>:<suffix>:<job_id>`` for a tuned
+  model, ``…:ckpt-step-<N>`` for one of its checkpoints. The base is always a base model: a job
+  tuned from a tuned model names that model's base, so names never nest (``ft:ft:…``).
+- Adapter ids (the multiplexed model id in Serve, the folder under ``adapters/``):
+  ``<job_id>/final`` and ``<job_id>/ckpt-step-<N>``.
+- Storage keys (docs/interfaces.md, "Storage"), built from validated ids only.
 
 Torch-free on purpose: the API replica parses names without loading any model code.
 """
@@ -6,16 +15,47 @@ Torch-free on purpose: the API replica parses names without loading any model co
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 
 from service.core.errors import NotFound
 from service.core.settings import Settings
+from service.core.storage import join_key
 
 BUILTIN_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_MODEL_ID = "tuneserve/tiny-llama"
 
-_JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
+# -- ids -------------------------------------------------------------------------------------
+
+FILE_ID_FORM = r"file-[0-9a-f]{24}"
+JOB_ID_FORM = r"ftjob-[0-9a-f]{24}"
+"""Regular expressions of an id, to use inside a larger one."""
+FILE_ID_PATTERN = rf"^{FILE_ID_FORM}$"
+JOB_ID_PATTERN = rf"^{JOB_ID_FORM}$"
+"""Whole-string patterns (for ``re`` and FastAPI's ``Query(pattern=…)``)."""
+FILE_ID = re.compile(FILE_ID_PATTERN)
+JOB_ID = re.compile(JOB_ID_PATTERN)
+
+TUNED_PREFIX = "ft:"
+FINAL = "final"
 _CKPT = re.compile(r"^ckpt-step-(\d+)$")
+ADAPTER_ID = re.compile(rf"^{JOB_ID_FORM}/(final|ckpt-step-\d+)$")
+
+
+def new_file_id() -> str:
+    return f"file-{secrets.token_hex(12)}"
+
+
+def new_job_id() -> str:
+    return f"ftjob-{secrets.token_hex(12)}"
+
+
+def checkpoint_id(job_id: str, step: int) -> str:
+    """``ftckpt-<the job id's hex>-<step:08d>``: the id of a job's checkpoint object."""
+    return f"ftckpt-{job_id.removeprefix('ftjob-')}-{step:08d}"
+
+
+# -- model names -----------------------------------------------------------------------------
 
 
 def base_model_ids(settings: Settings) -> list[str]:
@@ -30,6 +70,22 @@ def deployment_name(base_model: str) -> str:
     return f"Chat-{slug}"
 
 
+def adapter_folder(step: int | None = None) -> str:
+    """``final``, or ``ckpt-step-<step>`` for a checkpoint."""
+    return FINAL if step is None else f"ckpt-step-{step}"
+
+
+def checkpoint_step(folder: str) -> int | None:
+    """The step of an adapter folder named ``ckpt-step-<N>``; None for any other name."""
+    match = _CKPT.match(folder)
+    return int(match.group(1)) if match else None
+
+
+def adapter_id(job_id: str, step: int | None = None) -> str:
+    """``<job_id>/final`` or ``<job_id>/ckpt-step-<step>``."""
+    return f"{job_id}/{adapter_folder(step)}"
+
+
 @dataclass(frozen=True)
 class TunedModel:
     base_model: str
@@ -40,25 +96,158 @@ class TunedModel:
 
     @property
     def name(self) -> str:
-        name = f"ft:{self.base_model}:{self.suffix}:{self.job_id}"
-        return name if self.step is None else f"{name}:ckpt-step-{self.step}"
+        name = f"{TUNED_PREFIX}{self.base_model}:{self.suffix}:{self.job_id}"
+        return name if self.step is None else f"{name}:{adapter_folder(self.step)}"
 
     @property
     def adapter_id(self) -> str:
         """The adapter's folder under ``adapters/`` (its multiplexed model id in Serve)."""
-        return f"{self.job_id}/final" if self.step is None else f"{self.job_id}/ckpt-step-{self.step}"
+        return adapter_id(self.job_id, self.step)
+
+    @property
+    def final(self) -> TunedModel:
+        """The job's final model (this one without a checkpoint step)."""
+        return TunedModel(self.base_model, self.suffix, self.job_id)
+
+
+def is_tuned_model(name: str) -> bool:
+    return name.startswith(TUNED_PREFIX)
 
 
 def parse_tuned_model(name: str) -> TunedModel | None:
-    """Parse ``ft:…``; None for a name that is not a tuned-model name at all."""
-    if not name.startswith("ft:"):
+    """Parse ``ft:…``; None for a name that is not a tuned-model name at all.
+
+    Raises:
+        NotFound: ``name`` starts with ``ft:`` but is not a well-formed tuned-model name.
+    """
+    if not is_tuned_model(name):
         return None
+    # A base id may hold ``/`` but never ``:``, so the parts are fixed by position.
     parts = name.split(":")
     step = None
-    if len(parts) == 5 and (m := _CKPT.match(parts[4])):
-        step = int(m.group(1))
+    if len(parts) == 5 and (step := checkpoint_step(parts[4])) is not None:
         parts = parts[:4]
-    if len(parts) != 4 or not _JOB_ID.match(parts[3]) or not parts[1]:
+    if len(parts) != 4 or not JOB_ID.match(parts[3]) or not parts[1]:
         raise NotFound(f"The model {name!r} does not exist.", param="model",
                        code="model_not_found")
     return TunedModel(base_model=parts[1], suffix=parts[2], job_id=parts[3], step=step)
+
+
+def base_model_of(model: str) -> str:
+    """The base model under ``model``: itself, or the base a tuned model names."""
+    tuned = parse_tuned_model(model)
+    return tuned.base_model if tuned else model
+
+
+def tuned_model(model: str, suffix: str | None, job_id: str,
+                step: int | None = None) -> TunedModel:
+    """What job ``job_id`` on ``model`` produces: its final model, or its checkpoint ``step``.
+
+    A job tuned from a tuned model names that model's base, as its adapter does.
+    """
+    return TunedModel(base_model_of(model), suffix or "", job_id, step)
+
+
+# -- storage keys ----------------------------------------------------------------------------
+
+JOBS_PREFIX = "jobs/"
+JOB_RECORD = "job.json"
+ADAPTER_MANIFEST = "manifest.json"
+"""Written last in an adapter folder: a folder with a manifest is complete."""
+REF_LOGPS_PREFIX = "cache/ref-logps/"
+
+
+def file_content_key(file_id: str) -> str:
+    """``files/<file_id>/content``: the uploaded bytes."""
+    return join_key("files", file_id, "content")
+
+
+def file_record_key(file_id: str) -> str:
+    """``files/<file_id>/object.json``: the file's record."""
+    return join_key("files", file_id, "object.json")
+
+
+def file_prefix(file_id: str) -> str:
+    """``files/<file_id>/``: everything of one file."""
+    return join_key("files", file_id) + "/"
+
+
+def file_index_prefix(tenant: str) -> str:
+    """``file-index/<tenant>/``: one tenant's files, in upload order."""
+    return join_key("file-index", tenant) + "/"
+
+
+def file_index_key(tenant: str, created_ns: int, file_id: str) -> str:
+    """``file-index/<tenant>/<created_ns:020d>-<file_id>``, an empty marker."""
+    return join_key("file-index", tenant, f"{created_ns:020d}-{file_id}")
+
+
+def file_id_from_index_key(key: str) -> str:
+    """The file id ``file_index_key`` put in ``key``."""
+    return key.rsplit("/", 1)[-1].split("-", 1)[1]
+
+
+def job_key(job_id: str) -> str:
+    """``jobs/<job_id>/job.json``: the job record."""
+    return join_key("jobs", job_id, JOB_RECORD)
+
+
+def is_job_key(key: str) -> bool:
+    """Whether ``key`` (from a listing of ``jobs/``) is a job record."""
+    parts = key.split("/")
+    return len(parts) == 3 and parts[0] == "jobs" and parts[2] == JOB_RECORD
+
+
+def events_prefix(job_id: str) -> str:
+    """``jobs/<job_id>/events/``, listed in time order."""
+    return join_key("jobs", job_id, "events") + "/"
+
+
+def event_key(job_id: str, created_ns: int, seq: int) -> str:
+    """``jobs/<job_id>/events/<created_ns:020d>-<seq:06d>.json``."""
+    return f"{events_prefix(job_id)}{created_ns:020d}-{seq:06d}.json"
+
+
+def event_id_from_key(key: str) -> str:
+    """``ftevent-<created_ns>-<seq>``: the key's stem, so a cursor ``after=<id>`` is a key prefix."""
+    return "ftevent-" + key.rsplit("/", 1)[-1].removesuffix(".json")
+
+
+def event_created_ns(key: str) -> int:
+    """The creation time ``event_key`` put in ``key`` (ns)."""
+    return int(key.rsplit("/", 1)[-1].split("-", 1)[0])
+
+
+def run_key(job_id: str) -> str:
+    """``jobs/<job_id>/run``: Ray Train's ``storage_path`` for the job's run."""
+    return join_key("jobs", job_id, "run")
+
+
+def split_prefix(job_id: str, split: str) -> str:
+    """``jobs/<job_id>/data/<split>``: a tokenised split (a ``datasets`` folder)."""
+    return join_key("jobs", job_id, "data", split)
+
+
+def job_adapters_prefix(job_id: str) -> str:
+    """``adapters/<job_id>/``: the job's final adapter and its checkpoints."""
+    return join_key("adapters", job_id) + "/"
+
+
+def adapter_prefix(job_id: str, step: int | None = None) -> str:
+    """``adapters/<job_id>/final`` or ``adapters/<job_id>/ckpt-step-<step>``."""
+    return join_key("adapters", job_id, adapter_folder(step))
+
+
+def adapter_key(adapter: str, *rest: str) -> str:
+    """``adapters/<adapter id>[/<rest>]``, e.g. ``adapter_key(id, ADAPTER_MANIFEST)``."""
+    return join_key("adapters", adapter, *rest)
+
+
+def ref_logps_key(digest: str) -> str:
+    """``cache/ref-logps/<digest>.safetensors``: a split's DPO reference log-probs."""
+    return join_key(REF_LOGPS_PREFIX + f"{digest}.safetensors")
+
+
+def model_prefix(slug: str) -> str:
+    """``models/<slug>/``: a converted base model."""
+    return join_key("models", slug) + "/"

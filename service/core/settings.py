@@ -13,6 +13,7 @@ import platformdirs
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.core import limits
 from service.core.storage.config import StorageConfig
 
 
@@ -42,9 +43,9 @@ class Settings(BaseSettings):
     """Address of an existing Ray cluster; None starts a local one (``tuneserve up``)."""
     cpus_per_worker: int = Field(default=0, ge=0)
     """CPUs each training worker asks Ray for; 0 means all CPUs of the machine / workers."""
-    max_tokens_cap: int = Field(default=2048, ge=1)
+    max_tokens_cap: int = Field(default=limits.MAX_TOKENS, ge=1)
     chat_max_concurrency: int = Field(default=32, ge=1)
-    max_adapters_per_replica: int = Field(default=8, ge=1)
+    max_adapters_per_replica: int = Field(default=limits.ADAPTERS_PER_REPLICA, ge=1)
     builtin_models: bool = True
     """Offer the built-in SmolLM2-135M-Instruct as a base model."""
     tiny_model: bool = True

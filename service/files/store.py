@@ -16,38 +16,25 @@ reported exactly like a missing one (404).
 from __future__ import annotations
 
 import json
-import re
-import secrets
 import time
 from typing import IO, Any, Literal
 
 from service.core.errors import NotFound
-from service.core.storage import Storage, join_key
+from service.core.names import (
+    FILE_ID,
+    file_content_key,
+    file_id_from_index_key,
+    file_index_key,
+    file_index_prefix,
+    file_prefix,
+    file_record_key,
+    new_file_id,
+)
+from service.core.storage import Storage
 
-FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 FINE_TUNE = "fine-tune"
 RESULTS = "fine-tune-results"
 Order = Literal["asc", "desc"]
-
-
-def new_file_id() -> str:
-    return f"file-{secrets.token_hex(12)}"
-
-
-def content_key(file_id: str) -> str:
-    return join_key("files", file_id, "content")
-
-
-def record_key(file_id: str) -> str:
-    return join_key("files", file_id, "object.json")
-
-
-def file_prefix(file_id: str) -> str:
-    return join_key("files", file_id) + "/"
-
-
-def _index_prefix(tenant: str) -> str:
-    return join_key("file-index", tenant) + "/"
 
 
 def _not_found(file_id: str, param: str | None) -> NotFound:
@@ -62,9 +49,9 @@ def save_record(storage: Storage, tenant: str, file_id: str, *, filename: str, p
         "id": file_id, "object": "file", "bytes": size, "created_at": created_ns // 10**9,
         "filename": filename, "purpose": purpose, "status": "processed", "status_details": None,
         "expires_at": None, "description": description, "tenant": tenant,
-        "index_key": join_key("file-index", tenant, f"{created_ns:020d}-{file_id}"),
+        "index_key": file_index_key(tenant, created_ns, file_id),
     }
-    storage.create(record_key(file_id), json.dumps(record).encode())
+    storage.create(file_record_key(file_id), json.dumps(record).encode())
     storage.put(record["index_key"], b"")
     return record
 
@@ -75,7 +62,7 @@ def get_file(storage: Storage, tenant: str, file_id: str, *,
     if not isinstance(file_id, str) or not FILE_ID.match(file_id):
         raise _not_found(file_id, param)
     try:
-        record = json.loads(storage.get(record_key(file_id)))
+        record = json.loads(storage.get(file_record_key(file_id)))
     except NotFound:
         raise _not_found(file_id, param) from None
     if record.get("tenant") != tenant:
@@ -86,7 +73,7 @@ def get_file(storage: Storage, tenant: str, file_id: str, *,
 def open_content(storage: Storage, tenant: str, file_id: str) -> IO[bytes]:
     """A streaming reader of the file's bytes (a context manager)."""
     get_file(storage, tenant, file_id)
-    return storage.open(content_key(file_id))
+    return storage.open(file_content_key(file_id))
 
 
 def delete_file(storage: Storage, tenant: str, file_id: str) -> None:
@@ -94,15 +81,15 @@ def delete_file(storage: Storage, tenant: str, file_id: str) -> None:
     # Record and index first: once they are gone the file is gone for every reader, and a crash
     # before the content is removed leaves only unreachable bytes.
     storage.delete(record["index_key"])
-    storage.delete(record_key(file_id))
+    storage.delete(file_record_key(file_id))
     storage.delete_prefix(file_prefix(file_id))
 
 
 def list_files(storage: Storage, tenant: str, *, after: str | None = None, limit: int = 10000,
                order: Order = "desc", purpose: str | None = None) -> tuple[list[dict], bool]:
     """One page of the tenant's files in upload order, and whether more follow."""
-    keys = [info.key for info in storage.iter(_index_prefix(tenant))]
-    ids = [key.rsplit("/", 1)[-1].split("-", 1)[1] for key in sorted(keys)]
+    keys = [info.key for info in storage.iter(file_index_prefix(tenant))]
+    ids = [file_id_from_index_key(key) for key in sorted(keys)]
     if order == "desc":
         ids.reverse()
     if after is not None:
@@ -132,7 +119,7 @@ def file_kind(record: dict[str, Any]) -> Literal["sft", "preference"] | None:
 def create_result_file(storage: Storage, tenant: str, filename: str, data: bytes) -> str:
     """Store a file the service made (a job's metrics CSV), purpose ``fine-tune-results``."""
     file_id = new_file_id()
-    storage.put(content_key(file_id), data)
+    storage.put(file_content_key(file_id), data)
     save_record(storage, tenant, file_id, filename=filename, purpose=RESULTS, size=len(data),
                 description=None)
     return file_id

@@ -14,6 +14,7 @@ import traceback
 
 import ray
 
+from service.core import names
 from service.jobs.store import JobRecord, JobStore
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
@@ -35,7 +36,7 @@ def train_spec(record: JobRecord, cpus_per_worker: int):
     base_model, init_adapter = record.model, None
     tuned = parse_tuned_model(record.model)
     if tuned is not None:
-        base_model, init_adapter = tuned.base_model, f"adapters/{tuned.adapter_id}"
+        base_model, init_adapter = tuned.base_model, names.adapter_key(tuned.adapter_id)
     files = [(record.training_file, 1.0)] + [(f["file"], f["weight"])
                                             for f in ext.get("training_files") or []]
     fields = dict(
@@ -101,7 +102,7 @@ class JobDriver:
         ray.actor.exit_actor()
 
     def _succeed(self, store: JobStore, events, record: JobRecord, result: dict) -> None:
-        manifest_key = f"adapters/{self.job_id}/final/manifest.json"
+        manifest_key = names.adapter_key(names.adapter_id(self.job_id), names.ADAPTER_MANIFEST)
         if not self.storage.exists(manifest_key):
             self._fail(store, events, RuntimeError("the run ended without a complete adapter"))
             return
@@ -159,11 +160,7 @@ def _write_result_file(storage, record: JobRecord, events) -> str | None:
 
 def tuned_model_name(record: JobRecord) -> str:
     """``ft:<base>:<suffix>:<job id>``; a job tuned from a tuned model names the same base."""
-    from service.core.names import parse_tuned_model
-
-    tuned = parse_tuned_model(record.model)
-    base = tuned.base_model if tuned else record.model
-    return f"ft:{base}:{record.suffix or ''}:{record.id}"
+    return names.tuned_model(record.model, record.suffix, record.id).name
 
 
 def driver_alive(job_id: str) -> bool:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from service.core.storage import Storage, join_key
+from service.core.names import events_prefix
+from service.core.storage import Storage
 
 LOOK_BACK = 20
 """Events read from the end at most; a run writes a metrics event every step, so the newest one
@@ -20,7 +21,7 @@ is among the last few unless the run has ended with a burst of messages."""
 def latest_metrics(storage: Storage, job_id: str) -> dict[str, Any] | None:
     """The ``data`` of the job's newest metrics event (``step``, ``total_steps``, ``train_loss``,
     …), or None before the first step."""
-    prefix = join_key("jobs", job_id, "events") + "/"
+    prefix = events_prefix(job_id)
     keys = [info.key for info in storage.iter(prefix)]
     for key in reversed(keys[-LOOK_BACK:]):
         event = json.loads(storage.get(key))

@@ -4,8 +4,6 @@ through legal status transitions. Storage is the single source of truth for ever
 from __future__ import annotations
 
 import json
-import re
-import secrets
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
@@ -13,7 +11,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, Field
 
 from service.core.errors import Conflict, NotFound, PreconditionFailed
-from service.core.storage import Storage, join_key
+from service.core.names import JOB_ID, JOBS_PREFIX, is_job_key, job_key
+from service.core.storage import Storage
 
 Status = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed",
                  "cancelled"]
@@ -87,17 +86,6 @@ class JobRecord(BaseModel):
 PUBLIC_EXTENSIONS = frozenset({"lora", "num_workers", "use_gpu", "training_files"})
 
 
-JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
-
-
-def new_job_id() -> str:
-    return f"ftjob-{secrets.token_hex(12)}"
-
-
-def job_key(job_id: str) -> str:
-    return join_key("jobs", job_id, "job.json")
-
-
 class JobStore:
     def __init__(self, storage: Storage):
         self.storage = storage
@@ -143,8 +131,8 @@ class JobStore:
     def list(self, tenant: str | None = None) -> list[JobRecord]:
         """All jobs (of ``tenant`` if given), newest first."""
         records = []
-        for info in self.storage.iter("jobs/"):
-            if not info.key.endswith("/job.json") or info.key.count("/") != 2:
+        for info in self.storage.iter(JOBS_PREFIX):
+            if not is_job_key(info.key):
                 continue
             record = JobRecord.model_validate_json(self.storage.get(info.key))
             if tenant is None or record.organization_id == tenant:

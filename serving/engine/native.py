@@ -28,9 +28,10 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from service.core import limits
 from service.core.errors import InvalidRequest, RateLimited
 from serving.engine import packed_linear
-from serving.adapters import DEFAULT_MAX_RANK, LoadedAdapter, read_adapter
+from serving.adapters import LoadedAdapter, read_adapter
 from serving.engine.batch import Row, RunningBatch, left_pad, segments_of
 from serving.engine.lora import MixedPlan, attach_lora, drop_factors, set_factors
 from serving.engine.prefix_cache import LayerKV, PrefixCache
@@ -110,8 +111,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, base_model: str,
                  fingerprint: Mapping[str, str], eot_ids: Iterable[int], max_batch: int = 16,
-                 max_pending: int = 64, default_max_tokens: int = 2048,
-                 max_rank: int = DEFAULT_MAX_RANK, threads: int | None = None,
+                 max_pending: int = 64, default_max_tokens: int = limits.MAX_TOKENS,
+                 threads: int | None = None,
                  prefix_cache_tokens: int = 4096):
         self.model = model.eval()
         self.threads = threads
@@ -123,7 +124,6 @@ class Engine:
         self.max_batch = max_batch
         self.max_pending = max_pending
         self.default_max_tokens = default_max_tokens
-        self.max_rank = max_rank
         self.max_context = int(model.config.max_position_embeddings)
         self.lora, self.modules = attach_lora(model)
         # A cached prefix goes in front of a prompt in plain cache layers only (a sliding-window
@@ -164,7 +164,7 @@ class Engine:
     def load_adapter(self, adapter_id: str, path: Path) -> None:
         """Check the adapter folder at ``path`` against this base model and make it usable."""
         self.add_adapter(read_adapter(path, adapter_id, self.modules, base_model=self.base_model,
-                                      fingerprint=self.fingerprint, max_rank=self.max_rank))
+                                      fingerprint=self.fingerprint))
 
     def add_adapter(self, adapter: LoadedAdapter) -> None:
         with self._lock:

@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 
 from datasets import Dataset, load_from_disk
 
+from service.core import names
 from service.core.errors import InvalidRequest
 from training.model import chat
 from training.data.formats import iter_normalised
@@ -80,7 +81,7 @@ class _HashingReader(io.RawIOBase):
 
 
 def file_key(file_id: str) -> str:
-    return f"files/{file_id}/content"
+    return names.file_content_key(file_id)
 
 
 def read_examples(storage: Any, file_id: str) -> tuple[list[tuple[int, dict]], str]:
@@ -128,7 +129,7 @@ def fingerprint(file_ids: list[str], template_hash: str, max_length: int) -> str
 
 
 def split_prefix(job_id: str, split: str) -> str:
-    return f"jobs/{job_id}/data/{split}"
+    return names.split_prefix(job_id, split)
 
 
 def build_split(storage: Any, tokenizer: Any, file_ids: list[str], max_length: int,

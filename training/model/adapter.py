@@ -17,17 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from service.core import names
 from training.spec import Hyperparameters, TrainSpec
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+MANIFEST = names.ADAPTER_MANIFEST
+adapter_prefix = names.adapter_prefix
+"""``adapters/<job_id>/final`` or ``adapters/<job_id>/ckpt-step-<step>``."""
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "ray", "tuneserve")
-
-
-def adapter_prefix(job_id: str, step: int | None = None) -> str:
-    """``adapters/<job_id>/final`` or ``adapters/<job_id>/ckpt-step-<step>``."""
-    return f"adapters/{job_id}/" + ("final" if step is None else f"ckpt-step-{step}")
 
 
 def save_weights(model: torch.nn.Module, out_dir: Path) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.core.errors import AlreadyExists, InvalidRequest, NotFound
+from service.core.names import BUILTIN_MODEL_ID, TINY_MODEL_ID, model_prefix
 
 if TYPE_CHECKING:
     import torch
@@ -40,9 +41,6 @@ if TYPE_CHECKING:
     from service.core.storage import Storage
 
 log = logging.getLogger(__name__)
-
-BUILTIN_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-TINY_MODEL_ID = "tuneserve/tiny-llama"
 
 CONVERSION_VERSION = 2
 """Bump when a conversion or build changes: the cache slug changes with it, old copies stay put."""
@@ -238,7 +236,7 @@ def _process_lock(key: str) -> threading.Lock:
 
 
 def _storage_prefix(slug: str) -> str:
-    return f"models/{slug}/"
+    return model_prefix(slug)
 
 
 def _fetch_from_storage(storage: Storage, slug: str, out: Path) -> bool:

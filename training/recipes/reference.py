@@ -29,12 +29,12 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from service.core import names
 from service.core.errors import NotFound
 from training.data.preference import Pair
 
 log = logging.getLogger(__name__)
 
-CACHE_PREFIX = "cache/ref-logps"
 CACHE_VERSION = 1
 """Bump when the way log-probs are computed changes: old cache entries are then ignored."""
 REFERENCE_ADAPTER = "reference"
@@ -64,7 +64,7 @@ def cache_key(*, data_hashes: Iterable[str], template_hash: str, max_length: int
                        "max_length": max_length, "base": base_weights_hash,
                        "reference_adapter": reference_adapter_hash, "bf16": bf16,
                        "version": CACHE_VERSION}, sort_keys=True)
-    return f"{CACHE_PREFIX}/{hashlib.sha256(text.encode()).hexdigest()[:32]}.safetensors"
+    return names.ref_logps_key(hashlib.sha256(text.encode()).hexdigest()[:32])
 
 
 def adapter_hash(folder: Path) -> str:

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from service.files import store as file_store
 from service.api.auth import get_tenant
 from service.core.errors import InvalidRequest, PayloadTooLarge
+from service.core import names
 from service.core.names import base_model_ids
 from service.core.storage import Storage
 from service.files.uploads import receive_upload
@@ -132,8 +133,8 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
 @router.post("/files", response_model=FileObject, openapi_extra=_UPLOAD_FORM)
 async def create_file(request: Request, tenant: Tenant, storage: Store) -> FileObject | Response:
     settings = request.app.state.settings
-    file_id = file_store.new_file_id()
-    key = file_store.content_key(file_id)
+    file_id = names.new_file_id()
+    key = names.file_content_key(file_id)
     try:
         upload = await receive_upload(request, storage, key,
                                       max_file_bytes=settings.max_upload_bytes)
@@ -159,7 +160,7 @@ async def create_file(request: Request, tenant: Tenant, storage: Store) -> FileO
 
 @router.get("/files")
 def list_files(tenant: Tenant, storage: Store,
-               after: Annotated[str | None, Query(pattern=r"^file-[0-9a-f]{24}$")] = None,
+               after: Annotated[str | None, Query(pattern=names.FILE_ID_PATTERN)] = None,
                limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
                order: Literal["asc", "desc"] = "desc", purpose: str | None = None) -> FileList:
     page, has_more = file_store.list_files(storage, tenant, after=after, limit=limit, order=order,
@@ -176,7 +177,7 @@ def retrieve_file(record: FileRecord) -> FileObject:
 
 @router.get("/files/{file_id}/content")
 def download_file(record: FileRecord, storage: Store) -> StreamingResponse:
-    key = file_store.content_key(record["id"])
+    key = names.file_content_key(record["id"])
 
     def chunks() -> Iterator[bytes]:
         with storage.open(key) as stream:
@@ -199,7 +200,7 @@ def delete_file(record: FileRecord, tenant: Tenant, storage: Store) -> FileDelet
 async def _discard(storage: Storage, file_id: str) -> None:
     """Nothing of a rejected upload stays: the content, and a record if one got written."""
     with contextlib.suppress(Exception):
-        await run_in_threadpool(storage.delete_prefix, file_store.file_prefix(file_id))
+        await run_in_threadpool(storage.delete_prefix, names.file_prefix(file_id))
 
 
 def _check_fields(fields: dict[str, str], has_file: bool) -> str | None:

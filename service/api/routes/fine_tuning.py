@@ -14,9 +14,10 @@ from service.jobs import idempotency
 from service.api.auth import get_tenant
 from service.core.errors import Conflict, InvalidRequest, NotFound
 from service.api.schemas import CreateJobRequest
-from service.jobs.store import ACTIVE, TERMINAL, JobRecord, JobStore, new_job_id
-from service.core.names import base_model_ids, parse_tuned_model
-from service.core.storage import Storage, join_key
+from service.jobs.store import ACTIVE, TERMINAL, JobRecord, JobStore
+from service.core import names
+from service.core.names import base_model_ids, new_job_id, parse_tuned_model
+from service.core.storage import Storage
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -68,7 +69,7 @@ def create_job(request: Request, body: CreateJobRequest, tenant: Tenant, store: 
 
 @router.get("")
 def list_jobs(tenant: Tenant, store: Store, request: Request,
-              after: Annotated[str | None, Query(pattern=r"^ftjob-[0-9a-f]{24}$")] = None, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
+              after: Annotated[str | None, Query(pattern=names.JOB_ID_PATTERN)] = None, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
     wanted = {k[len("metadata["):-1]: v for k, v in request.query_params.items()
               if k.startswith("metadata[") and k.endswith("]")}
     jobs = [j for j in store.list(tenant)
@@ -148,7 +149,7 @@ def _check_request(request: Request, body: CreateJobRequest, tenant: str) -> Non
 
     settings = request.app.state.settings
     storage: Storage = request.app.state.storage
-    tuned = parse_tuned_model(body.model) if body.model.startswith("ft:") else None
+    tuned = parse_tuned_model(body.model)
     if tuned is not None:
         source = JobStore(storage).get(tuned.job_id, tenant)  # 404 for someone else's model
         if source.status != "succeeded":
@@ -206,7 +207,7 @@ def read_event_page(storage: Storage, job_id: str, after: str | None,
     """
     from service.core.events import event_id_from_key
 
-    keys = [info.key for info in storage.iter(join_key("jobs", job_id, "events") + "/")]
+    keys = [info.key for info in storage.iter(names.events_prefix(job_id))]
     keys.reverse()  # newest first, as OpenAI lists them
     chosen, has_more = _page(keys, after, limit, key=event_id_from_key)
     return [json.loads(storage.get(key)) for key in chosen], has_more
@@ -214,27 +215,27 @@ def read_event_page(storage: Storage, job_id: str, after: str | None,
 
 def read_events(storage: Storage, job_id: str) -> list[dict]:
     """The job's events, oldest first."""
-    prefix = join_key("jobs", job_id, "events") + "/"
+    prefix = names.events_prefix(job_id)
     return [json.loads(storage.get(info.key)) for info in storage.iter(prefix)]
 
 
 def read_checkpoints(storage: Storage, job: JobRecord) -> list[dict]:
     """The job's checkpoints, newest first, from their adapter manifests."""
     checkpoints = []
-    prefix = join_key("adapters", job.id) + "/"
+    prefix = names.job_adapters_prefix(job.id)
     for info in storage.iter(prefix):
         folder, _, name = info.key[len(prefix):].partition("/")
-        if name != "manifest.json" or not folder.startswith("ckpt-step-"):
+        step = names.checkpoint_step(folder)
+        if name != names.ADAPTER_MANIFEST or step is None:
             continue
         manifest = json.loads(storage.get(info.key))
-        step = int(folder.removeprefix("ckpt-step-"))
         metrics = manifest.get("metrics") or {}
         checkpoints.append({
             "object": "fine_tuning.job.checkpoint",
-            "id": f"ftckpt-{job.id.removeprefix('ftjob-')}-{step:08d}",
+            "id": names.checkpoint_id(job.id, step),
             "created_at": int(info.last_modified.timestamp()),
             "fine_tuned_model_checkpoint":
-                f"ft:{job.model}:{job.suffix or ''}:{job.id}:ckpt-step-{step}",
+                names.tuned_model(job.model, job.suffix, job.id, step).name,
             "fine_tuning_job_id": job.id,
             "step_number": step,
             "metrics": {"step": step, **{k: metrics.get(k) for k in (
@@ -285,7 +286,7 @@ class EventCursor:
         if self.newest_ns > self.LATE_NS:
             after = event_key(self.job_id, self.newest_ns - self.LATE_NS, 0)
         events = []
-        for info in self.storage.iter(join_key("jobs", self.job_id, "events") + "/", after=after):
+        for info in self.storage.iter(names.events_prefix(self.job_id), after=after):
             if info.key not in self.seen:
                 self.seen.add(info.key)
                 self.newest_ns = max(self.newest_ns, event_created_ns(info.key))

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime
 from dataclasses import dataclass
+from datetime import datetime
 
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import get_tenant
+from service.core import names
 from service.core.errors import InvalidRequest, NotFound
-from service.jobs.store import JobRecord, JobStore
 from service.core.names import TunedModel, base_model_ids, parse_tuned_model
-from service.core.storage import Storage, join_key
+from service.core.storage import Storage
+from service.jobs.store import JobRecord, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +49,12 @@ def _not_found(name: str) -> NotFound:
                     param="model", code="model_not_found")
 
 
-def _expected_name(job: JobRecord) -> str:
-    # A job tuned from a tuned model names the same base as its parent.
-    parent = parse_tuned_model(job.model)
-    base = parent.base_model if parent else job.model
-    return f"ft:{base}:{job.suffix or ''}:{job.id}"
+def _job_model(job: JobRecord, step: int | None = None) -> TunedModel:
+    return names.tuned_model(job.model, job.suffix, job.id, step)
 
 
 def _manifest_key(adapter_id: str) -> str:
-    return join_key("adapters", *adapter_id.split("/"), "manifest.json")
+    return names.adapter_key(adapter_id, names.ADAPTER_MANIFEST)
 
 
 def resolve_model(request: Request, name: str, tenant: str) -> ChatTarget:
@@ -83,8 +81,7 @@ def _owned_tuned_model(storage: Storage, tuned: TunedModel, tenant: str) -> JobR
         job = JobStore(storage).get(tuned.job_id, tenant)
     except NotFound:
         raise _not_found(tuned.name) from None
-    base_name = TunedModel(tuned.base_model, tuned.suffix, tuned.job_id).name
-    if _expected_name(job) != base_name or not storage.exists(_manifest_key(tuned.adapter_id)):
+    if _job_model(job) != tuned.final or not storage.exists(_manifest_key(tuned.adapter_id)):
         raise _not_found(tuned.name)
     if tuned.step is None and job.status != "succeeded":
         raise _not_found(tuned.name)
@@ -95,17 +92,16 @@ def _tuned_objects(storage: Storage, tenant: str) -> list[dict]:
     """The caller's tuned models and checkpoints, newest job first."""
     objects = []
     for job in JobStore(storage).list(tenant):
-        name = _expected_name(job)
-        prefix = join_key("adapters", job.id) + "/"
+        prefix = names.job_adapters_prefix(job.id)
         for info in storage.iter(prefix):
             folder, _, file = info.key[len(prefix):].partition("/")
-            if file != "manifest.json":
+            if file != names.ADAPTER_MANIFEST:
                 continue
-            if folder == "final" and job.status == "succeeded":
+            if folder == names.FINAL and job.status == "succeeded":
                 created = job.finished_at or _unix(info.last_modified)
-                objects.append(_model_object(name, tenant, created))
-            elif folder.startswith("ckpt-step-"):
-                objects.append(_model_object(f"{name}:{folder}", tenant,
+                objects.append(_model_object(_job_model(job).name, tenant, created))
+            elif (step := names.checkpoint_step(folder)) is not None:
+                objects.append(_model_object(_job_model(job, step).name, tenant,
                                              _unix(info.last_modified)))
     return objects
 
@@ -154,11 +150,11 @@ async def delete_model(model_id: str, request: Request,
 
 def _delete_adapters(storage: Storage, tuned: TunedModel) -> list[str]:
     if tuned.step is None:
-        prefix = join_key("adapters", tuned.job_id) + "/"
+        prefix = names.job_adapters_prefix(tuned.job_id)
         adapter_ids = sorted({f"{tuned.job_id}/{info.key[len(prefix):].split('/')[0]}"
                               for info in storage.iter(prefix)})
     else:
-        prefix = join_key("adapters", *tuned.adapter_id.split("/")) + "/"
+        prefix = names.adapter_key(tuned.adapter_id) + "/"
         adapter_ids = [tuned.adapter_id]
     # The manifest goes first: without it the adapter counts as absent even if a later
     # delete fails half-way.

@@ -1,0 +1,47 @@
+"""The limits a job and a chat request meet, in one table.
+
+Read by the API's request validation (``service/api/schemas.py``), the training spec's checks
+(``training/spec.py``) and the serving check (``serving/adapters.py``), so that whatever a job
+accepts trains, and whatever trains is served. Bounds are inclusive unless a name says otherwise.
+"""
+
+from __future__ import annotations
+
+# -- the adapter ------------------------------------------------------------------------------
+
+MAX_LORA_RANK = 64
+"""Largest LoRA rank a job accepts and a chat replica serves (smallest: 1). The engine applies
+any rank, but every adapted token pays for it: an r=64 adapter of SmolLM2-135M has 20M
+parameters (80 MB in fp32, held per cached adapter and replica), and its matmuls grow with r:
+at r=256 they add more than half of the base model's own work to every token."""
+MAX_LORA_LAYERS = 1024
+"""``lora.layers``: adapt at most the last this many decoder layers (more means all)."""
+
+# -- the run ----------------------------------------------------------------------------------
+
+MAX_EPOCHS = 50
+MAX_BATCH_SIZE = 256
+"""Examples per optimizer step, over all workers."""
+MAX_LEARNING_RATE_MULTIPLIER = 100.0
+"""The multiplier is > 0 and at most this."""
+MAX_WORKERS = 64
+"""Ray Train workers of one run."""
+MIN_CONTEXT_LENGTH = 16
+MAX_CONTEXT_LENGTH = 131072
+"""Tokens per training example (``max_length``) and per packed row (``pack_length``)."""
+MAX_TRAINING_FILES = 16
+"""Extra ``training_files`` mixed with ``training_file``."""
+MAX_FILE_WEIGHT = 1000.0
+
+# -- DPO --------------------------------------------------------------------------------------
+
+MAX_BETA = 2.0
+"""DPO's beta is > 0 and at most this."""
+MAX_RPO_ALPHA = 10.0
+
+# -- serving (defaults of settings that can raise or lower them) ------------------------------
+
+ADAPTERS_PER_REPLICA = 8
+"""Adapters a chat replica keeps loaded per base model (``TUNESERVE_MAX_ADAPTERS_PER_REPLICA``)."""
+MAX_TOKENS = 2048
+"""Completion tokens per chat request (``TUNESERVE_MAX_TOKENS_CAP``)."""
