@@ -43,7 +43,7 @@ from typing import Any
 
 import httpx
 
-from service.cli.main import EMBEDDED_RAY_DEFAULTS, HAPROXY_ENV
+from service.ray.embedded import HAPROXY_ENV, RAY_DEFAULTS
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": len(os.sched_getaffinity(0)), "load_average": os.getloadavg()[0],
         "command": "python -m bench.serve_path " + " ".join(argv or sys.argv[1:]),
         # the service inherits this environment; unset, it takes the embedded default
-        "haproxy": os.environ.get(HAPROXY_ENV, EMBEDDED_RAY_DEFAULTS[HAPROXY_ENV]) == "1"}
+        "haproxy": os.environ.get(HAPROXY_ENV, RAY_DEFAULTS[HAPROXY_ENV]) == "1"}
     with tempfile.TemporaryDirectory(prefix="tuneserve-serve-path-") as tmp:
         storage = str(Path(tmp) / "storage")
         env = {"TUNESERVE_STORAGE": storage, "TUNESERVE_API_KEYS": f"{API_KEY}:bench",

@@ -42,7 +42,13 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import serving  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads OpenMP)
+from service.ray.embedded import CHAT_REPLICA_ENV
+
+# The engine runs as in an embedded chat replica: with its environment, set before torch loads
+# OpenMP (the environment wins).
+for _name, _value in CHAT_REPLICA_ENV.items():
+    os.environ.setdefault(_name, _value)
+
 import torch
 
 RESULTS = Path(__file__).parent / "results"

@@ -9,7 +9,7 @@ blocks, SIGSTOPped otherwise) in one process, so the machine's drift from minute
 on all alike:
 
 - ``20 x 80 us``: what the service's processes take (~16 % of a core);
-- the same with the wakers' timer slack at 10 ms (set by ``service.cli.main.coalesce_timers``, as
+- the same with the wakers' timer slack at 10 ms (``service.ray.embedded.coalesce_timers``, as
   ``tuneserve up`` sets it for its Ray: the kernel may then fire their timers together);
 - ``2 x 800 us``: the same CPU in a tenth of the wakeups.
 
@@ -47,7 +47,7 @@ LOADS = {  # name: (wakers, microseconds spun per wakeup, timer slack in microse
 WAKER = """
 import time
 if {slack_ns}:
-    from service.cli.main import coalesce_timers
+    from service.ray.embedded import coalesce_timers
     coalesce_timers({slack_ns})
 while True:
     time.sleep(0.01)
@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args.rounds)))
         return 0
     # The training worker's allocator settings hold for the whole child process.
-    from training.run import TRAINING_MALLOC_ENV
+    from service.ray.embedded import CPU_TRAINING_ENV
 
-    env = {**os.environ, **TRAINING_MALLOC_ENV}
+    env = {**os.environ, **CPU_TRAINING_ENV}
     child = [sys.executable, "-m", "bench.step_noise", "--child", "--rounds", str(args.rounds)]
     out = subprocess.run(child, cwd=REPO, env=env, check=True, capture_output=True, text=True)
     result = {"kinds": json.loads(out.stdout.strip().splitlines()[-1]), "rounds": args.rounds,

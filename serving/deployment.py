@@ -62,7 +62,7 @@ class ChatModel:
         threads: intra-op threads of the generation thread. One by default, as Ray gives an
             actor that asks for no CPUs: on the 2-core reference machine a decode step on one
             thread is faster than on two whose OpenMP workers sleep between ops (which they
-            must where training shares the cores: serving/__init__.py), 90 against 128 ms at
+            must where training shares the cores: ``service.ray.embedded``), 90 against 128 ms at
             batch 8.
     """
 
@@ -167,6 +167,11 @@ class ChatModel:
         server = getattr(self, "server", None)
         if server is not None:
             server.close()
+
+    async def ready(self) -> bool:
+        """Whether this replica can answer: its generation thread runs (the API's ``/readyz``
+        asks, with a short timeout)."""
+        return self.server.engine.healthy
 
     def check_health(self) -> None:
         if not self.server.engine.healthy:

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def free_port() -> int:
     """A free loopback port that the processes a test starts will not take first."""
-    from service.cli.main import free_loopback_port
+    from service.ray.embedded import free_loopback_port
 
     return free_loopback_port()
 

@@ -1,42 +1,87 @@
-"""``tuneserve up`` as a user runs it: answers the probes and the model list, stops on Ctrl-C."""
+"""``tuneserve up`` as a user runs it: answers the probes and the model list, tunes its own
+processes for one machine (and only them), stops on Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+
 import httpx
+import openai
 import psutil
 import pytest
 
-from service.cli.main import EMBEDDED_TIMER_SLACK_NS
-from tests.helpers import Service
+from service.ray.embedded import CHAT_REPLICA_ENV, CPU_TRAINING_ENV, TIMER_SLACK_NS
+from tests.helpers import Service, wait_until
 
-pytestmark = pytest.mark.slow
+TINY = "tuneserve/tiny-llama"
 
 
-def test_up_answers_probes_and_models_then_stops_clean(tmp_path):
-    service = Service(str(tmp_path / "storage")).start()
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    # Its own, not the shared one: this module starts and stops it, with the default settings.
+    svc = Service(str(tmp_path_factory.mktemp("up") / "storage")).start()
+    yield svc
+    svc.stop()  # a no-op once test_stops_clean_on_ctrl_c has stopped it
+
+
+@pytest.mark.slow
+def test_up_answers_probes_and_models(service):
+    assert httpx.get(f"{service.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{service.url}/readyz", timeout=10)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"storage": "ok", "Chat-smollm2-135m-instruct": "ok",
+                                      "Chat-tiny-llama": "ok"}
+    models = httpx.get(f"{service.url}/v1/models").json()
+    ids = [m["id"] for m in models["data"]]
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in ids
+    assert all(m["object"] == "model" for m in models["data"])
+
+
+@pytest.mark.slow
+def test_its_processes_are_tuned_for_one_machine(service):
+    """What ``service.ray.embedded`` sets reaches the processes it is for, and no others: timer
+    slack everywhere in its Ray, OpenMP's passive waits in the chat replicas only, glibc's
+    allocator settings in CPU training workers only."""
+    family = psutil.Process(service.proc.pid).children(recursive=True)
+    # Its own local Ray runs as its children (GCS, raylet, workers).
+    ray_children = [p for p in family if "raylet" in p.name() or "gcs_server" in p.name()]
+    assert len(ray_children) >= 2
+    chats = service.processes("ServeReplica:tuneserve:Chat-")
+    [api] = service.processes("ServeReplica:tuneserve:Api")
+    assert len(chats) == 2
+    for p in ray_children + chats + [api]:
+        with open(f"/proc/{p.pid}/timerslack_ns") as f:
+            assert int(f.read()) == TIMER_SLACK_NS, p.cmdline()[:1]
+    for p in chats:
+        assert CHAT_REPLICA_ENV.items() <= p.environ().items(), p.cmdline()[:1]
+    for p in [api, *ray_children]:
+        assert not CHAT_REPLICA_ENV.keys() & p.environ().keys(), p.cmdline()[:1]
+        assert not CPU_TRAINING_ENV.keys() & p.environ().keys(), p.cmdline()[:1]
+
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="local", max_retries=2)
+    rows = [{"messages": [{"role": "user", "content": f"Say {i}."},
+                          {"role": "assistant", "content": f"{i}"}]} for i in range(64)]
+    file = client.files.create(file=("train.jsonl", io.BytesIO(
+        "\n".join(map(json.dumps, rows)).encode())), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=TINY, training_file=file.id,
+                                         hyperparameters={"n_epochs": 20})
     try:
-        assert httpx.get(f"{service.url}/healthz").json() == {"status": "ok"}
-        ready = httpx.get(f"{service.url}/readyz")
-        assert ready.status_code == 200 and ready.json()["checks"]["storage"] == "ok"
-        models = httpx.get(f"{service.url}/v1/models").json()
-        ids = [m["id"] for m in models["data"]]
-        assert "HuggingFaceTB/SmolLM2-135M-Instruct" in ids
-        assert all(m["object"] == "model" for m in models["data"])
-        # Its own local Ray runs as its children (GCS, raylet, workers).
-        ray_children = [p for p in psutil.Process(service.proc.pid).children(recursive=True)
-                        if "raylet" in p.name() or "gcs_server" in p.name()]
-        assert len(ray_children) >= 2
-        family = psutil.Process(service.proc.pid).children(recursive=True)
-        # Every process of its local Ray lets the kernel batch its timer wakeups
-        # (service.cli.main.coalesce_timers): the Serve replicas as well as the GCS and raylet.
-        replicas = [p for p in family if "ServeReplica" in " ".join(p.cmdline())]
-        assert replicas
-        for p in ray_children + replicas:
-            with open(f"/proc/{p.pid}/timerslack_ns") as f:
-                assert int(f.read()) == EMBEDDED_TIMER_SLACK_NS, p.cmdline()[:1]
+        [worker] = wait_until(lambda: service.processes("RayTrainWorker"), 180,
+                              what="the job's training worker")
+        environ = worker.environ()
+        assert CPU_TRAINING_ENV.items() <= environ.items()
+        assert not CHAT_REPLICA_ENV.keys() & environ.keys()
     finally:
-        code = service.stop()
-    assert code == 0
+        with contextlib.suppress(openai.ConflictError):  # finished already
+            client.fine_tuning.jobs.cancel(job.id)
+
+
+@pytest.mark.slow
+def test_stops_clean_on_ctrl_c(service):
+    family = psutil.Process(service.proc.pid).children(recursive=True)
+    assert service.stop() == 0
     _, alive = psutil.wait_procs(family, timeout=20)
     alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"processes left behind after SIGINT: {[p.cmdline()[:2] for p in alive]}"
@@ -70,7 +115,7 @@ def test_ports_it_picks_are_free_and_outside_the_range_the_kernel_hands_out():
     port picked there could be taken before HAProxy binds it."""
     import socket
 
-    from service.cli.main import free_loopback_port
+    from service.ray.embedded import free_loopback_port
 
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
         ephemeral_low = int(f.read().split()[0])
@@ -80,3 +125,21 @@ def test_ports_it_picks_are_free_and_outside_the_range_the_kernel_hands_out():
     for port in ports[:5]:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
+
+
+def test_only_cpu_training_workers_get_the_allocator_settings(monkeypatch):
+    """``tuneserve up`` and ``tuneserve train`` name glibc's settings for the CPU training
+    workers; a GPU worker, or any worker where no launcher named them (a cluster), gets none."""
+    from service.ray import embedded
+    from training.run import CPU_WORKER_ENV, worker_env
+
+    monkeypatch.delenv(CPU_WORKER_ENV, raising=False)  # restored after the test
+    for name in embedded.CPU_TRAINING_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert not embedded.CPU_TRAINING_ENV.keys() & worker_env(use_gpu=False).keys()
+    embedded.set_training_env()
+    assert embedded.CPU_TRAINING_ENV.items() <= worker_env(use_gpu=False).items()
+    assert not embedded.CPU_TRAINING_ENV.keys() & worker_env(use_gpu=True).keys()
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "0")  # the environment wins
+    embedded.set_training_env()
+    assert worker_env(use_gpu=False)["MALLOC_TOP_PAD_"] == "0"

@@ -273,7 +273,7 @@ def test_embedded_mode_listens_on_loopback_only(tmp_path):
     manager, agents, workers, HAProxy (the ingress, its stats page and Prometheus
     exporter: Ray 2.60 binds the last two to every interface), Serve's fallback proxy, and each
     Serve replica's inter-deployment gRPC server (Ray binds that one to ``[::]:0``;
-    ``service.ray.worker_setup`` rebinds these in embedded mode). A chat through the API checks that
+    ``service.ray.embedded`` rebinds these). A chat through the API checks that
     the API still reaches the chat deployment through its Serve handle."""
     service = Service(str(tmp_path / "storage")).start()
     try:
@@ -292,7 +292,7 @@ def test_embedded_mode_listens_on_loopback_only(tmp_path):
     # The service's port is HAProxy's (the embedded default ingress), beside its stats and metrics.
     haproxy = [s for s in sockets if "haproxy" in s[0]]
     assert service.port in [port for _, _, port in haproxy] and len(haproxy) >= 3, sockets
-    # No dashboard (service.cli.main): the head that Ray still runs serves only its own metrics, and
+    # No dashboard (service.ray.embedded): the head that Ray still runs serves only its own metrics, and
     # nothing serves Ray's Jobs API, which runs any code it is sent.
     assert not jobs_api, jobs_api
     assert any(name.startswith("ray::ServeReplica:") for name, _, _ in sockets), sockets

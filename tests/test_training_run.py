@@ -287,7 +287,7 @@ def test_a_dead_runs_placement_group_is_freed_without_the_dashboard(ray_local):
         """Ray Train's cleaner, in a new worker that first runs what the setup hook runs."""
 
         def __init__(self, controller_id: str):
-            from service.ray.worker_setup import ask_the_gcs_whether_train_controllers_live
+            from service.ray.embedded import ask_the_gcs_whether_train_controllers_live
 
             ask_the_gcs_whether_train_controllers_live()
             from ray.train.v2._internal.execution.controller.placement_group_cleaner import (

@@ -61,18 +61,6 @@ def run_storage(config: StorageConfig, job_id: str) -> tuple[str, pyarrow.fs.Fil
     return path, pyarrow.fs.S3FileSystem(**{k: v for k, v in options.items() if v is not None})
 
 
-TRAINING_MALLOC_ENV = {
-    # glibc hands large freed blocks back to the kernel (munmap, heap trim) and maps them anew on
-    # the next step: on CPU ~9,000 page faults a step, each first touch of a fresh page zeroed by
-    # the kernel (and, in a VM, often backed anew by the host: 30 ms for one (100, 49k) fp32
-    # buffer). A training worker reuses the same sizes every step, so it keeps its heap: blocks
-    # up to 32 MB (glibc's ceiling for this threshold) come from the heap, which is never trimmed.
-    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
-    "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
-    "MALLOC_TOP_PAD_": str(256 << 20),
-}
-"""Allocator settings for training workers (read when the process starts; the environment wins)."""
-
 TRAINING_PRINT_ENV = {
     # Ray Train makes every print() in a worker an INFO line of the root logger, even one that a
     # library makes to capture it: dill disassembles a function (dis.dis into a captured stdout)
@@ -83,8 +71,19 @@ TRAINING_PRINT_ENV = {
 """Ray Train's print redirection, off in training workers (the environment wins)."""
 
 
-def worker_env() -> dict[str, str]:
-    defaults = {**TRAINING_MALLOC_ENV, **TRAINING_PRINT_ENV}
+CPU_WORKER_ENV = "TUNESERVE_CPU_WORKER_ENV"
+"""Names a JSON object of environment variables for CPU training workers: how a launcher that
+tunes the processes of its machine reaches them (``service.ray.embedded``: glibc's allocator
+settings). Unset on a cluster; never applied to GPU workers."""
+
+
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """The training workers' environment: ``TRAINING_PRINT_ENV``, on CPU workers what
+    ``CPU_WORKER_ENV`` names, and the ``FORWARDED_ENV`` variables of this process (whose
+    environment wins)."""
+    defaults = dict(TRAINING_PRINT_ENV)
+    if not use_gpu:
+        defaults.update(json.loads(os.environ.get(CPU_WORKER_ENV) or "{}"))
     names = (*FORWARDED_ENV, *defaults)
     return {**defaults, **{name: os.environ[name] for name in names if name in os.environ}}
 
@@ -112,7 +111,7 @@ def build_trainer(spec: TrainSpec, storage_config: StorageConfig) -> TorchTraine
             failure_config=FailureConfig(max_failures=spec.max_failures),
             # The run folder only serves resumption; every checkpoint is also an adapter.
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": worker_env()}),
+            worker_runtime_env={"env_vars": worker_env(spec.use_gpu)}),
     )
 
 

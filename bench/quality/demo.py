@@ -43,7 +43,7 @@ import make_data
 from service.cli import evaluate as cli_eval
 
 from service.cli import eval_tasks
-from service.cli.main import free_loopback_port
+from service.ray.embedded import free_loopback_port
 from service.cli.client import Client, upload_file
 from service.cli.jobs import follow
 from training.model.registry import TINY_MODEL_ID

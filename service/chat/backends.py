@@ -26,6 +26,8 @@ class ChatUnavailable(TuneserveError):
 
     status = 503
 
+GENERATION_STOPPED = "its generation loop stopped"
+
 CALL_TIMEOUT_S = 600.0
 """Upper bound on one completion through Serve (a 2048-token answer on CPU takes minutes)."""
 REPLICA_LOST_RETRIES = 2
@@ -33,7 +35,10 @@ REPLICA_LOST_RETRIES = 2
 
 
 class ChatBackend(Protocol):
-    def ready(self) -> bool: ...
+    async def ready(self, timeout_s: float) -> dict[str, str]:
+        """Each chat deployment (by name) that should answer now: "ok", or why it cannot."""
+        ...
+
     async def complete(self, call: ChatCall) -> ChatOutput: ...
     def stream(self, call: ChatCall) -> AsyncIterator[ChatOutput]: ...
     async def evict(self, adapter_id: str, base_model: str | None = None) -> None: ...
@@ -56,8 +61,10 @@ class LocalChatBackend:
         self._caches: dict[str, Any] = {}
         self._building: dict[str, asyncio.Task[Any]] = {}
 
-    def ready(self) -> bool:
-        return True
+    async def ready(self, timeout_s: float) -> dict[str, str]:
+        # Engines are built on first use: one not built yet is not expected to answer.
+        return {deployment_name(base): "ok" if server.engine.healthy else GENERATION_STOPPED
+                for base, server in self._servers.items()}
 
     async def _server(self, base_model: str) -> tuple[Any, Any]:
         if base_model not in self._servers:
@@ -127,8 +134,42 @@ class ServeChatBackend:
         self._app_name = app_name
         self._handles: dict[str, Any] = {}
 
-    def ready(self) -> bool:
-        return True
+    async def ready(self, timeout_s: float) -> dict[str, str]:
+        """Asks every chat deployment's ``ready()`` at once, each bounded by ``timeout_s``."""
+        from service.core.names import base_model_ids
+
+        bases = base_model_ids(self.settings)
+        answers = await asyncio.gather(*(self._ready(base, timeout_s) for base in bases))
+        return {deployment_name(base): answer for base, answer in zip(bases, answers, strict=True)}
+
+    async def _ready(self, base_model: str, timeout_s: float) -> str:
+        response = None
+        try:
+            # Routed like a base-model request, to any replica; with none running, Serve holds it.
+            response = self._handle(base_model).ready.remote()
+            healthy = await asyncio.wait_for(response, timeout_s)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the deployment cannot answer
+            if isinstance(exc, asyncio.TimeoutError) and response is not None:
+                response.cancel()
+                why = f"no replica answered within {timeout_s:g} s"
+            else:
+                why = f"its replica failed to answer: {_first_line(exc)}"
+            return f"{why} ({await self._replicas(base_model, timeout_s)})"
+        return "ok" if healthy else GENERATION_STOPPED
+
+    async def _replicas(self, base_model: str, timeout_s: float) -> str:
+        """The deployment's replicas by state, as Serve's controller sees them."""
+        from ray import serve
+
+        try:
+            app = self._app_name or serve.get_replica_context().app_name
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), timeout_s)
+            deployment = status.applications[app].deployments[deployment_name(base_model)]
+        except Exception as exc:  # noqa: BLE001 - the status is only a detail of the answer
+            return f"replicas unknown: {_first_line(exc)}"
+        states = ", ".join(f"{n} {state.lower()}" for state, n in
+                           sorted(deployment.replica_states.items()) if n)
+        return f"replicas: {states or 'none'}"
 
     def _handle(self, base_model: str) -> Any:
         handle = self._handles.get(base_model)

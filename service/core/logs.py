@@ -1,8 +1,8 @@
 """Structured logs: one JSON object per line, with the request id, tenant and job id where they
 apply, and never a secret.
 
-``setup_logging()`` is called by ``tuneserve up`` and, through Ray's
-``worker_process_setup_hook`` (``service.ray.worker_setup.setup``), in every Ray worker process of the
+``setup_logging()`` is called by ``tuneserve up`` and, as Ray's ``worker_process_setup_hook``
+(within ``service.ray.embedded.setup_worker`` on one machine), in every Ray worker process of the
 service (Serve replicas, job drivers, training workers); a Serve application started another way
 (KubeRay) calls it when its API replica builds the app. ``RequestContextMiddleware`` gives each
 HTTP request an id and binds it (and the job id in the path) to the logging context;

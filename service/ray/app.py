@@ -2,7 +2,8 @@
 
 Import path for ``serve run`` / KubeRay's ``serveConfigV2``: ``service.ray.app:build_app``.
 Its ``args`` are Settings fields (``{"storage": "s3://…"}``); unset fields come from
-``TUNESERVE_*`` in the replica's environment.
+``TUNESERVE_*`` in the replica's environment. It tunes nothing for the machine it runs on: the
+embedded launcher (``service.ray.embedded``) passes what one machine needs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ API_DEPLOYMENT = "Api"
 SECRET_SETTINGS = {"api_keys"}
 
 
-def build_app(args: dict | None = None) -> Application:
+def build_app(args: dict | None = None, *, chat_env: dict[str, str] | None = None) -> Application:
+    """The application; ``chat_env``: environment variables of the chat replicas (the embedded
+    launcher's; KubeRay passes only ``args``)."""
     from serving.deployment import ChatModel
 
     settings = Settings(**(args or {}))
@@ -49,8 +52,12 @@ def build_app(args: dict | None = None) -> Application:
             # here only so that they belong to this application and start with it.
             pass
 
+    # Serve merges these variables into the runtime_env the replicas inherit from the driver
+    # (whose worker setup hook stays).
+    chat_options = {} if not chat_env else {"ray_actor_options": {
+        **(ChatModel.ray_actor_options or {}), "runtime_env": {"env_vars": chat_env}}}
     chats = [
-        ChatModel.options(name=deployment_name(base)).bind(
+        ChatModel.options(name=deployment_name(base), **chat_options).bind(
             base_model=base, settings_args=settings_args)
         for base in base_model_ids(settings)
     ]
