@@ -6,7 +6,7 @@ all linear layers, 2 threads; bf16 autocast where the CPU has bf16 matmuls (AMX,
 fp32 elsewhere, on both sides. Variants, each in a fresh process so that peak
 memory is its own, run interleaved for several rounds:
 
-- ``ours``: the worker's DPO step (``training.recipes.dpo.DPOTrainer.train_step``, the production
+- ``ours``: the worker's DPO step (``training.recipes.dpo.DPORecipe.train_step``, the production
   code, driven without Ray) with reference log-probs precomputed in one pass before training;
 - ``ours_inline``: the same step, but the reference computed inside every step (a no-grad
   forward with the adapter disabled), as TRL does by default: the difference is what
@@ -70,20 +70,18 @@ def peak_rss_mb() -> float:
 # -- ours ----------------------------------------------------------------------------------------
 
 def run_ours(steps: int, warmup: int, inline_reference: bool) -> dict:
-    """Drive ``DPOTrainer.train_step`` in this process (rank 0 of 1, no Ray)."""
+    """Drive ``DPORecipe.train_step`` in this process (rank 0 of 1, no Ray)."""
     import torch
 
-    from training.model import chat
-
-    from training.model import registry
-
-    from training.recipes import reference
-    from training.spec import TrainSpec, resolve_hyperparameters
-    from training.recipes.dpo import DPOTrainer
-    from training.recipes.sft import SFTTrainer, bf16_supported
+    from service.core.storage.config import StorageConfig
     from training.data.preference import Pair
+    from training.model import chat, registry
+    from training.recipes import reference
+    from training.recipes.base import Recipe
+    from training.recipes.dpo import DPORecipe
+    from training.spec import TrainSpec, resolve_hyperparameters
 
-    class InlineReference(DPOTrainer):
+    class InlineReference(DPORecipe):
         """The reference forward inside every step (what precomputing avoids)."""
 
         def batch_loss(self, batch):
@@ -93,15 +91,16 @@ def run_ours(steps: int, warmup: int, inline_reference: bool) -> dict:
                                        "reference_rejected": ref_rejected})
 
     torch.manual_seed(SEED)
-    trainer = (InlineReference if inline_reference else DPOTrainer).__new__(
-        InlineReference if inline_reference else DPOTrainer)
-    trainer.spec = TrainSpec(job_id="ftjob-" + "0" * 24, base_model=registry.BUILTIN_MODEL_ID,
-                             training_files=(("file-" + "0" * 24, 1.0),), method="dpo",
-                             batch_size=BATCH, n_epochs=1, beta=BETA, lora_r=LORA_R,
-                             lora_alpha=LORA_ALPHA, max_length=MAX_LENGTH, cpus_per_worker=THREADS)
-    trainer.rank, trainer.world_size, trainer.events = 0, 1, None
-    trainer.device = torch.device("cpu")
-    trainer.use_bf16 = bf16_supported(trainer.device)
+    spec = TrainSpec(job_id="ftjob-" + "0" * 24, base_model=registry.BUILTIN_MODEL_ID,
+                     training_files=(("file-" + "0" * 24, 1.0),), method="dpo",
+                     batch_size=BATCH, n_epochs=1, beta=BETA, lora_r=LORA_R,
+                     lora_alpha=LORA_ALPHA, max_length=MAX_LENGTH, cpus_per_worker=THREADS)
+    # The recipe's setup piece by piece: the bench tokenises its own pairs and times the
+    # reference pass itself, where ``setup`` would read files and the reference cache.
+    trainer = (InlineReference if inline_reference else DPORecipe)(
+        spec, StorageConfig(uri=tempfile.mkdtemp(prefix="bench-dpo-")))
+    trainer.threads = trainer.device_strategy.set_threads(THREADS)
+    trainer.use_bf16 = trainer.device_strategy.bf16_fast(trainer.device)
     model_dir = registry.resolve_model(registry.BUILTIN_MODEL_ID)
     trainer.tokenizer = registry.load_tokenizer(model_dir)
     pairs = []
@@ -113,7 +112,7 @@ def run_ours(steps: int, warmup: int, inline_reference: bool) -> dict:
     n_steps = warmup + steps
     trainer.hp = resolve_hyperparameters(trainer.spec, len(pairs), 0)
     trainer.total_steps = n_steps
-    SFTTrainer.setup_model(trainer, model_dir)
+    Recipe.setup_model(trainer, model_dir)  # the policy, without DPO's reference setup
     trainer.setup_optimizer()
     used = pairs[:n_steps * BATCH]
     started = time.perf_counter()
@@ -142,9 +141,9 @@ def run_trl(steps: int, warmup: int, precompute: bool) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    from training.cpu.strategy import cpu_has_bf16
     from training.model import registry
     from training.model.lora import TARGET_MODULES
-    from training.recipes.sft import bf16_supported
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -168,7 +167,7 @@ def run_trl(steps: int, warmup: int, precompute: bool) -> dict:
     args = DPOConfig(
         # The precision ours picks: bf16 autocast only where the CPU has bf16 matmuls (AMX or
         # AVX512-bf16); elsewhere bf16 is emulated and many times slower, for TRL as for us.
-        output_dir=output, use_cpu=True, bf16=bf16_supported(torch.device("cpu")),
+        output_dir=output, use_cpu=True, bf16=cpu_has_bf16(),
         per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=1, max_steps=n_steps, learning_rate=1e-3, beta=BETA,
         max_length=MAX_LENGTH, save_strategy="no", report_to=[], logging_steps=1, seed=SEED,
@@ -293,15 +292,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_results(args: argparse.Namespace, runs: list[dict], rounds_done: int) -> None:
     """Rewritten after every run, so a long benchmark stopped early still leaves its figures."""
-    import torch
-
-    from training.recipes.sft import bf16_supported
+    from training.cpu.strategy import cpu_has_bf16
 
     config = {"rounds": rounds_done, "rounds_planned": args.rounds, "steps": args.steps,
               "warmup": args.warmup, "batch_pairs": BATCH, "beta": BETA, "lora_r": LORA_R,
               "threads": THREADS, "max_length": MAX_LENGTH,
               "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "cpus": os.cpu_count(),
-              "precision": "bf16 autocast" if bf16_supported(torch.device("cpu"))
+              "precision": "bf16 autocast" if cpu_has_bf16()
               else "fp32 (this CPU has no bf16 matmuls)"}
     summary = summarise(runs)
     RESULTS.mkdir(parents=True, exist_ok=True)

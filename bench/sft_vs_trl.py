@@ -11,7 +11,7 @@ and repeated, and medians are reported:
 - ``trl_default``: TRL's defaults (padded batches of 8, gradient checkpointing on);
 - ``trl_packing``: ``packing=True`` (BFD, padding-free rows holding ~8 examples);
 - ``trl_padding_free``: ``padding_free=True`` (each batch of 8 flattened into one row);
-- ``ours_packed`` / ``ours_unpacked``: ``training.recipes.sft.SFTTrainer.train_step``, the step the
+- ``ours_packed`` / ``ours_unpacked``: ``training.recipes.sft.SFTRecipe.train_step``, the step the
   Ray Train workers run, packed (default) or padded; ``ours_packed_ckpt`` with activation
   checkpointing (as TRL's default does).
 
@@ -140,8 +140,8 @@ def child(config: str, steps: int, warmup: int) -> dict:
 
 def run_ours(config: str, model_dir, tokenizer, examples, n_steps: int):
     from service.core.storage.config import StorageConfig
+    from training.recipes.sft import SFTRecipe
     from training.spec import TrainSpec
-    from training.recipes.sft import SFTTrainer
 
     root = tempfile.mkdtemp(prefix="bench-ours-")
     file_id = "file-" + "0" * 24
@@ -152,7 +152,7 @@ def run_ours(config: str, model_dir, tokenizer, examples, n_steps: int):
                      packing=config.startswith("ours_packed"), micro_batch_size=BATCH,
                      activation_checkpointing=config.endswith("_ckpt"),
                      cpus_per_worker=THREADS, max_length=1024)
-    trainer = SFTTrainer(spec, storage_config, in_ray=False)
+    trainer = SFTRecipe(spec, storage_config)  # rank 0 of 1, in this process
     # The engine reads its data from storage: hand it the bench's examples as a chat file.
     lines = "\n".join(json.dumps(e) for e in synthetic_chats(len(examples)))
     trainer.storage.put(f"files/{file_id}/content", lines.encode())
@@ -178,8 +178,8 @@ def trl_trainer(config: str, model_dir, examples, n_steps: int, mean_len: float)
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from training.cpu.strategy import cpu_has_bf16
     from training.model import registry
-    from training.recipes.sft import bf16_supported
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -207,7 +207,7 @@ def trl_trainer(config: str, model_dir, examples, n_steps: int, mean_len: float)
         learning_rate=LEARNING_RATE,
         # bf16 where ours uses it: on a CPU without bf16 matmuls it is emulated, far slower
         per_device_train_batch_size=1 if packing else BATCH, use_cpu=True,
-        bf16=bf16_supported(torch.device("cpu")),
+        bf16=cpu_has_bf16(),
         # A packed row holds about BATCH examples, so one row per step is the same batch.
         # padding_free without packing refuses a max_length (the inputs are already truncated)
         max_length=(int(mean_len * BATCH) if packing
@@ -240,11 +240,11 @@ def first_loss_check(model_dir) -> dict:
     """The loss of the same first batch, before any update: TRL's compute_loss vs ours."""
     import torch
 
-    from training.model import registry
-    from training.spec import TrainSpec
-    from training.model.lora import apply_adapter
-    from training.losses.cross_entropy import masked_token_sums
     from training.data.packing import collate_padded
+    from training.losses.cross_entropy import masked_token_sums
+    from training.model import registry
+    from training.model.lora import apply_adapter
+    from training.spec import TrainSpec
 
     torch.set_num_threads(THREADS)
     tokenizer = registry.load_tokenizer(model_dir)

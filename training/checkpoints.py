@@ -1,4 +1,4 @@
-"""Checkpoints through Ray Train: save every N steps and at epoch ends, resume after a failure.
+"""Checkpoints: save every N steps and at epoch ends, resume after a failure.
 
 A checkpoint folder (``checkpoint-step-<N>`` in the run's storage) holds:
 
@@ -9,7 +9,9 @@ A checkpoint folder (``checkpoint-step-<N>`` in the run's storage) holds:
 
 Every rank writes into its *own* local folder (Ray merges the folders of one report into one
 checkpoint), and restores into its own folder too: ranks sharing one temporary directory race
-on restore (ray-project/ray#48726).
+on restore (ray-project/ray#48726). Where the folders go after a save and where the stored ones
+come from is the launcher's business (``training.worker``: Ray Train's report and checkpoints);
+this module needs no Ray.
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import ray.train
 import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -31,6 +32,17 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 ADAPTER_DIR = "adapter"
+
+
+class StoredCheckpoint(Protocol):
+    """A checkpoint kept by the launcher (``ray.train.Checkpoint`` is one)."""
+
+    @property
+    def path(self) -> str: ...
+
+    def to_directory(self, path: str) -> str:
+        """Copy the checkpoint's files into the local folder ``path``."""
+        ...
 
 
 @dataclass
@@ -90,27 +102,19 @@ def save_checkpoint(path: Path, *, rank: int, model: torch.nn.Module,
                     "state": state.__dict__}, path / STATE_FILE)
 
 
-def report(metrics: dict[str, Any], path: Path | None, step: int) -> None:
-    """``ray.train.report`` (a barrier over all ranks) with this rank's folder, if any."""
-    checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path else None
-    ray.train.report(metrics, checkpoint=checkpoint,
-                     checkpoint_dir_name=checkpoint_name(step) if path else None)
-
-
-def restore_checkpoint(checkpoint: ray.train.Checkpoint | None, job_id: str, rank: int,
+def restore_checkpoint(candidates: list[StoredCheckpoint], job_id: str, rank: int,
                        model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                        scheduler: Any) -> TrainState | None:
-    """Load ``checkpoint`` (``ray.train.get_checkpoint()``: the run's latest) into this rank's
-    model, optimizer, scheduler and RNGs; return its state, or None without a checkpoint.
+    """Load the newest readable of ``candidates`` (the run's checkpoints, newest first) into this
+    rank's model, optimizer, scheduler and RNGs; return its state, or None without one.
 
     A checkpoint that cannot be read (a partial upload, a corrupt file) is skipped in favour
     of the one before it (``CheckpointConfig(num_to_keep=2)`` keeps one); with none readable
     the run starts over rather than failing the same way on every retry.
     """
-    latest = checkpoint
-    if latest is None:
+    if not candidates:
         return None
-    for candidate in _newest_first(latest):
+    for candidate in candidates:
         try:
             state = _restore(candidate, job_id, rank, model, optimizer, scheduler)
         except Exception as exc:  # noqa: BLE001 - any unreadable file means: try the previous
@@ -123,24 +127,7 @@ def restore_checkpoint(checkpoint: ray.train.Checkpoint | None, job_id: str, ran
     return None
 
 
-def _newest_first(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
-    """The reported checkpoint, then the older ones beside it in the run's folder."""
-    import pyarrow.fs
-
-    found = [latest]
-    parent, _, name = str(latest.path).rstrip("/").rpartition("/")
-    try:
-        infos = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
-    except Exception:  # noqa: BLE001 - without a listing, only the reported one is known
-        return found
-    older = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
-                    and i.base_name.startswith("checkpoint-step-") and i.base_name < name),
-                   reverse=True)
-    found += [ray.train.Checkpoint(f"{parent}/{n}", filesystem=latest.filesystem) for n in older]
-    return found
-
-
-def _restore(checkpoint: ray.train.Checkpoint, job_id: str, rank: int, model: torch.nn.Module,
+def _restore(checkpoint: StoredCheckpoint, job_id: str, rank: int, model: torch.nn.Module,
              optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
     path = local_dir(job_id, rank, "restore")
     try:

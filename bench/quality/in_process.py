@@ -1,4 +1,4 @@
-"""Sort-task sweeps without the service: train ``SFTTrainer`` in this process, score greedily.
+"""Sort-task sweeps without the service: train ``SFTRecipe`` in this process, score greedily.
 
 A quicker, noisier stand-in for ``demo.py`` when comparing settings (no Ray, no API, no
 background processes; ~5 minutes for 1,600 examples here): builds the trainer exactly as a job
@@ -31,15 +31,16 @@ import make_data
 
 from service.cli import eval_tasks
 from service.core.storage.config import StorageConfig
-from training.model import registry
 from training.data import packing
+from training.model import registry
+from training.recipes.base import lr_lambda
+from training.recipes.sft import SFTRecipe
 from training.spec import TrainSpec
-from training.recipes.sft import SFTTrainer, lr_lambda
 
 
 def sort_trainer(n: int, batch: int, r: int = 32, lrm: float | str = "auto",
                  layers: int | None = None, bf16: bool = True, seed: int = 0,
-                 job_seed: int = 42) -> SFTTrainer:
+                 job_seed: int = 42) -> SFTRecipe:
     """A set-up single-process trainer on ``n`` sort examples, as a job would build it.
 
     ``seed`` picks the training lists, ``job_seed`` the job's own seed (its example order)."""
@@ -51,13 +52,13 @@ def sort_trainer(n: int, batch: int, r: int = 32, lrm: float | str = "auto",
                      lora_r=r, lora_alpha=2 * r, cpus_per_worker=2,
                      learning_rate_multiplier=lrm, lora_layers=layers, bf16=bf16,
                      seed=job_seed)
-    trainer = SFTTrainer(spec, StorageConfig(uri=tempfile.mkdtemp()), in_ray=False)
+    trainer = SFTRecipe(spec, StorageConfig(uri=tempfile.mkdtemp()))  # rank 0 of 1
     trainer.storage.put(f"files/{file_id}/content", make_data.to_jsonl(rows).encode())
     trainer.setup()
     return trainer
 
 
-def train(args: argparse.Namespace) -> SFTTrainer:
+def train(args: argparse.Namespace) -> SFTRecipe:
     trainer = sort_trainer(args.n, args.batch, args.r, args.lrm, args.layers or None,
                            bf16=not args.fp32, seed=args.seed, job_seed=args.job_seed)
     if args.lora_plus != 1:
@@ -76,7 +77,7 @@ def train(args: argparse.Namespace) -> SFTTrainer:
 
 
 @torch.no_grad()
-def exact_match(trainer: SFTTrainer, n_eval: int, seed: int = 0) -> tuple[float, list[dict]]:
+def exact_match(trainer: SFTRecipe, n_eval: int, seed: int = 0) -> tuple[float, list[dict]]:
     """The share of ``n_eval`` held-out lists sorted exactly, and the misses."""
     model, tokenizer = trainer.model, trainer.tokenizer
     model.eval()

@@ -41,9 +41,9 @@ from typing import Any
 import torch
 
 from training.data import packing
+from training.losses.cross_entropy import shifted_labels
 from training.model.attention import PrefixKV
 from training.model.chat import IGNORE_INDEX
-from training.losses.cross_entropy import shifted_labels
 
 SUPPORTED = ("LlamaModel",)
 """Decoder classes whose layers can be split as above (SmolLM2 and the tiny test model)."""

@@ -32,8 +32,10 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 PACKED = "tuneserve_packed_sdpa"
-FP32_BELOW = 512
-"""Segments (with their prefix) shorter than this attend in fp32 (faster on CPU, see below)."""
+FP32_ATTRIBUTE = "fp32_attention_below"
+"""Set on a model's attention modules by ``attend_in_fp32_below``; absent means never."""
+CACHED_MASKS_BELOW = 512
+"""Masks of rows shorter than this come from a cache (``after_prefix_mask``)."""
 
 
 @dataclass
@@ -82,11 +84,10 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     lengths = [e - s for s, e in spans]
     befores = [lengths[p] if p >= 0 else kept[0].shape[2] if kept is not None else 0
                for p in parents]
-    # CPU's bf16 flash-attention backward costs 2-4x its fp32 one on short sequences
-    # (measured at 48-300 tokens; even at ~500, slower beyond): those attend in fp32, outside
-    # autocast (which would cast them back to bf16). A row whose spans all do is cast once.
-    cpu = query.device.type == "cpu"
-    fp32 = [cpu and before + length < FP32_BELOW for before, length in zip(befores, lengths)]
+    # Spans shorter than the model's ``FP32_ATTRIBUTE`` attend in fp32, outside autocast (which
+    # would cast them back to bf16); a row whose spans all do is cast once.
+    below = getattr(module, FP32_ATTRIBUTE, 0)
+    fp32 = [before + length < below for before, length in zip(befores, lengths)]
     dtype, whole = query.dtype, all(fp32)
     if whole:
         query, key, value = query.float(), key.float(), value.float()
@@ -96,7 +97,8 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     # (a tenth of a DPO step); split's backward is one concatenation. The spans cover the row.
     qs, ks, vs = (t.split(lengths, dim=2) for t in (query, key, value))
     outputs = []
-    with torch.autocast("cpu", enabled=False) if any(fp32) else contextlib.nullcontext():
+    with (torch.autocast(query.device.type, enabled=False) if any(fp32)
+          else contextlib.nullcontext()):
         for q, k, v, length, parent, short in zip(qs, ks, vs, lengths, parents, fp32, strict=True):
             mask = None
             if parent >= 0 or kept is not None:
@@ -116,7 +118,7 @@ def after_prefix_mask(length: int, prefix: int, device: torch.device) -> torch.T
     """(length, prefix + length) bool: every query sees the whole prefix, then its own segment
     causally (SDPA's ``is_causal`` aligns top-left, which would be wrong here). Short ones come
     from a cache: each layer asks for the same few (SDPA never writes them)."""
-    if prefix + length < FP32_BELOW:
+    if prefix + length < CACHED_MASKS_BELOW:
         return _short_mask(length, prefix, device)
     return _mask(length, prefix, device)
 
@@ -142,6 +144,15 @@ def shares_prefixes(model: torch.nn.Module) -> bool:
 AttentionInterface.register(PACKED, packed_sdpa_forward)
 # The mask is SDPA's (used only by the fallback; the per-example path ignores it).
 ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)
+
+
+def attend_in_fp32_below(model: torch.nn.Module, tokens: int) -> None:
+    """Make the ``PACKED`` attention of ``model`` compute every span shorter than ``tokens``
+    (with its prefix) in fp32, even under bf16 autocast (``training.cpu.strategy`` says where
+    that is faster). A plain attribute of each attention module: no weight, nothing saved."""
+    for module in model.modules():
+        if hasattr(module, "layer_idx"):  # transformers' attention modules carry their index
+            setattr(module, FP32_ATTRIBUTE, tokens)
 
 
 def use_packed_attention(model: torch.nn.Module) -> bool:

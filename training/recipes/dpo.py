@@ -1,8 +1,7 @@
-"""One worker's share of a DPO run: the SFT machinery with pairs, a reference pass and a DPO step.
+"""DPO: preference pairs, a reference computed once, and the DPO loss.
 
-Everything a run needs besides the step is the SFT trainer's (``training.recipes.sft.SFTTrainer``): the
-data plan over seeds, epochs and ranks, the gradient all-reduce, checkpoints, resume and the
-adapter export. What differs:
+The shared machinery (data plan, optimizer, all-reduce, checkpoints, export) is the base
+recipe's (``training.recipes.base.Recipe``). What is DPO's own:
 
 - data: preference pairs (``training.data.preference``), stored per split like SFT's;
 - the policy: a LoRA adapter on the base model, or, continuing from an SFT adapter
@@ -21,25 +20,17 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from training import checkpoints
-
 from training.data import examples as data
-
-from training.losses import dpo
-
-from training.data import packing
-
 from training.data import preference as preference_data
-
-from training.recipes import reference
-from training.model.chat import IGNORE_INDEX
-from training.spec import resolve_hyperparameters
-from training.recipes.sft import SFTTrainer
 from training.data.preference import Pair
+from training.losses import dpo
+from training.model.chat import IGNORE_INDEX
+from training.recipes import reference
+from training.recipes.base import Recipe
 
 SUM_FIELDS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
               "logps/rejected", "pairs", "tokens", "supervised")
@@ -66,74 +57,38 @@ def chosen_token_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.bincount(owners, minlength=2 * m)[:m].float()
 
 
-def pair_metrics(sums: torch.Tensor) -> dict[str, float]:
-    """Means over the pairs: loss, rewards/…, logps/… (TRL's names, so curves compare)."""
-    s = dict(zip(SUM_FIELDS, sums.tolist(), strict=True))
+def pair_metrics(s: dict[str, float]) -> dict[str, float]:
+    """Means over the pairs of the sums ``s`` (``SUM_FIELDS``): loss, rewards/…, logps/…
+    (TRL's names, so curves compare)."""
     n = max(s["pairs"], 1.0)
     metrics = {name: s[name] / n for name in SUM_FIELDS[:6]}
     metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return metrics
 
 
-class DPOTrainer(SFTTrainer):
+class DPORecipe(Recipe[Pair]):
     """One worker's share of a DPO run (see the module docstring)."""
 
-    looks_ahead = False  # its step scores pairs with the whole decoder (``score``)
+    noun = "preference pairs"
+    SUMS: ClassVar[tuple[str, ...]] = SUM_FIELDS
 
     # -- data ----------------------------------------------------------------------------------
 
-    def setup_data(self) -> None:
-        spec = self.spec
-        splits = {"train": [f for f, _ in spec.training_files]}
-        if spec.validation_file:
-            splits["valid"] = [spec.validation_file]
-        self.split_files = splits
-        self.stats: dict[str, data.SplitStats] = {}
-        if self.rank == 0:
-            for split, file_ids in splits.items():
-                self.stats[split] = self.prepare_split(split, file_ids)
-        if self.world_size > 1:
-            torch.distributed.barrier()  # the others wait for the stored tokenised splits
-        loaded: dict[str, tuple[list[Pair], list[int]]] = {}
-        for split in splits:
-            prefix = data.split_prefix(spec.job_id, split)
-            if self.rank != 0:
-                self.stats[split] = data.read_stats(self.storage, prefix)
-            folder = checkpoints.local_dir(spec.job_id, self.rank, f"data-{split}")
-            loaded[split] = preference_data.load_pairs(self.storage, prefix, folder)
-        self.train_examples, self.train_sources = loaded["train"]
-        self.weights = [w for _, w in spec.training_files]
-        self.valid_examples = loaded["valid"][0] if "valid" in loaded else []
+    def split_fingerprint(self, file_ids: list[str]) -> str:
+        return preference_data.fingerprint(file_ids, self.fingerprint["template_hash"],
+                                           self.spec.max_length)
 
-    def prepare_split(self, split: str, file_ids: list[str]) -> data.SplitStats:
-        """Rank 0: tokenise and store a split of pairs, or reuse the stored one (a resume)."""
-        spec, template = self.spec, self.fingerprint["template_hash"]
-        prefix = data.split_prefix(spec.job_id, split)
-        stored = data.read_stats(self.storage, prefix)
-        if stored is not None and stored.fingerprint == preference_data.fingerprint(
-                file_ids, template, spec.max_length):
-            return stored
-        dataset, stats = preference_data.build_split(self.storage, self.tokenizer, file_ids,
-                                                     spec.max_length, template)
-        data.write_split(self.storage, prefix, dataset, stats)
-        dropped = stats.n_rejected + stats.n_truncated
-        self.emit(f"{split} data: {stats.n_examples} preference pairs, {stats.n_tokens} tokens "
-                  f"({stats.n_supervised} in responses); dropped {dropped} ({stats.n_rejected} "
-                  f"with no derivable response mask, {stats.n_truncated} longer than "
-                  f"max_length={spec.max_length})", level="warn" if dropped else "info",
-                  data={"split": split, **{k: v for k, v in stats.__dict__.items()
-                                           if k not in ("file_hashes", "fingerprint")}})
-        return stats
+    def build_split(self, file_ids: list[str]) -> tuple[Any, data.SplitStats]:
+        return preference_data.build_split(self.storage, self.tokenizer, file_ids,
+                                           self.spec.max_length, self.fingerprint["template_hash"])
 
-    def resolve_hyperparameters(self):
-        n_seen = packing.epoch_length(self.train_sources, self.weights)
-        mean_tokens = sum(p.n_tokens for p in self.train_examples) / len(self.train_examples)
-        hp = resolve_hyperparameters(self.spec, n_seen, round(n_seen * mean_tokens))
-        self.steps_per_epoch = packing.steps_per_epoch(n_seen, hp.batch_size)
-        self.total_steps = self.steps_per_epoch * hp.n_epochs
-        return hp
+    def load_split(self, prefix: str, folder: Path) -> tuple[list[Pair], list[int]]:
+        return preference_data.load_pairs(self.storage, prefix, folder)
 
-    def batches(self, pairs: list[Pair]) -> list[dict[str, torch.Tensor]]:  # type: ignore[override]
+    def example_tokens(self, example: Pair) -> int:
+        return example.n_tokens
+
+    def batches(self, pairs: list[Pair]) -> list[dict[str, torch.Tensor]]:
         return preference_data.micro_batches(
             pairs, packing_on=self.spec.packing, pack_length=self.spec.pack_length,
             micro_batch_size=self.spec.micro_batch_size, pad_id=self.tokenizer.pad_token_id or 0,
@@ -179,7 +134,7 @@ class DPOTrainer(SFTTrainer):
         with reference.reference_mode(self.model, self.reference_dir):
             local = reference.compute(self.score, self.batches(pairs[self.rank::self.world_size]),
                                       len(pairs))
-        flat = self.all_reduce(torch.cat([local.chosen, local.rejected]))  # [3] assemble
+        flat = self.all_reduce(torch.cat([local.chosen, local.rejected]))  # the whole split
         logps = reference.ReferenceLogps(*flat.split(len(pairs)))
         if self.rank == 0:
             reference.store(self.storage, key, logps)
@@ -217,73 +172,38 @@ class DPOTrainer(SFTTrainer):
                                           if self.spec.rpo_alpha else None))
         return out, chosen, rejected
 
-    def train_step(self, pairs: list[Pair]) -> torch.Tensor:  # type: ignore[override]
-        """Forward/backward over this rank's pairs; all-reduce; one optimizer step.
-
-        Each micro-batch's loss is its sum over pairs divided by the pairs of the global batch,
-        so the summed gradients are those of the global mean whatever the split.
-        """
-        micro = self.batches(pairs)
+    def forward_backward(self, pairs: list[Pair]) -> torch.Tensor:
+        """Each micro-batch's loss summed over its pairs, divided by the pairs of the global
+        batch, so the summed gradients are those of the global mean whatever the split."""
         global_pairs = int(self.all_reduce(torch.tensor([float(len(pairs))])).item())
         sums = torch.zeros(len(SUM_FIELDS))
-        for batch in micro:
+        for batch in self.batches(pairs):
             out, chosen, rejected = self.batch_loss(batch)
             (out.losses.sum() / max(global_pairs, 1)).backward()
             sums += batch_sums(batch, out, chosen, rejected)
-        sums = self.all_reduce_grads(sums)  # [3]
-        self.step_optimizer()
         return sums
 
-    def step_metrics(self, sums: torch.Tensor, seconds: float, epoch: int) -> dict[str, Any]:
-        s = dict(zip(SUM_FIELDS, sums.tolist(), strict=True))
-        state = self.state
-        state.trained_tokens += int(s["tokens"])
-        state.supervised_tokens += int(s["supervised"])
+    # -- metrics ---------------------------------------------------------------------------------
+
+    def train_metrics(self, sums: dict[str, float], seconds: float) -> dict[str, float]:
         metrics = pair_metrics(sums)
-        return {"step": state.step, "epoch": epoch + 1, "train_loss": metrics.pop("loss"),
-                **metrics, "learning_rate": self.step_lr, "pairs_per_second": s["pairs"] / seconds,
-                "tokens_per_second": s["tokens"] / seconds, "grad_norm": self.grad_norm,
-                "step_seconds": seconds, "trained_tokens": state.trained_tokens}
+        return {"train_loss": metrics.pop("loss"), **metrics,
+                "pairs_per_second": sums["pairs"] / seconds}
 
-    # -- evaluation ------------------------------------------------------------------------------
+    def eval_sums(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out, chosen, rejected = self.batch_loss(batch)
+        return batch_sums(batch, out, chosen, rejected)
 
-    @torch.no_grad()
-    def evaluate(self, pairs: list[Pair], max_batches: int | None = None  # type: ignore[override]
-                 ) -> dict[str, float]:
-        """DPO metrics over ``pairs`` (sharded over ranks), in eval mode."""
-        self.model.eval()
-        sums = torch.zeros(len(SUM_FIELDS))
-        for batch in self.batches(pairs[self.rank::self.world_size])[:max_batches]:
-            out, chosen, rejected = self.batch_loss(batch)
-            sums += batch_sums(batch, out, chosen, rejected)
-        self.model.train()
-        return pair_metrics(self.all_reduce(sums))
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return pair_metrics(sums)
 
-    def valid_metrics(self, examples: list, prefix: str) -> dict[str, float]:
-        # The final full validation often scores exactly what the last checkpoint scored (a
-        # small validation file, same step, same weights): reuse that instead of a second pass.
-        key = (self.state.step, len(examples))
-        if getattr(self, "_last_validation", (None, None))[0] != key:
-            self._last_validation = (key, self.evaluate(examples))
-        return {f"{prefix}{name}": value for name, value in self._last_validation[1].items()}
-
-    def verify_settings(self) -> None:
-        """Score two micro-batches before step 1; at a fresh start the loss is ln 2."""
-        pairs = self.valid_examples or self.train_examples
-        metrics = self.evaluate(pairs[:2 * self.world_size * self.spec.micro_batch_size],
-                                max_batches=2)
-        if not math.isfinite(metrics["loss"]):
-            raise RuntimeError(f"the DPO loss before training is {metrics['loss']}: check the "
-                               "model and the data")
+    def settings_note(self) -> tuple[str, dict[str, Any]]:
+        """At a fresh start the loss is ln 2: the policy equals the reference."""
         rpo = (f" + rpo_alpha {self.spec.rpo_alpha} × the chosen answers' token NLL"
                if self.spec.rpo_alpha else "")
-        self.emit(f"Verified settings: DPO loss before training={metrics['loss']:.4f} (ln 2 = "
-                  f"{math.log(2):.4f} while the policy equals the reference{rpo}), beta="
-                  f"{self.spec.beta}, {self.total_steps} steps ({self.hp.n_epochs} epochs × "
-                  f"{self.steps_per_epoch} steps of {self.hp.batch_size} pairs)",
-                  data={"initial_loss": metrics["loss"], "initial_metrics": metrics,
-                        "total_steps": self.total_steps, "hyperparameters": self.hp.as_dict(),
-                        "beta": self.spec.beta, "rpo_alpha": self.spec.rpo_alpha})
+        note = (f" (ln 2 = {math.log(2):.4f} while the policy equals the reference{rpo}), "
+                f"beta={self.spec.beta}")
+        return note, {"beta": self.spec.beta, "rpo_alpha": self.spec.rpo_alpha}
 
     def manifest(self) -> dict[str, Any]:
         spec = self.spec
