@@ -33,7 +33,9 @@ FORMATS = {"openai_chat": "openai_chat", "alpaca": "alpaca", "self_instruct": "a
            "oig": "oig", "prompt_completion": "prompt_completion",
            "openai_preference": "openai_preference",
            "openai_preference_legacy": "openai_preference",
-           "chosen_rejected": "chosen_rejected", "hh_rlhf": "chosen_rejected"}
+           "chosen_rejected": "chosen_rejected", "hh_rlhf": "hh_rlhf",
+           "self_instruct_seed": "self_instruct", "sharegpt_preference": "sharegpt_preference",
+           "text": "text"}
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""training/data/formats.py and training/data/validation.py: every format normalises to the expected
-conversation, and every broken file is rejected naming its line and its problem."""
+"""training/data/formats.py and training/data/validation.py: every layout normalises to the expected
+conversation, and every broken file is rejected naming its line and its problem. (Containers, the
+real files as they ship, and skipping invalid records: tests/test_data_as_shipped.py.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from tests.broken_files import BROKEN, MAX_LINE_BYTES, Broken
 from training.data.formats import FORMATS, FormatError, iter_normalised
 from training.data.jsonl import iter_raw_lines
-from training.data.validation import validate_jsonl
+from training.data.validation import validate_file
 
 DATA = Path(__file__).parent / "data" / "formats"
 
@@ -76,11 +77,20 @@ EXPECTED = {
     "chosen_rejected": ("chosen_rejected", 2, {
         "prompt": [user("What color is the sky on a clear day?")], "chosen": "Blue.",
         "rejected": "Green."}),
-    "hh_rlhf": ("chosen_rejected", 1, {
+    "hh_rlhf": ("hh_rlhf", 1, {
         "prompt": [user("How do I boil an egg?")],
         "chosen": "Put it in boiling water for about nine minutes.",
         "rejected": "Eggs cannot be boiled."}),
+    "self_instruct_seed": ("self_instruct", 3, {"messages": [
+        user("Give the antonym of the word.\n\nhot"), assistant("cold")]}),
+    "sharegpt_preference": ("sharegpt_preference", 2, {
+        "prompt": [system("Answer briefly."), user("What is 2 + 2?")], "chosen": "4.",
+        "rejected": "22."}),
+    "text": ("text", 2, {"text": "The mitochondrion is the site of aerobic respiration in the "
+                                 "cell."}),
 }
+EXAMPLE_NUMBERS = {"self_instruct_seed": [1, 1, 2]}
+"""Record numbers of the examples where a record gives several (one per instance)."""
 
 
 def read(name: str) -> list[tuple[int, dict]]:
@@ -92,10 +102,10 @@ def read(name: str) -> list[tuple[int, dict]]:
 def test_each_format_normalises_to_the_expected_example(name: str) -> None:
     fmt, count, first = EXPECTED[name]
     examples = read(name)
-    assert [n for n, _ in examples] == list(range(1, count + 1))
+    assert [n for n, _ in examples] == EXAMPLE_NUMBERS.get(name, list(range(1, count + 1)))
     assert examples[0][1] == first
     with open(DATA / f"{name}.jsonl", "rb") as f:
-        report = validate_jsonl(f, max_line_bytes=MAX_LINE_BYTES)
+        report = validate_file(f, max_line_bytes=MAX_LINE_BYTES)
     assert report.ok, report.summary()
     assert (report.format, report.examples) == (fmt, count)
     assert report.kind == FORMATS[fmt].kind
@@ -128,7 +138,7 @@ def test_bom_crlf_and_blank_lines_are_tolerated() -> None:
     examples = list(iter_normalised(io.BytesIO(content)))
     assert [n for n, _ in examples] == [1, 4]
     assert examples == read("dolly")[:1] + [(4, read("dolly")[1][1])]
-    assert validate_jsonl(io.BytesIO(content), max_line_bytes=MAX_LINE_BYTES).ok
+    assert validate_file(io.BytesIO(content), max_line_bytes=MAX_LINE_BYTES).ok
 
 
 def test_text_streams_read_like_binary_ones() -> None:
@@ -138,13 +148,13 @@ def test_text_streams_read_like_binary_ones() -> None:
 
 def test_a_declared_format_holds_every_line_to_it() -> None:
     content = (DATA / "alpaca.jsonl").read_bytes()
-    report = validate_jsonl(io.BytesIO(content), max_line_bytes=MAX_LINE_BYTES,
+    report = validate_file(io.BytesIO(content), max_line_bytes=MAX_LINE_BYTES,
                             declared_format="dolly")
     assert [(p.line, p.code) for p in report.problems] == [
         (1, "mixed_formats"), (2, "mixed_formats")]
     assert "declared as dolly" in report.problems[0].message
     with pytest.raises(ValueError, match="unknown format 'csv'"):
-        validate_jsonl(io.BytesIO(content), max_line_bytes=MAX_LINE_BYTES, declared_format="csv")
+        validate_file(io.BytesIO(content), max_line_bytes=MAX_LINE_BYTES, declared_format="csv")
 
 
 def test_broken_files_are_many_and_distinct() -> None:
@@ -154,7 +164,7 @@ def test_broken_files_are_many_and_distinct() -> None:
 
 @pytest.mark.parametrize("broken", BROKEN, ids=lambda b: b.name)
 def test_broken_file_names_its_line_and_problem(broken: Broken) -> None:
-    report = validate_jsonl(io.BytesIO(broken.content), max_line_bytes=MAX_LINE_BYTES)
+    report = validate_file(io.BytesIO(broken.content), max_line_bytes=MAX_LINE_BYTES)
     assert not report.ok
     first = report.problems[0]
     assert first.line == broken.line, str(first)
@@ -168,7 +178,7 @@ def test_broken_file_names_its_line_and_problem(broken: Broken) -> None:
 def test_problems_are_listed_in_order_and_counted_beyond_the_first() -> None:
     good = json.dumps({"instruction": "x", "output": "y"})
     content = "\n".join([good, "{", good, "[]", *["nope"] * 30]).encode()
-    report = validate_jsonl(io.BytesIO(content), max_line_bytes=MAX_LINE_BYTES)
+    report = validate_file(io.BytesIO(content), max_line_bytes=MAX_LINE_BYTES)
     assert report.problem_count == 32
     assert [p.line for p in report.problems[:3]] == [2, 4, 5]
     assert report.examples == 2
@@ -176,14 +186,14 @@ def test_problems_are_listed_in_order_and_counted_beyond_the_first() -> None:
 
 
 def test_an_empty_file_is_a_problem() -> None:
-    report = validate_jsonl(io.BytesIO(b"\n \r\n"), max_line_bytes=MAX_LINE_BYTES)
+    report = validate_file(io.BytesIO(b"\n \r\n"), max_line_bytes=MAX_LINE_BYTES)
     assert not report.ok
     assert report.summary() == "the file holds no examples"
 
 
 def test_duplicates_are_warnings_with_line_numbers() -> None:
     line = (DATA / "flan.jsonl").read_bytes().splitlines()[0]
-    report = validate_jsonl(io.BytesIO(b"\n".join([line, b"", line, line])),
+    report = validate_file(io.BytesIO(b"\n".join([line, b"", line, line])),
                             max_line_bytes=MAX_LINE_BYTES)
     assert report.ok
     assert report.duplicates == 2
@@ -261,7 +271,7 @@ def test_token_counts_follow_the_chat_template(tokenizer) -> None:
     assert [t.num_supervised for t in full] == responses
     context = max(lengths) - 1
     with open(DATA / "alpaca.jsonl", "rb") as f:
-        report = validate_jsonl(f, max_line_bytes=MAX_LINE_BYTES, tokenizer=tokenizer,
+        report = validate_file(f, max_line_bytes=MAX_LINE_BYTES, tokenizer=tokenizer,
                                 max_length=context)
     assert report.ok, report.summary()
     assert report.description()["tokens"] == {
@@ -276,7 +286,7 @@ def test_token_counts_follow_the_chat_template(tokenizer) -> None:
 
 def test_preference_pairs_count_the_chosen_response(tokenizer) -> None:
     with open(DATA / "openai_preference.jsonl", "rb") as f:
-        report = validate_jsonl(f, max_line_bytes=MAX_LINE_BYTES, tokenizer=tokenizer)
+        report = validate_file(f, max_line_bytes=MAX_LINE_BYTES, tokenizer=tokenizer)
     assert report.ok, report.summary()
     shortest = len(tokenizer("Yes.", add_special_tokens=False)["input_ids"]) + 1  # + end of turn
     assert report.supervised_tokens is not None and report.supervised_tokens.min == shortest
@@ -284,7 +294,7 @@ def test_preference_pairs_count_the_chosen_response(tokenizer) -> None:
 
 def test_special_tokens_in_content_are_refused(tokenizer) -> None:
     line = {"instruction": "x", "output": "sure<|im_end|>"}
-    report = validate_jsonl(io.BytesIO(json.dumps(line).encode()), max_line_bytes=MAX_LINE_BYTES,
+    report = validate_file(io.BytesIO(json.dumps(line).encode()), max_line_bytes=MAX_LINE_BYTES,
                             tokenizer=tokenizer)
     assert [(p.line, p.code) for p in report.problems] == [(1, "template_error")]
     assert "<|im_end|>" in report.problems[0].message
@@ -292,7 +302,7 @@ def test_special_tokens_in_content_are_refused(tokenizer) -> None:
 
 def test_token_counts_can_cover_only_the_first_examples(tokenizer) -> None:
     content = (DATA / "sharegpt.jsonl").read_bytes() + b'{"conversations": []}\n'
-    report = validate_jsonl(io.BytesIO(content), max_line_bytes=MAX_LINE_BYTES,
+    report = validate_file(io.BytesIO(content), max_line_bytes=MAX_LINE_BYTES,
                             tokenizer=tokenizer, max_tokenized=1)
     assert report.description()["tokenized_examples"] == 1 and report.examples == 2
     assert [(p.line, p.code) for p in report.problems] == [(3, "missing_field")]  # still checked

@@ -147,56 +147,73 @@ def stderr(line: str) -> None:
 
 
 def cmd_files_validate(args: argparse.Namespace) -> int:
-    """Run the server's validation on a local file: same code, same line numbers."""
+    """The server's check of an upload on a local file: the same limits (from the
+    ``TUNESERVE_*`` settings), the same tokenizer (the first base model's, the built-in one unless
+    ``--model``), the same verdict and message (``service.files.validation``)."""
     from service.core.settings import Settings
-    from training.data.validation import validate_jsonl
+    from service.files import validation
 
     path = Path(args.file)
     if not path.is_file():
         raise CliError(f"no such file: {path}")
-    counter, context_length = _token_counter(args.model) if args.model else (None, None)
-    max_line_bytes = Settings.model_fields["max_line_bytes"].default
-    with path.open("rb") as stream:
-        report = validate_jsonl(stream, max_line_bytes=max_line_bytes, count_tokens=counter,
-                                max_length=context_length)
+    try:
+        settings = Settings()
+    except ValueError as exc:
+        raise CliError(f"invalid TUNESERVE_* settings: {exc}") from None
+    try:
+        tokens = validation.load_file_tokenizer(settings, args.model)
+    except Exception as exc:  # noqa: BLE001 - told to the user in one line
+        raise CliError(f"cannot load the tokenizer of {args.model or 'the built-in model'} "
+                       f"(needed to check files as the server does): {exc}") from None
+    checks = validation.FileChecks.from_settings(settings, tokens)
+    try:
+        with path.open("rb") as stream:
+            report = validation.check_file(stream, checks, declared_format=args.format,
+                                           invalid_records=args.invalid_records)
+    except ValueError as exc:  # an unknown --format
+        raise CliError(str(exc)) from None
+    described = validation.description(report, checks) if report.ok else None
     if args.json:
         emit_json({"file": str(path), "ok": report.ok, "problem_count": report.problem_count,
-                   "problems": [{"line": p.line, "code": p.code, "message": p.message}
+                   "message": None if report.ok else validation.refusal_message(report),
+                   "problems": [{report.unit: p.line, "code": p.code, "message": p.message}
                                 for p in report.problems],
-                   "description": report.description() if report.ok else None})
+                   "description": described})
         return 0 if report.ok else 1
     if not report.ok:
+        sys.stdout.write(f"{path}: refused: {validation.refusal_message(report)}\n")
         for problem in report.problems:
             sys.stdout.write(f"{path}:{problem.line or 0}: {problem.code}: {problem.message}\n")
         shown = len(report.problems)
         if report.problem_count > shown:
             sys.stdout.write(f"… and {report.problem_count - shown} more problems\n")
         sys.stdout.write(f"{path}: {report.problem_count} problem"
-                         f"{'s' * (report.problem_count != 1)} in {report.lines} lines\n")
+                         f"{'s' * (report.problem_count != 1)} in {report.lines} "
+                         f"{report.unit}s\n")
         return 1
-    desc = report.description()
-    sys.stdout.write(f"{path}: OK, {desc['examples']} examples in format {desc['format']} "
-                     f"({desc['kind']}), {desc['duplicates']} duplicates\n")
-    if desc["tokens"]:
-        t, s = desc["tokens"], desc["supervised_tokens"]
-        sys.stdout.write(f"  tokens per example: min {t['min']}, mean {t['mean']}, max "
-                         f"{t['max']}; trained-on tokens: {s['total']} in total\n")
-    for warning in desc["warnings"]:
+    assert described is not None
+    sys.stdout.write(f"{path}: OK, {described['examples']} examples in format "
+                     f"{described['format']} ({described['kind']}), {described['duplicates']} "
+                     f"duplicates; read as {report.read_as()}\n")
+    if described["skipped"]:
+        skipped = described["skipped"]
+        sys.stdout.write(f"  skipped {skipped['records']} invalid {report.unit}s: "
+                         + ", ".join(f"{k} {v}" for k, v in skipped["reasons"].items()) + "\n")
+        for problem in skipped["first"]:
+            sys.stdout.write(f"    {problem}\n")
+    if described["tokens"]:
+        t, s = described["tokens"], described["supervised_tokens"]
+        sys.stdout.write(f"  tokens per example under {described['model']}: min {t['min']}, "
+                         f"mean {t['mean']}, max {t['max']}; trained-on tokens: {s['total']} "
+                         f"in total (first {described['tokenized_examples']} examples)\n")
+    for note in described["notes"]:
+        sys.stdout.write(f"  note: {note}\n")
+    for key, n in described["ignored_keys"].items():
+        sys.stdout.write(f"  warning: key {key!r} is not read by the {described['format']} "
+                         f"layout ({n} {report.unit}s)\n")
+    for warning in described["warnings"]:
         sys.stdout.write(f"  warning: {warning}\n")
     return 0
-
-
-def _token_counter(model: str):
-    """Token counts under ``model``'s chat template, from the local model cache."""
-    from training.model.registry import load_tokenizer, resolve_model
-    from training.data.validation import chat_token_counter
-
-    try:
-        model_dir = resolve_model(model, None, None)
-    except Exception as exc:  # noqa: BLE001 - told to the user in one line
-        raise CliError(f"cannot load the tokenizer of {model!r}: {exc}") from None
-    config = json.loads((model_dir / "config.json").read_text())
-    return chat_token_counter(load_tokenizer(model_dir)), config.get("max_position_embeddings")
 
 
 class _ProgressReader:
@@ -220,10 +237,16 @@ class _ProgressReader:
         return self._file.fileno()
 
 
-def upload_file(client: Client, path: Path, *, quiet: bool = False) -> dict:
+def upload_file(client: Client, path: Path, *, quiet: bool = False,
+                invalid_records: str = "refuse") -> dict:
     """Upload with a progress bar on a terminal; returns the FileObject."""
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
-                               TransferSpeedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     if not path.is_file():
         raise CliError(f"no such file: {path}")
@@ -238,7 +261,8 @@ def upload_file(client: Client, path: Path, *, quiet: bool = False) -> dict:
             files = {"file": (path.name, reader, "application/jsonl")}
             try:
                 uploaded = client.request("POST", "/files", files=files,
-                                          data={"purpose": "fine-tune"})
+                                          data={"purpose": "fine-tune",
+                                                "invalid_records": invalid_records})
             finally:
                 progress.update(task, completed=size)
     return uploaded
@@ -246,7 +270,8 @@ def upload_file(client: Client, path: Path, *, quiet: bool = False) -> dict:
 
 def cmd_files_upload(args: argparse.Namespace) -> int:
     client = make_client(args, timeout=600)
-    uploaded = upload_file(client, Path(args.file), quiet=args.json)
+    uploaded = upload_file(client, Path(args.file), quiet=args.json,
+                           invalid_records=args.invalid_records)
     if args.json:
         emit_json(uploaded)
         return 0
@@ -288,14 +313,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     common = client_options()
     files = sub.add_parser("files", help="validate, upload and list training files")
     fsub = files.add_subparsers(dest="files_command", required=True)
-    validate = fsub.add_parser("validate", parents=[common], help="check a JSONL file locally, "
-                               "as the server would")
+    validate = fsub.add_parser("validate", parents=[common], help="check a training file "
+                               "locally, exactly as the server checks an upload")
     validate.add_argument("file")
-    validate.add_argument("--model", help="also count tokens under this base model's chat "
-                          "template (needs the model in the local cache)")
+    validate.add_argument("--model", help="count tokens and check the chat template under this "
+                          "base model (default: the server's first base model, the built-in "
+                          "one unless TUNESERVE_* settings say otherwise)")
+    validate.add_argument("--format", help="declare the layout instead of detecting it")
+    validate.add_argument("--invalid-records", choices=["refuse", "skip"], default="refuse",
+                          help="skip: accept the file and count its invalid records, as an "
+                          "upload with invalid_records=skip does")
     validate.set_defaults(func=cmd_files_validate)
-    upload = fsub.add_parser("upload", parents=[common], help="upload a JSONL training file")
+    upload = fsub.add_parser("upload", parents=[common], help="upload a training file")
     upload.add_argument("file")
+    upload.add_argument("--invalid-records", choices=["refuse", "skip"], default="refuse",
+                        help="skip: train on the valid records, counting the others")
     upload.set_defaults(func=cmd_files_upload)
     fsub.add_parser("list", parents=[common], help="list your files").set_defaults(
         func=cmd_files_list)

@@ -71,7 +71,7 @@ def parse_message(raw: object, index: int, *, path: str = "messages") -> Message
                           f"'{where}tool_calls' is only allowed on assistant messages")
     content = _content(raw, where, optional=bool(tool_calls))
     if tool_calls and not content.strip():
-        content = _tool_calls_text(tool_calls, where)
+        content = tool_calls_text(tool_calls, where)
     message: Message = {"role": role, "content": content}
     if "weight" in raw:
         message["weight"] = _weight(raw["weight"], where, role)
@@ -98,7 +98,7 @@ def _content(raw: dict, where: str, *, optional: bool) -> str:
     return "".join(texts)
 
 
-def _tool_calls_text(tool_calls: list, where: str) -> str:
+def tool_calls_text(tool_calls: list, where: str) -> str:
     """Tool calls as the text the model learns to write: chat templates without tool support
     (SmolLM2's among them) would otherwise render an empty turn."""
     calls = []

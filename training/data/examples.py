@@ -52,6 +52,8 @@ class SplitStats:
     """Dropped: the response mask could not be derived for the template (``MaskError``)."""
     n_truncated: int = 0
     """Dropped: a response would be cut by ``max_length`` (``TruncatedError``)."""
+    n_skipped: int = 0
+    """Invalid records skipped (an upload with ``invalid_records=skip`` kept them)."""
     n_tokens: int = 0
     n_supervised: int = 0
     problems: list[str] = field(default_factory=list)
@@ -84,11 +86,20 @@ def file_key(file_id: str) -> str:
     return names.file_content_key(file_id)
 
 
-def read_examples(storage: Any, file_id: str) -> tuple[list[tuple[int, dict]], str]:
-    """``[(line number, normalised example)]`` and the sha256 of the file's bytes."""
+def read_examples(storage: Any, file_id: str,
+                  stats: SplitStats | None = None) -> tuple[list[tuple[int, dict]], str]:
+    """``[(line or record number, normalised example)]`` and the sha256 of the file's bytes.
+    With ``stats``, invalid records (those an upload chose to skip) are skipped and counted."""
+
+    def skip(number: int, problem: Any) -> None:
+        assert stats is not None
+        stats.n_skipped += 1
+        stats.note(file_id, number, f"skipped: {problem.message}")
+
     with storage.open(file_key(file_id)) as raw:
         reader = _HashingReader(raw)
-        examples = list(iter_normalised(io.BufferedReader(reader, buffer_size=1 << 20)))
+        examples = list(iter_normalised(io.BufferedReader(reader, buffer_size=1 << 20),
+                                        on_invalid=skip if stats is not None else None))
         while reader.read(1 << 20):  # hash whatever the parser did not need to read
             pass
     return examples, reader.sha256.hexdigest()
@@ -107,7 +118,9 @@ def tokenize_examples(tokenizer: Any, examples: list[tuple[int, dict]], max_leng
     for line, example in examples:
         stats.n_lines += 1
         try:
-            tokens = chat.tokenize_conversation(tokenizer, as_messages(example), max_length)
+            tokens = (chat.tokenize_text(tokenizer, example["text"], max_length)
+                      if "text" in example
+                      else chat.tokenize_conversation(tokenizer, as_messages(example), max_length))
         except chat.TruncatedError as exc:
             stats.n_truncated += 1
             stats.note(file_id, line, f"truncated: {exc}")
@@ -139,7 +152,7 @@ def build_split(storage: Any, tokenizer: Any, file_ids: list[str], max_length: i
                        file_hashes={})
     columns: dict[str, list] = {"input_ids": [], "labels": [], "source": []}
     for source, file_id in enumerate(file_ids):
-        examples, digest = read_examples(storage, file_id)
+        examples, digest = read_examples(storage, file_id, stats)
         stats.file_hashes[file_id] = digest
         for input_ids, labels in tokenize_examples(tokenizer, examples, max_length, file_id,
                                                    stats):

@@ -1,23 +1,33 @@
-"""The dataset formats tuneserve reads, and how each line becomes one training example.
+"""The dataset layouts tuneserve reads, and how each record becomes training examples.
 
-Every line of a file is read in the file's one format — declared by the caller, or detected
-from the keys of the first readable line — and normalised to one of two shapes:
+Every record of a file is read in the file's one layout ("format") — declared by the caller, or
+detected from the keys (and, where keys are shared, the content) of the first record that has
+one — and normalised to one of three shapes:
 
-- supervised (SFT): ``{"messages": [{"role", "content", "weight"?}, …]}`` (plus ``"tools"`` when
-  the line declared tools), roles ``system``/``user``/``assistant``/``tool``; an assistant
-  message with ``weight`` 0 is context, not trained on;
+- supervised (SFT): ``{"messages": [{"role", "content", "weight"?, "tool_calls"?}, …],
+  "tools"?: [...]}``, roles ``system``/``user``/``assistant``/``tool``; an assistant message with
+  ``weight`` 0 is context, not trained on;
+- plain text (continued pretraining): ``{"text": str}``, every token trained on;
 - preference (DPO): ``{"prompt": [messages], "chosen": str, "rejected": str}``.
 
+A record gives one example, except a Self-Instruct seed task (one per instance). Layouts that
+tuneserve recognises but does not train (KTO's labelled single responses) are refused for the
+whole file, never read as something else.
+
 Pure Python: the files API, the CLI and the training workers all read files through
-``iter_normalised``; ``training.data.validation`` adds the per-file report.
+``iter_normalised`` (containers: ``training.data.containers``); ``training.data.validation``
+adds the per-file report.
 """
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from training.data.containers import open_records
 from training.data.conversation import (
     Message,
     check_prompt,
@@ -28,10 +38,15 @@ from training.data.conversation import (
     parse_message,
     parse_messages,
     split_turns,
+    tool_calls_text,
 )
-from training.data.jsonl import LineProblem, Readable, decode_line, iter_raw_lines
+from training.data.jsonl import FileProblem, LineProblem, Readable
 
 Kind = Literal["sft", "preference"]
+TrainsOn = Literal["responses", "all_tokens"]
+Notes = Counter[str]
+"""Things a reader did to records that the file's description must say, each with a ``{n}``
+for how many records it touched."""
 DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
 
 
@@ -40,17 +55,24 @@ class Format:
     name: str
     kind: Kind
     signatures: tuple[frozenset[str], ...]
-    """A line is in this format when it has every key of one of these sets."""
+    """A record is in this layout when it has every key of one of these sets …"""
     keys: frozenset[str]
-    """Every key the format knows (to guess the intended format of a line missing a field)."""
-    parse: Callable[[dict], dict]
+    """Every key the layout knows (others are reported as ignored; the nearest layout of a record
+    missing a field is the one sharing most keys)."""
+    parse: Callable[[dict, Notes], dict | list[dict]]
     summary: str
+    accepts: Callable[[dict], bool] | None = None
+    """… and, for layouts sharing their keys with another, this says yes to its content."""
+    trains_on: TrainsOn = "responses"
+    refusal: str | None = None
+    """Set for a layout recognised only to be refused: what it is and what to send instead."""
 
     def matches(self, obj: dict) -> bool:
-        return any(sig <= obj.keys() for sig in self.signatures)
+        return (any(sig <= obj.keys() for sig in self.signatures)
+                and (self.accepts is None or self.accepts(obj)))
 
 
-# -- supervised formats ---------------------------------------------------------------------
+# -- supervised layouts ---------------------------------------------------------------------
 
 def _sft(*turns: tuple[str, str]) -> dict:
     """A conversation from (role, content) pairs, skipping an empty system prompt."""
@@ -62,77 +84,187 @@ def _joined(first: str, second: str) -> str:
     return f"{first}\n\n{second}" if second.strip() else first
 
 
-def parse_openai_chat(obj: dict) -> dict:
+def parse_openai_chat(obj: dict, notes: Notes) -> dict:
     messages = parse_messages(obj["messages"])
     check_sft(messages)
     example: dict[str, Any] = {"messages": messages}
-    if (tools := get_field(obj, "tools", list, required=False)) is not None:
+    if tools := _tools(obj):
         example["tools"] = tools
     return example
 
 
-def parse_alpaca(obj: dict) -> dict:
+def _tools(obj: dict) -> list[dict] | None:
+    """``tools`` as OpenAI function tools: an array, or a string holding one (LLaMA-Factory);
+    bare function schemas (``{"name", "parameters"}``) are wrapped as ``{"type": "function",
+    "function": …}``. None when absent or empty."""
+    value = get_field(obj, "tools", (list, str), required=False)
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise LineProblem("invalid_value", f"field 'tools' is a string but not JSON: "
+                              f"{exc.msg} at column {exc.colno}") from None
+        if not isinstance(value, list):
+            raise LineProblem("invalid_type", "field 'tools' must hold an array of tools, got "
+                              f"{json_type(value)}")
+    tools = []
+    for i, tool in enumerate(value or []):
+        if isinstance(tool, dict) and tool.get("type") == "function" \
+                and isinstance(tool.get("function"), dict):
+            tool = tool["function"]
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            raise LineProblem("invalid_type", f"'tools[{i}]' must be a function: an object with "
+                              "a 'name' (and 'description', 'parameters')")
+        tools.append({"type": "function", "function": tool})
+    return tools or None
+
+
+def parse_alpaca(obj: dict, notes: Notes) -> dict:
     instruction = get_text(obj, "instruction")
     context = get_field(obj, "input", str, required=False) or ""
-    return _sft(("user", _joined(instruction, context)),
+    system = get_field(obj, "system", str, required=False) or ""
+    return _sft(("system", system), ("user", _joined(instruction, context)),
                 ("assistant", get_text(obj, "output", empty_code="empty_response")))
 
 
-def parse_dolly(obj: dict) -> dict:
+def parse_self_instruct(obj: dict, notes: Notes) -> list[dict]:
+    """A Self-Instruct seed task: one instruction, one example per instance."""
+    instruction = get_text(obj, "instruction")
+    instances = get_field(obj, "instances", list)
+    if not instances:
+        raise LineProblem("missing_field", "field 'instances' is empty")
+    examples = []
+    for i, instance in enumerate(instances):
+        where = f"instances[{i}]."
+        if not isinstance(instance, dict):
+            raise LineProblem("invalid_type", f"'instances[{i}]' must be an object, got "
+                              f"{json_type(instance)}")
+        context = get_field(instance, "input", str, where=where, required=False) or ""
+        output = get_text(instance, "output", where=where, empty_code="empty_response")
+        examples.append(_sft(("user", _joined(instruction, context)), ("assistant", output)))
+    return examples
+
+
+def parse_dolly(obj: dict, notes: Notes) -> dict:
     instruction = get_text(obj, "instruction")
     context = get_field(obj, "context", str, required=False) or ""
     return _sft(("user", _joined(instruction, context)),
                 ("assistant", get_text(obj, "response", empty_code="empty_response")))
 
 
-def parse_openorca(obj: dict) -> dict:
+def parse_openorca(obj: dict, notes: Notes) -> dict:
     system = get_field(obj, "system_prompt", str, required=False) or ""
     return _sft(("system", system), ("user", get_text(obj, "question")),
                 ("assistant", get_text(obj, "response", empty_code="empty_response")))
 
 
-def parse_flan(obj: dict) -> dict:
+def parse_flan(obj: dict, notes: Notes) -> dict:
     return _sft(("user", get_text(obj, "inputs")),
                 ("assistant", get_text(obj, "targets", empty_code="empty_response")))
 
 
-def parse_prompt_completion(obj: dict) -> dict:
-    return _sft(("user", get_text(obj, "prompt")),
-                ("assistant", get_text(obj, "completion", empty_code="empty_response")))
+END_MARKERS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>",
+               "<eos>")
+"""End markers that legacy prompt/completion files put at the end of each completion (GPT-3's
+fine-tuning guide asked for one). The chat template ends each response with its own
+end-of-turn token, and a marker left in the content is a special token the template refuses."""
+
+
+def parse_prompt_completion(obj: dict, notes: Notes) -> dict:
+    prompt = get_text(obj, "prompt")
+    completion = get_text(obj, "completion", empty_code="empty_response")
+    end = completion.rstrip()
+    marker = next((m for m in END_MARKERS if end.endswith(m)), None)
+    if marker is not None:
+        completion = end.removesuffix(marker)
+        notes[f"removed the end marker {marker!r} that ended {{n}} completion(s): the chat "
+              "template ends every response with its own end-of-turn token"] += 1
+        if not completion.strip():
+            raise LineProblem("empty_response", f"empty response 'completion' (only the end "
+                              f"marker {marker!r})")
+    return _sft(("user", prompt), ("assistant", completion))
 
 
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user",
-                   "gpt": "assistant", "assistant": "assistant"}
+                   "gpt": "assistant", "assistant": "assistant",
+                   "function_call": "assistant", "observation": "tool"}
+"""FastChat's speakers, plus LLaMA-Factory's tool turns: ``function_call`` is the assistant
+calling a tool, ``observation`` the tool's result."""
 
 
-def parse_sharegpt(obj: dict) -> dict:
-    turns = get_field(obj, "conversations", list)
+def _sharegpt_turns(obj: dict, key: str = "conversations") -> list[Message]:
+    turns = get_field(obj, key, list)
     if not turns:
-        raise LineProblem("missing_field", "field 'conversations' is empty")
-    messages = []
+        raise LineProblem("missing_field", f"field '{key}' is empty")
+    system = get_field(obj, "system", str, required=False) or ""
+    messages: list[Message] = [{"role": "system", "content": system}] if system.strip() else []
     for i, turn in enumerate(turns):
-        where = f"conversations[{i}]."
+        where = f"{key}[{i}]."
         if not isinstance(turn, dict):
-            raise LineProblem("invalid_type", f"'conversations[{i}]' must be an object, "
+            raise LineProblem("invalid_type", f"'{key}[{i}]' must be an object, "
                               f"got {json_type(turn)}")
         speaker = get_field(turn, "from", str, where=where)
         if speaker not in _SHAREGPT_ROLES:
             raise LineProblem("invalid_role", f"'{where}from' is {speaker!r}; expected one of "
                               + ", ".join(_SHAREGPT_ROLES))
         value = get_field(turn, "value", str, where=where)
-        messages.append({"role": _SHAREGPT_ROLES[speaker], "content": value})
+        if speaker == "function_call":
+            messages.append(_function_call(value, f"{where}value"))
+        else:
+            messages.append({"role": _SHAREGPT_ROLES[speaker], "content": value})
+    return messages
+
+
+def _function_call(value: str, where: str) -> Message:
+    """A ``function_call`` turn's JSON (``{"name", "arguments"}``, or an array of them) as an
+    assistant message with OpenAI ``tool_calls``."""
+    try:
+        calls = json.loads(value)
+    except json.JSONDecodeError:
+        calls = None
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str)
+                            for c in calls):
+        raise LineProblem("invalid_value", f"'{where}' of a function_call turn must be JSON "
+                          '{"name": …, "arguments": {…}} (or an array of them)')
+    tool_calls = [{"type": "function", "function": {
+        "name": c["name"], "arguments": c["arguments"] if isinstance(c.get("arguments"), str)
+        else json.dumps(c.get("arguments", {}), ensure_ascii=False)}} for c in calls]
+    return {"role": "assistant", "content": tool_calls_text(tool_calls, where),
+            "tool_calls": tool_calls}
+
+
+def parse_sharegpt(obj: dict, notes: Notes) -> dict:
+    messages = _sharegpt_turns(obj)
     check_sft(messages, path="conversations")
-    return {"messages": messages}
+    example: dict[str, Any] = {"messages": messages}
+    if tools := _tools(obj):
+        example["tools"] = tools
+    return example
 
 
-def parse_oig(obj: dict) -> dict:
+_OIG_MARKERS = {"<human>:": "user", "<bot>:": "assistant"}
+
+
+def parse_oig(obj: dict, notes: Notes) -> dict:
     text = get_text(obj, "text")
-    messages = split_turns(text, {"<human>:": "user", "<bot>:": "assistant"}, field="text")
+    messages = split_turns(text, _OIG_MARKERS, field="text")
     check_sft(messages, path="text")
     return {"messages": messages}
 
 
-# -- preference formats ---------------------------------------------------------------------
+def _is_oig(obj: dict) -> bool:
+    text = obj.get("text")
+    return isinstance(text, str) and text.lstrip().startswith("<human>:")
+
+
+def parse_text(obj: dict, notes: Notes) -> dict:
+    return {"text": get_text(obj, "text")}
+
+
+# -- preference layouts ---------------------------------------------------------------------
 
 def _pair(prompt: list[Message], chosen: str, rejected: str, names: tuple[str, str]) -> dict:
     for text, name in zip((chosen, rejected), names, strict=True):
@@ -145,9 +277,16 @@ def _pair(prompt: list[Message], chosen: str, rejected: str, names: tuple[str, s
 
 
 def _single_reply(value: object, name: str) -> str:
-    """A response given as a string or as a list holding one assistant message."""
+    """A response given as a string, a list holding one assistant message, or a ShareGPT turn
+    object (``{"from": "gpt", "value": …}``)."""
     if isinstance(value, str):
         return value
+    if isinstance(value, dict) and "from" in value:
+        speaker = get_field(value, "from", str, where=f"{name}.")
+        if _SHAREGPT_ROLES.get(speaker) != "assistant" or speaker == "function_call":
+            raise LineProblem("roles_out_of_order", f"'{name}.from' must be 'gpt', "
+                              f"not {speaker!r}")
+        return get_field(value, "value", str, where=f"{name}.")
     if not isinstance(value, list):
         raise LineProblem("invalid_type", f"field '{name}' must be a string or an array of one "
                           f"assistant message, got {json_type(value)}")
@@ -161,7 +300,7 @@ def _single_reply(value: object, name: str) -> str:
     return message["content"]
 
 
-def parse_openai_preference(obj: dict) -> dict:
+def parse_openai_preference(obj: dict, notes: Notes) -> dict:
     inputs = get_field(obj, "input", dict)
     prompt = parse_messages(get_field(inputs, "messages", list, where="input."),
                             path="input.messages")
@@ -175,19 +314,31 @@ def parse_openai_preference(obj: dict) -> dict:
                  _single_reply(obj[names[1]], names[1]), names)
 
 
-_HH_MARKERS = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant"}
+def parse_sharegpt_preference(obj: dict, notes: Notes) -> dict:
+    """LLaMA-Factory's ranking ShareGPT: ``conversations`` is the prompt (ending with the
+    human's turn), ``chosen`` and ``rejected`` are one ``gpt`` turn each."""
+    prompt = _sharegpt_turns(obj)
+    check_prompt(prompt, path="conversations")
+    for name in ("chosen", "rejected"):
+        get_field(obj, name, (dict, str, list))
+    return _pair(prompt, _single_reply(obj["chosen"], "chosen"),
+                 _single_reply(obj["rejected"], "rejected"), ("chosen", "rejected"))
 
 
-def parse_chosen_rejected(obj: dict) -> dict:
+def parse_chosen_rejected(obj: dict, notes: Notes) -> dict:
     """``prompt``/``chosen``/``rejected`` as strings or message lists (TRL's conversational
     form); without ``prompt``, the shared beginning of ``chosen`` and ``rejected`` is the
-    prompt (TRL's implicit prompt, and Anthropic HH's "Human:/Assistant:" text)."""
+    prompt (TRL's implicit prompt)."""
     chosen = get_field(obj, "chosen", (str, list))
     rejected = get_field(obj, "rejected", (str, list))
     prompt = get_field(obj, "prompt", (str, list), required=False)
     names = ("chosen", "rejected")
     if prompt is None:
-        return _implicit_prompt_pair(chosen, rejected)
+        if isinstance(chosen, str) or isinstance(rejected, str):
+            raise LineProblem("missing_field", "missing field 'prompt': 'chosen' and 'rejected' "
+                              "are plain responses, so the prompt they answer must be given")
+        return _implicit_prompt_pair(parse_messages(chosen, path="chosen"),
+                                     parse_messages(rejected, path="rejected"), "message")
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) \
         else parse_messages(prompt, path="prompt")
     if not messages[-1]["content"].strip():
@@ -197,111 +348,195 @@ def parse_chosen_rejected(obj: dict) -> dict:
                  names)
 
 
-def _implicit_prompt_pair(chosen: str | list, rejected: str | list) -> dict:
-    def conversation(value: str | list, name: str) -> list[Message]:
-        if isinstance(value, str):
-            return split_turns(value, _HH_MARKERS, field=name)
-        return parse_messages(value, path=name)
+_HH_MARKERS = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant"}
+_HH_NAMES = {"user": "Human", "assistant": "Assistant"}
 
-    a, b = conversation(chosen, "chosen"), conversation(rejected, "rejected")
-    shared = 0
-    while shared < min(len(a), len(b)) - 1 and a[shared] == b[shared]:
-        shared += 1
-    prompt = a[:shared]
-    if not prompt or len(a) != shared + 1 or len(b) != shared + 1 \
-            or a[-1]["role"] != "assistant" or b[-1]["role"] != "assistant":
-        raise LineProblem("missing_field", "missing field 'prompt': without it, 'chosen' and "
-                          "'rejected' must be the same conversation up to a last assistant turn")
+
+def parse_hh_rlhf(obj: dict, notes: Notes) -> dict:
+    """Anthropic HH-RLHF: ``chosen`` and ``rejected`` are whole ``Human:``/``Assistant:``
+    transcripts; what they share is the prompt, their final Assistant turns the two replies."""
+    chosen = split_turns(get_field(obj, "chosen", str), _HH_MARKERS, field="chosen")
+    rejected = split_turns(get_field(obj, "rejected", str), _HH_MARKERS, field="rejected")
+    for messages, name in ((chosen, "chosen"), (rejected, "rejected")):
+        for i in range(1, len(messages)):
+            if messages[i]["role"] == messages[i - 1]["role"]:
+                who = _HH_NAMES[messages[i]["role"]]
+                raise LineProblem("roles_out_of_order", f"'{name}' has two {who} turns in a row "
+                                  f"(turns {i} and {i + 1}): Human and Assistant take turns")
+        if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+            raise LineProblem("empty_response", f"the final Assistant turn of '{name}' is empty")
+    return _implicit_prompt_pair(chosen, rejected, "turn")
+
+
+def _implicit_prompt_pair(a: list[Message], b: list[Message], unit: str) -> dict:
+    """The pair of two conversations that differ only in their final assistant turn."""
+    for messages, name in ((a, "chosen"), (b, "rejected")):
+        if messages[-1]["role"] != "assistant":
+            raise LineProblem("roles_out_of_order", f"'{name}' must end with the assistant's "
+                              f"reply, not a {messages[-1]['role']} {unit}")
+        if len(messages) < 2:
+            raise LineProblem("missing_field", f"'{name}' holds only a reply: no prompt before it")
+    if a[:-1] != b[:-1]:
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)) - 1)
+        raise LineProblem("prompts_differ", f"'chosen' and 'rejected' differ before their final "
+                          f"assistant {unit} (first at {unit} {k + 1}): a pair must share every "
+                          f"{unit} but the last reply")
+    prompt = a[:-1]
     check_prompt(prompt, path="chosen")
     return _pair(prompt, a[-1]["content"], b[-1]["content"], ("chosen", "rejected"))
+
+
+def _is_hh_transcript(obj: dict) -> bool:
+    chosen = obj.get("chosen")
+    return "prompt" not in obj and isinstance(chosen, str) and chosen.lstrip().startswith("Human:")
+
+
+def _has_boolean_label(obj: dict) -> bool:
+    return isinstance(obj.get("label"), bool)
+
+
+KTO_REFUSAL = (
+    "this is KTO data: each record is one response labelled desirable (true) or undesirable "
+    "(false), for Kahneman-Tversky Optimization, which tuneserve does not train (read as "
+    "conversations, the undesirable answers would be learned as good ones). Send DPO preference "
+    "pairs instead, the same prompt with a chosen and a rejected response (e.g. "
+    '{"prompt": …, "chosen": …, "rejected": …}), or for supervised training only the records '
+    "labelled true, without 'label'")
 
 
 # -- the registry, in detection order (more specific key sets first) -------------------------
 
 def _fmt(name: str, kind: Kind, signatures: list[set[str]], optional: set[str],
-         parse: Callable[[dict], dict], summary: str) -> Format:
+         parse: Callable[[dict, Notes], dict | list[dict]], summary: str,
+         **extra: Any) -> Format:
     keys = frozenset(optional.union(*signatures))
-    return Format(name, kind, tuple(frozenset(s) for s in signatures), keys, parse, summary)
+    return Format(name, kind, tuple(frozenset(s) for s in signatures), keys, parse, summary,
+                  **extra)
 
+
+def _refused(obj: dict, notes: Notes) -> dict:
+    raise AssertionError("a refused layout is never parsed")  # FormatReader refuses it first
+
+
+REFUSED: dict[str, Format] = {f.name: f for f in (
+    _fmt("kto", "preference", [{"messages", "label"}, {"prompt", "completion", "label"}], set(),
+         _refused, "KTO: messages (or prompt/completion) with a true/false label",
+         accepts=_has_boolean_label, refusal=KTO_REFUSAL),
+)}
+"""Layouts recognised only to be refused (checked before ``FORMATS``)."""
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     _fmt("openai_preference", "preference",
          [{"input", "preferred_output", "non_preferred_output"},
           {"input", "preferred_completion", "non_preferred_completion"}],
          set(), parse_openai_preference, "OpenAI DPO: input/preferred_output/non_preferred_output"),
+    _fmt("sharegpt_preference", "preference", [{"conversations", "chosen", "rejected"}],
+         {"system", "id"}, parse_sharegpt_preference,
+         "ShareGPT preference: conversations with chosen/rejected gpt turns"),
+    _fmt("hh_rlhf", "preference", [{"chosen", "rejected"}], set(), parse_hh_rlhf,
+         "HH-RLHF: chosen/rejected Human:/Assistant: transcripts", accepts=_is_hh_transcript),
     _fmt("chosen_rejected", "preference", [{"chosen", "rejected"}], {"prompt"},
          parse_chosen_rejected, "prompt/chosen/rejected"),
     _fmt("openai_chat", "sft", [{"messages"}], {"tools", "parallel_tool_calls"},
          parse_openai_chat, "OpenAI chat: messages"),
-    _fmt("sharegpt", "sft", [{"conversations"}], set(), parse_sharegpt,
+    _fmt("sharegpt", "sft", [{"conversations"}], {"tools", "system", "id"}, parse_sharegpt,
          "ShareGPT: conversations of from/value"),
-    _fmt("alpaca", "sft", [{"instruction", "output"}], {"input"}, parse_alpaca,
-         "Alpaca / Self-Instruct: instruction/input/output"),
+    _fmt("self_instruct", "sft", [{"instruction", "instances"}],
+         {"id", "name", "is_classification"}, parse_self_instruct,
+         "Self-Instruct seed tasks: instruction/instances of input/output"),
+    _fmt("alpaca", "sft", [{"instruction", "output"}], {"input", "system"}, parse_alpaca,
+         "Alpaca: instruction/input/output"),
     _fmt("dolly", "sft", [{"instruction", "response"}], {"context", "category"}, parse_dolly,
          "Dolly: instruction/context/response"),
-    _fmt("openorca", "sft", [{"question", "response"}], {"system_prompt"}, parse_openorca,
+    _fmt("openorca", "sft", [{"question", "response"}], {"system_prompt", "id"}, parse_openorca,
          "OpenOrca: system_prompt/question/response"),
-    _fmt("flan", "sft", [{"inputs", "targets"}], set(), parse_flan, "FLAN: inputs/targets"),
+    _fmt("flan", "sft", [{"inputs", "targets"}],
+         {"task_source", "task_name", "template_type", "_template_idx", "_task_source",
+          "_task_name", "_template_type"}, parse_flan, "FLAN: inputs/targets"),
     _fmt("prompt_completion", "sft", [{"prompt", "completion"}], set(),
          parse_prompt_completion, "prompt/completion"),
-    _fmt("oig", "sft", [{"text"}], set(), parse_oig, "OIG: text with <human>: / <bot>: turns"),
+    _fmt("oig", "sft", [{"text"}], {"metadata"}, parse_oig,
+         "OIG: text with <human>: / <bot>: turns", accepts=_is_oig),
+    _fmt("text", "sft", [{"text"}], {"meta", "metadata", "id"}, parse_text,
+         "plain text (continued pretraining)", trains_on="all_tokens"),
 )}
+
+_DETECTION_ORDER = (*REFUSED.values(), *FORMATS.values())
 
 
 def detect_format(obj: dict) -> Format | None:
-    return next((f for f in FORMATS.values() if f.matches(obj)), None)
+    return next((f for f in _DETECTION_ORDER if f.matches(obj)), None)
 
 
 def _nearest_format(obj: dict) -> Format | None:
-    """The format sharing most keys with a line that matches none (to name its missing field)."""
+    """The layout sharing most keys with a record that matches none (to name its missing
+    field)."""
     overlap, best = max(((len(f.keys & obj.keys()), f) for f in FORMATS.values()),
                         key=lambda pair: pair[0])
     return best if overlap else None
 
 
 class FormatReader:
-    """Reads the lines of one file, holding them all to one format.
+    """Reads the records of one file, holding them all to one layout.
 
     Args:
-        declared: the format the caller named (a key of ``FORMATS``); None to detect it from
-            the first line that matches a format.
+        declared: the layout the caller named (a key of ``FORMATS``); None to detect it from
+            the first record that matches a layout.
 
     Raises:
-        ValueError: ``declared`` is not a known format.
+        ValueError: ``declared`` is not a known layout.
     """
 
-    def __init__(self, declared: str | None = None):
+    def __init__(self, declared: str | None = None, unit: str = "line"):
         if declared is not None and declared not in FORMATS:
             raise ValueError(f"unknown format {declared!r}; expected one of " + ", ".join(FORMATS))
         self.format: Format | None = FORMATS[declared] if declared else None
         self.declared = declared is not None
         self.format_line: int | None = None
+        self.unit = unit
+        self.notes: Notes = Counter()
+        self.ignored_keys: Counter[str] = Counter()
+        """Keys of the records that their layout does not read, with how many records had
+        them."""
 
-    def read(self, number: int, obj: object) -> dict:
-        """Normalise one line's JSON value; raises LineProblem."""
+    def read(self, number: int, obj: object) -> list[dict]:
+        """Normalise one record's JSON value into its examples.
+
+        Raises:
+            LineProblem: the record is broken.
+            FileProblem: the file is in a layout tuneserve refuses.
+        """
         if not isinstance(obj, dict):
             raise LineProblem("not_an_object", f"expected a JSON object, got {json_type(obj)}")
         if self.format is not None and self.format.matches(obj):
-            return self.format.parse(obj)
+            return self._parse(obj)
         found = detect_format(obj)
         if self.format is None:
             if found is None:
                 raise self._unrecognised(obj)
             self.format, self.format_line = found, number
-            return found.parse(obj)
+            return self._parse(obj)
         if found is not None:
-            origin = "declared as" if self.declared else f"from line {self.format_line} is"
-            raise LineProblem("mixed_formats", f"mixed formats: this line is {found.name} "
+            origin = "declared as" if self.declared else f"from {self.unit} {self.format_line} is"
+            raise LineProblem("mixed_formats", f"mixed formats: this {self.unit} is {found.name} "
                               f"({found.summary}) but the file {origin} {self.format.name}; "
-                              "use one format for every line")
-        return self.format.parse(obj)  # raises for the field it lacks
+                              f"use one format for every {self.unit}")
+        return self._parse(obj)  # raises for the field it lacks
+
+    def _parse(self, obj: dict) -> list[dict]:
+        assert self.format is not None
+        if self.format.refusal is not None:
+            raise FileProblem("unsupported_layout", self.format.refusal)
+        self.ignored_keys.update(obj.keys() - self.format.keys)
+        parsed = self.format.parse(obj, self.notes)
+        return parsed if isinstance(parsed, list) else [parsed]
 
     @staticmethod
     def _unrecognised(obj: dict) -> LineProblem:
         nearest = _nearest_format(obj)
         if nearest is not None:
             try:
-                nearest.parse(obj)
+                nearest.parse(obj, Counter())
             except LineProblem as exc:
                 exc.message = f"{exc.message} (the keys look like {nearest.summary})"
                 return exc
@@ -312,31 +547,46 @@ class FormatReader:
 
 
 class FormatError(ValueError):
-    """A line of a file cannot be read as a training example."""
+    """A record of a file cannot be read as a training example."""
 
-    def __init__(self, line: int, code: str, message: str):
-        super().__init__(f"line {line}: {message}")
+    def __init__(self, line: int, code: str, message: str, unit: str = "line"):
+        super().__init__(f"{unit} {line}: {message}")
         self.line = line
         self.code = code
         self.message = message
 
 
-def iter_normalised(stream: Readable, *, declared_format: str | None = None,
-                    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line number, normalised example)`` for every non-blank line of a JSONL stream.
+InvalidRecord = Callable[[int, LineProblem], None]
+"""Told about each record skipped as invalid: its number and its problem."""
 
-    The stream is read in chunks (a storage object, an open file, …); blank lines, a BOM and
-    CRLF line ends are fine.
+
+def iter_normalised(stream: Readable, *, declared_format: str | None = None,
+                    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+                    max_decompressed_bytes: int | None = None,
+                    on_invalid: InvalidRecord | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield ``(record number, normalised example)`` for every example of a training file in
+    any container (``training.data.containers``): line numbers for JSONL, record numbers for a
+    JSON array; a Self-Instruct task yields one example per instance, all with its number.
+
+    Args:
+        on_invalid: skip invalid records, telling this about each; None raises at the first.
 
     Raises:
-        FormatError: at the first broken line (files are validated at upload, so a training
-            run only sees this for a file changed behind the API's back).
+        FormatError: at the first broken record (without ``on_invalid``), or at a problem that
+            ends the file (always). Files are validated at upload, so a training run only sees
+            the records an upload chose to skip, or a file changed behind the API's back.
     """
-    reader = FormatReader(declared_format)
-    for number, raw in iter_raw_lines(stream, max_line_bytes):
+    records = open_records(stream, max_record_bytes=max_line_bytes,
+                           max_decompressed_bytes=max_decompressed_bytes)
+    unit = records.container.unit
+    reader = FormatReader(declared_format, unit)
+    for number, value in records:
         try:
-            value = decode_line(number, raw, max_line_bytes)
-            if value is not None:
-                yield number, reader.read(number, value)
+            if isinstance(value, LineProblem):
+                raise value
+            for example in reader.read(number, value):
+                yield number, example
         except LineProblem as exc:
-            raise FormatError(number, exc.code, exc.message) from None
+            if on_invalid is None or isinstance(exc, FileProblem):
+                raise FormatError(number, exc.code, exc.message, unit) from None
+            on_invalid(number, exc)

@@ -20,12 +20,18 @@ class Readable(Protocol):
 
 
 class LineProblem(Exception):
-    """One broken line; ``code`` is a stable machine-readable name of the problem."""
+    """One broken line or record; ``code`` is a stable machine-readable name of the problem."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class FileProblem(LineProblem):
+    """A problem that ends the reading of the whole file: nothing after it can be read (a JSON
+    array broken mid-way, a corrupt or over-large compressed stream), or nothing in it may be
+    trained on (a layout tuneserve recognises but does not train, such as KTO). Never skipped."""
 
 
 def iter_raw_lines(stream: Readable, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
@@ -67,6 +73,7 @@ def decode_line(number: int, raw: bytes | None, max_line_bytes: int) -> Any | No
 
     Raises:
         LineProblem: the line is too long, not UTF-8, or not JSON.
+        FileProblem: the first line is a lone ``{`` (one JSON object spread over many lines).
     """
     if raw is None:
         raise LineProblem("line_too_long",
@@ -83,6 +90,10 @@ def decode_line(number: int, raw: bytes | None, max_line_bytes: int) -> Any | No
     try:
         value = json.loads(text, parse_constant=_no_constants)
     except json.JSONDecodeError as exc:
+        if number == 1 and text.strip() == "{":
+            raise FileProblem("not_json_lines", "the file is one JSON object written over many "
+                              "lines, not JSON Lines: send a JSON array of records "
+                              "([{…}, {…}]) or one record per line") from None
         raise LineProblem("invalid_json",
                           f"invalid JSON: {exc.msg} at column {exc.colno}") from None
     except (ValueError, RecursionError) as exc:

@@ -90,7 +90,7 @@ def build_split(storage: Any, tokenizer: Any, file_ids: list[str], max_length: i
     columns: dict[str, list] = {name: [] for name in (
         "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "source")}
     for source, file_id in enumerate(file_ids):
-        examples, digest = read_examples(storage, file_id)
+        examples, digest = read_examples(storage, file_id, stats)
         stats.file_hashes[file_id] = digest
         for chosen, rejected in tokenize_pairs(tokenizer, examples, max_length, file_id, stats):
             columns["chosen_input_ids"].append(chosen[0])

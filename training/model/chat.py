@@ -245,6 +245,24 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Mes
     return _truncate(TokenizedExample(input_ids, labels), max_length)
 
 
+def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str,
+                  max_length: int | None = None) -> TokenizedExample:
+    """Plain text for continued pretraining: its tokens, then EOS (where documents end when
+    packed), all supervised but the first (no token comes before it to predict it); no chat
+    template. Longer than ``max_length``: the rest is cut, as pretraining cuts documents.
+
+    Raises:
+        MaskError: the text holds a special token (it would be read as the control token).
+    """
+    info = _template_info(tokenizer)
+    _check_no_special_tokens(info, [{"content": text}])
+    ids = _encode(tokenizer, [text])[0]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    ids = ids[:max_length] if max_length is not None else ids
+    return TokenizedExample(ids, [IGNORE_INDEX, *ids[1:]])
+
+
 def _check_no_special_tokens(info: _TemplateInfo, messages: list[dict]) -> None:
     # A control token inside content would be tokenized as the token itself (e.g. an early
     # <|im_end|>), silently changing the turn structure the model is trained on.

@@ -1,46 +1,49 @@
 """``/v1/files``: upload training data, list, retrieve, download and delete it (OpenAI's Files API).
 
-An upload streams into storage (``service.files.uploads``), is validated line by line from there
-(``training.data.validation``) and described — format, examples, tokens and supervised tokens under
-the default base model's chat template — or rejected with 400 naming the broken lines, in which
-case nothing of it stays in storage.
+An upload streams into storage (``service.files.uploads``), is validated record by record from
+there (``service.files.validation``, the same check as ``tuneserve files validate``) and
+described — container, layout, examples, tokens and supervised tokens under the default base
+model's chat template — or refused with 400 naming the broken records (413 for a compressed file
+over its decompressed limit), in which case nothing of it stays in storage.
+
+Our extensions to OpenAI's upload form: ``format`` (declare the layout instead of detecting it)
+and ``invalid_records`` (``refuse``, the default, or ``skip``: keep the file, train on its valid
+records, and count the skipped ones with their reasons in the description).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import logging
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from service.files import store as file_store
 from service.api.auth import get_tenant
-from service.core.errors import InvalidRequest, PayloadTooLarge
 from service.core import names
-from service.core.names import base_model_ids
+from service.core.errors import InvalidRequest, PayloadTooLarge
 from service.core.storage import Storage
+from service.files import store as file_store
 from service.files.uploads import receive_upload
+from service.files.validation import (
+    FileChecks,
+    FileTokenizer,
+    check_file,
+    description,
+    load_file_tokenizer,
+    refusal,
+)
 from training.data.formats import FORMATS
-
-if TYPE_CHECKING:
-    from training.data.validation import TokenCounter
+from training.data.validation import InvalidRecords
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["files"])
 Tenant = Annotated[str, Depends(get_tenant)]
-
-TOKENIZED_EXAMPLES = 2000
-"""Token statistics cover the first this many examples of an upload: the exact count under the
-chat template costs a few milliseconds per example, too slow for every line of a 512 MB file
-within one request. Every line is still validated."""
 
 _IGNORED_FIELDS = ("expires_after[anchor]", "expires_after[seconds]")
 """Sent by the openai SDK when asked to; files here never expire, so the fields are ignored."""
@@ -53,14 +56,29 @@ class TokenStats(BaseModel):
     total: int
 
 
+class SkippedRecords(BaseModel):
+    records: int
+    """Invalid records left out of training."""
+    reasons: dict[str, int]
+    """Skipped records per problem code."""
+    first: list[str]
+    """The first problems, each with its line or record number."""
+
+
 class FileDescription(BaseModel):
     """What an accepted training file holds (our addition to OpenAI's FileObject)."""
 
     format: str | None
-    """The format every line is in (``training.data.formats.FORMATS``)."""
+    """The layout every record is in (``training.data.formats.FORMATS``)."""
     kind: Literal["sft", "preference"] | None
     """Conversations to imitate (``sft``) or preference pairs for DPO (``preference``)."""
+    trains_on: Literal["responses", "all_tokens"] | None = None
+    """``responses``: the assistant turns (the chosen and rejected ones for pairs);
+    ``all_tokens``: plain text, every token (continued pretraining)."""
+    container: Literal["jsonl", "json_array"] = "jsonl"
+    compression: Literal["gzip", "zstd"] | None = None
     examples: int
+    """Training examples (a Self-Instruct task gives one per instance; skipped records none)."""
     tokens: TokenStats | None
     """Tokens per example under the chat template; null when no tokenizer was available."""
     supervised_tokens: TokenStats | None
@@ -75,7 +93,16 @@ class FileDescription(BaseModel):
     training)."""
     duplicates: int
     warnings: list[str]
-    """The first few warnings (duplicates, over-long examples) with their line numbers."""
+    """The first few warnings (duplicates, over-long examples, keys the layout ignores) with
+    their line or record numbers."""
+    notes: list[str] = []
+    """What reading changed or decided (end markers removed, every token trained on)."""
+    ignored_keys: dict[str, int] = {}
+    """Keys of the records that their layout does not read (so not trained on), with how many
+    records had them: a warning that a field may be misnamed."""
+    invalid_records: Literal["refuse", "skip"] = "refuse"
+    skipped: SkippedRecords | None = None
+    """Null unless the upload asked to skip invalid records."""
 
 
 class FileObject(BaseModel):
@@ -126,7 +153,12 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
     "type": "object", "required": ["file", "purpose"], "properties": {
         "file": {"type": "string", "format": "binary", "description": "JSONL training data"},
         "purpose": {"type": "string", "enum": [file_store.FINE_TUNE]},
-        "format": {"type": "string", "description": "declare the format instead of detecting it"},
+        "format": {"type": "string", "enum": list(FORMATS),
+                   "description": "declare the layout instead of detecting it"},
+        "invalid_records": {"type": "string", "enum": list(get_args(InvalidRecords)),
+                            "default": "refuse",
+                            "description": "skip: train on the valid records and count the "
+                                           "others in the description; refuse: refuse the file"},
     }}}}}}
 
 
@@ -138,13 +170,14 @@ async def create_file(request: Request, tenant: Tenant, storage: Store) -> FileO
     try:
         upload = await receive_upload(request, storage, key,
                                       max_file_bytes=settings.max_upload_bytes)
-        declared = _check_fields(upload.fields, upload.has_file)
+        declared, invalid_records = _check_fields(upload.fields, upload.has_file)
         _check_filename(upload.filename)
-        description = await run_in_threadpool(_describe, request.app, key, declared)
+        described = await run_in_threadpool(_describe, request.app, key, declared,
+                                            invalid_records)
         record = await run_in_threadpool(
             file_store.save_record, storage, tenant, file_id,
             filename=_display_name(upload.filename), purpose=file_store.FINE_TUNE,
-            size=upload.size, description=description)
+            size=upload.size, description=described)
     except PayloadTooLarge as exc:
         await _discard(storage, file_id)
         # Close the connection: otherwise the server keeps reading (and dropping) the rest of
@@ -154,7 +187,7 @@ async def create_file(request: Request, tenant: Tenant, storage: Store) -> FileO
         await _discard(storage, file_id)
         raise
     log.info("file %s: %d bytes, %s examples in format %s", file_id, upload.size,
-             description["examples"], description["format"])
+             described["examples"], described["format"])
     return FileObject.model_validate(record)
 
 
@@ -203,12 +236,14 @@ async def _discard(storage: Storage, file_id: str) -> None:
         await run_in_threadpool(storage.delete_prefix, names.file_prefix(file_id))
 
 
-def _check_fields(fields: dict[str, str], has_file: bool) -> str | None:
-    """Check the form; returns the declared format (None to detect it)."""
+def _check_fields(fields: dict[str, str], has_file: bool) -> tuple[str | None, InvalidRecords]:
+    """Check the form; returns the declared format (None to detect it) and what invalid
+    records do."""
     for name in fields:
-        if name not in ("purpose", "format", *_IGNORED_FIELDS):
+        if name not in ("purpose", "format", "invalid_records", *_IGNORED_FIELDS):
             raise InvalidRequest(f"Unknown parameter {name!r}: send 'file', 'purpose' and "
-                                 "optionally 'format'.", param=name, code="unknown_parameter")
+                                 "optionally 'format' and 'invalid_records'.", param=name,
+                                 code="unknown_parameter")
     if not has_file:
         raise InvalidRequest("Missing required parameter: 'file'.", param="file",
                              code="missing_required_parameter")
@@ -225,7 +260,13 @@ def _check_fields(fields: dict[str, str], has_file: bool) -> str | None:
         raise InvalidRequest(f"Invalid format {declared!r}: expected one of {', '.join(FORMATS)}, "
                              "or leave it out to detect the format.", param="format",
                              code="invalid_format")
-    return declared
+    invalid_records = fields.get("invalid_records") or "refuse"
+    if invalid_records not in get_args(InvalidRecords):
+        raise InvalidRequest(f"Invalid invalid_records {invalid_records!r}: expected 'refuse' "
+                             "(the default: a file with an invalid record is refused) or 'skip' "
+                             "(train on the valid records).", param="invalid_records",
+                             code="invalid_value")
+    return declared, invalid_records  # type: ignore[return-value]
 
 
 def _check_filename(filename: str | None) -> None:
@@ -244,45 +285,16 @@ def _display_name(filename: str | None) -> str:
     return name or "upload.jsonl"
 
 
-def _describe(app: FastAPI, key: str, declared: str | None) -> dict[str, Any]:
-    """Validate the stored upload; raises InvalidRequest naming the first broken lines."""
-    from training.data.validation import validate_jsonl
-
-    settings = app.state.settings
-    tokens = file_tokenizer(app)
+def _describe(app: FastAPI, key: str, declared: str | None,
+              invalid_records: InvalidRecords) -> dict[str, Any]:
+    """Check the stored upload; raises the refusal (400, or 413 past the decompressed limit)."""
+    checks = FileChecks.from_settings(app.state.settings, file_tokenizer(app))
     with app.state.storage.open(key) as stream:
-        report = validate_jsonl(stream, max_line_bytes=settings.max_line_bytes,
-                                max_length=tokens.context_length, declared_format=declared,
-                                count_tokens=tokens.counter, max_tokenized=TOKENIZED_EXAMPLES)
+        report = check_file(stream, checks, declared_format=declared,
+                            invalid_records=invalid_records)
     if not report.ok:
-        raise InvalidRequest(f"Invalid training file: {report.summary()}", param="file",
-                             code="invalid_file")
-    return {**report.description(), "model": tokens.model}
-
-
-class FileTokenizer:
-    """The default base model's tokenizer, counting tokens as training does; loaded once per app."""
-
-    def __init__(self, model: str | None = None, model_dir: str | None = None,
-                 context_length: int | None = None):
-        self.model, self.context_length = model, context_length
-        self.counter = _shared_counter(model_dir) if model_dir else None
-
-
-@functools.lru_cache(maxsize=4)
-def _shared_counter(model_dir: str) -> TokenCounter:
-    """One tokenizer per model directory in this process (apps in tests, replicas' reloads)."""
-    from training.model.registry import load_tokenizer
-    from training.data.validation import chat_token_counter
-
-    count = chat_token_counter(load_tokenizer(model_dir))
-    lock = threading.Lock()  # a fast tokenizer raises "Already borrowed" when used concurrently
-
-    def locked(example: dict) -> tuple[int, int]:
-        with lock:
-            return count(example)
-
-    return locked
+        raise refusal(report)
+    return description(report, checks)
 
 
 _load_lock = threading.Lock()
@@ -295,24 +307,10 @@ def file_tokenizer(app: FastAPI) -> FileTokenizer:
     """
     with _load_lock:
         if getattr(app.state, "file_tokenizer", None) is None:
-            app.state.file_tokenizer = _load_file_tokenizer(app)
+            try:
+                app.state.file_tokenizer = load_file_tokenizer(app.state.settings)
+            except Exception:
+                log.warning("no tokenizer for the first base model: files are described without "
+                            "token counts", exc_info=True)
+                app.state.file_tokenizer = FileTokenizer()
     return app.state.file_tokenizer
-
-
-def _load_file_tokenizer(app: FastAPI) -> FileTokenizer:
-    settings = app.state.settings
-    models = base_model_ids(settings)
-    if not models:
-        return FileTokenizer()
-    try:
-        from training.model.registry import resolve_model
-
-        # Local cache only (storage=None): sharing the converted weights through storage is the
-        # trainers' job; the API needs just the tokenizer and the config.
-        model_dir = resolve_model(models[0], None, settings.models)
-        config = json.loads((model_dir / "config.json").read_text())
-        return FileTokenizer(models[0], str(model_dir), config.get("max_position_embeddings"))
-    except Exception:  # noqa: BLE001 - token counts are a description, not a requirement
-        log.warning("no tokenizer for %s: files are described without token counts",
-                    models[0], exc_info=True)
-        return FileTokenizer()
