@@ -246,8 +246,7 @@ def test_cancel_without_runner_and_finished_job_conflict(client, app):
 
 def test_extensions_reach_the_training_spec(client, app):
     """Our extensions (LoRA shape, activation checkpointing, DPO's rpo_alpha) end up in the spec
-    the training run gets."""
-    from service.jobs.driver import train_spec
+    the training run gets: the one the job record holds."""
     from service.jobs.store import JobStore
 
     file_id = upload(client, _pref_lines())
@@ -257,7 +256,7 @@ def test_extensions_reach_the_training_spec(client, app):
     assert r.status_code == 200, r.text
     assert r.json()["method"]["dpo"]["hyperparameters"]["rpo_alpha"] == 0.5
     record = JobStore(app.state.storage).get(r.json()["id"])
-    spec = train_spec(record, cpus_per_worker=1)
+    spec = record.spec
     assert spec.activation_checkpointing and spec.rpo_alpha == 0.5
     assert spec.lora_r == 8 and spec.lora_layers == 2
     assert spec.method == "dpo" and spec.beta == 0.1

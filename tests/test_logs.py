@@ -104,7 +104,7 @@ def test_every_line_a_training_worker_writes_names_its_job(captured, tmp_path):
     from tests.test_training_run import sorting_lines
     from training.model import registry
     from training.spec import TrainSpec
-    from training.worker import train_loop_per_worker
+    from training.recipes.sft import train_loop_per_worker
 
     job, file_id = "ftjob-" + "7" * 24, "file-" + "8" * 24
     config = StorageConfig(uri=str(tmp_path))
@@ -114,7 +114,7 @@ def test_every_line_a_training_worker_writes_names_its_job(captured, tmp_path):
                      training_files=((file_id, 1.0),), n_epochs=1, batch_size=8, num_workers=1,
                      cpus_per_worker=1, seed=3)
 
-    TorchTrainer(train_loop_per_worker, train_loop_config={"spec": spec.to_dict(), "storage": asdict(config)},
+    TorchTrainer(train_loop_per_worker, train_loop_config={"spec": spec, "storage": asdict(config)},
                  scaling_config=ScalingConfig(num_workers=0),  # local mode: no Ray workers
                  run_config=RunConfig(name=job, storage_path=str(tmp_path / "run"))).fit()
     assert storage.exists(f"adapters/{job}/final/manifest.json")

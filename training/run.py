@@ -89,12 +89,12 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """What each Ray Train worker runs: ``training.worker.train_loop_per_worker``, imported here.
+    """What each Ray Train worker runs: ``training.recipes.sft.train_loop_per_worker``, imported here.
 
     Ray pickles this function by reference, so the job driver, which builds the trainer, imports
     only this module: the training loop's peft, transformers and datasets (~2.5 s of imports)
     would otherwise delay every job's start in a process that never trains."""
-    from training.worker import train_loop_per_worker
+    from training.recipes.sft import train_loop_per_worker
 
     train_loop_per_worker(config)
 
@@ -103,7 +103,8 @@ def build_trainer(spec: TrainSpec, storage_config: StorageConfig) -> TorchTraine
     storage_path, filesystem = run_storage(storage_config, spec.job_id)
     return TorchTrainer(
         train_worker,
-        train_loop_config={"spec": spec.to_dict(), "storage": asdict(storage_config)},
+        # The spec itself, pickled: the worker reads it as the job record holds it.
+        train_loop_config={"spec": spec, "storage": asdict(storage_config)},
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
                                      resources_per_worker={"CPU": spec.cpus_per_worker}),
         run_config=RunConfig(

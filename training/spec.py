@@ -1,8 +1,9 @@
 """The one typed object a training run takes (``TrainSpec``) and the resolution of "auto".
 
-Built once at the edge (the jobs API or ``tuneserve train spec.json``), validated there, sent to
-Ray Train workers as a plain dict (``to_dict``) and rebuilt in the worker's first line
-(``TrainSpec.from_dict``).
+Built and validated once at the edge: for a job, by ``service.jobs.spec.build_spec`` when the job
+is created, then stored in the job record (``to_dict``, versioned) and read from there by the
+driver; for ``tuneserve train spec.json``, from the file (``from_dict``). Ray Train workers get
+the object itself in ``train_loop_config["spec"]``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,6 +37,9 @@ BASE_LR_DPO_FULL = 5e-7
 WARMUP_FRACTION = 0.05
 MIN_LR_FRACTION = 0.1
 """Cosine decay ends at this fraction of the peak learning rate."""
+SPEC_VERSION = 1
+"""The version of ``TrainSpec.to_dict``'s form (its ``version`` key). Raise it when a field's
+meaning changes, and teach ``from_dict`` to read the older form."""
 
 
 @dataclass(frozen=True)
@@ -136,17 +141,23 @@ class TrainSpec:
     # -- transport ---------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-ready fields plus ``version`` (``SPEC_VERSION``): the form a job record stores."""
+        return {"version": SPEC_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainSpec:
-        """Rebuild from ``to_dict`` or from a JSON spec; unknown keys are an error."""
+        """Rebuild from ``to_dict`` or from a JSON spec (whose ``version`` may be left out);
+        unknown keys and a newer version are errors."""
+        values = dict(data)
+        version = values.pop("version", SPEC_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version > SPEC_VERSION:
+            raise InvalidRequest(f"training spec version {version!r} is not one this tuneserve "
+                                 f"reads (1..{SPEC_VERSION})", param="version")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(values) - known)
         if unknown:
             raise InvalidRequest(f"unknown training spec field(s): {', '.join(unknown)}",
                                  param=unknown[0])
-        values = dict(data)
         files = values.get("training_files", ())
         if isinstance(files, str):
             files = [(files, 1.0)]
@@ -155,6 +166,12 @@ class TrainSpec:
         if values.get("target_modules") is not None:
             values["target_modules"] = tuple(values["target_modules"])
         return cls(**values)
+
+    def resolved(self, n_examples: int, n_tokens: int) -> TrainSpec:
+        """This spec with numbers for every "auto" (``resolve_hyperparameters``)."""
+        hp = resolve_hyperparameters(self, n_examples, n_tokens)
+        return dataclasses.replace(self, n_epochs=hp.n_epochs, batch_size=hp.batch_size,
+                                   learning_rate_multiplier=hp.learning_rate_multiplier)
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -273,3 +290,21 @@ def resolve_hyperparameters(spec: TrainSpec, n_examples: int, n_tokens: int) -> 
     lrm = 1.0 if spec.learning_rate_multiplier == "auto" else float(spec.learning_rate_multiplier)
     return Hyperparameters(n_epochs=epochs, batch_size=batch, learning_rate_multiplier=lrm,
                            learning_rate=spec.base_learning_rate * lrm)
+
+
+def examples_per_epoch(n_examples: int, weight: float) -> int:
+    """How many examples of a file of ``n_examples`` one epoch sees at ``weight``: each example
+    ``weight // 1`` times, plus a sample of ``round(weight % 1 × n)`` (``packing.epoch_order``)."""
+    return int(weight // 1) * n_examples + round((weight % 1.0) * n_examples)
+
+
+def weighted_size(files: Sequence[tuple[int, int, float]]) -> tuple[int, int]:
+    """``(examples, tokens)`` one epoch sees of ``(examples, tokens, weight)`` files, what
+    "auto" is resolved from: each file counts as often as the data plan draws from it, and
+    brings its tokens in proportion."""
+    n_examples = n_tokens = 0
+    for examples, tokens, weight in files:
+        seen = examples_per_epoch(examples, weight)
+        n_examples += seen
+        n_tokens += round(tokens * seen / examples) if examples else 0
+    return n_examples, n_tokens

@@ -125,9 +125,11 @@ def create_result_file(storage: Storage, tenant: str, filename: str, data: bytes
     return file_id
 
 
-def describe_for_training(storage: Storage, job: Any) -> tuple[int, int]:
-    """``(examples, tokens)`` of a job's training file, from the description made at upload."""
-    record = get_file(storage, job.organization_id, job.training_file, param="training_file")
+def describe_for_training(storage: Storage, tenant: str, file_id: str, *,
+                          param: str) -> tuple[int, int]:
+    """``(examples, tokens)`` of a training file, from the description made at upload;
+    NotFound naming ``param`` when the tenant has no such file (any more)."""
+    record = get_file(storage, tenant, file_id, param=param)
     description = record.get("description") or {}
     examples = int(description.get("examples") or 0)
     mean = (description.get("tokens") or {}).get("mean")

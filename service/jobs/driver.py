@@ -1,7 +1,8 @@
 """The driver of one job's training run: a detached Ray actor, so the API can restart under it.
 
-It turns the job record into a ``TrainSpec``, runs it, and moves the record to its final
-status itself. Killing the actor (cancel, pause) kills the Ray Train run it owns.
+It runs the ``TrainSpec`` stored in the job record (built when the job was created, placed by
+the scheduler) and moves the record to its final status itself. Killing the actor (cancel,
+pause) kills the Ray Train run it owns.
 """
 
 from __future__ import annotations
@@ -24,60 +25,12 @@ log = logging.getLogger(__name__)
 NAMESPACE = "tuneserve-jobs"
 
 
-def train_spec(record: JobRecord, cpus_per_worker: int):
-    """The one mapping from a job record to the training run's typed spec."""
-    from service.core.names import parse_tuned_model
-    from training.spec import TrainSpec
-
-    hp = record.hyperparameters
-    ext = record.extensions
-    lora = ext.get("lora") or {}
-    method = record.method.get("type", "supervised")
-    base_model, init_adapter = record.model, None
-    tuned = parse_tuned_model(record.model)
-    if tuned is not None:
-        base_model, init_adapter = tuned.base_model, names.adapter_key(tuned.adapter_id)
-    files = [(record.training_file, 1.0)] + [(f["file"], f["weight"])
-                                            for f in ext.get("training_files") or []]
-    fields = dict(
-        job_id=record.id, base_model=base_model, training_files=tuple(files), method=method,
-        validation_file=record.validation_file, n_epochs=hp.get("n_epochs", "auto"),
-        batch_size=hp.get("batch_size", "auto"),
-        learning_rate_multiplier=hp.get("learning_rate_multiplier", "auto"),
-        seed=record.seed, num_workers=ext.get("num_workers", 1),
-        use_gpu=ext.get("use_gpu", False), cpus_per_worker=cpus_per_worker,
-        full_finetune=ext.get("full_finetune", False), tenant=record.organization_id,
-        init_adapter=init_adapter,
-    )
-    if lora.get("r"):
-        fields["lora_r"] = lora["r"]
-        fields["lora_alpha"] = lora.get("alpha") or 2 * lora["r"]
-    if lora.get("dropout") is not None:
-        fields["lora_dropout"] = lora["dropout"]
-    if lora.get("target_modules"):
-        fields["target_modules"] = tuple(lora["target_modules"])
-    if lora.get("layers"):
-        fields["lora_layers"] = lora["layers"]
-    if method == "dpo":
-        beta = hp.get("beta", "auto")
-        fields["beta"] = 0.1 if beta == "auto" else float(beta)
-        fields["rpo_alpha"] = float(hp.get("rpo_alpha", 0.0))
-        # Continuing from an SFT model: that adapter, frozen, is the reference.
-        fields["reference_adapter"] = init_adapter
-    for name in ("max_length", "pack_length", "checkpoint_every_steps", "max_failures", "packing",
-                 "activation_checkpointing"):
-        if name in ext:
-            fields[name] = ext[name]
-    return TrainSpec(**fields).validate()
-
-
 @ray.remote(num_cpus=0, max_restarts=0)
 class JobDriver:
-    def __init__(self, job_id: str, storage_config: StorageConfig, cpus_per_worker: int):
+    def __init__(self, job_id: str, storage_config: StorageConfig):
         self.job_id = job_id
         self.storage = open_storage(storage_config)
         self.storage_config = storage_config
-        self.cpus_per_worker = cpus_per_worker
 
     def run(self) -> str:
         from service.core.events import EventLog
@@ -87,10 +40,11 @@ class JobDriver:
         events = EventLog(self.storage, self.job_id)
         record = store.get(self.job_id)
         try:
-            spec = train_spec(record, self.cpus_per_worker)
+            if record.spec is None:  # the scheduler stores it before it starts a driver
+                raise RuntimeError(f"the record of {self.job_id} holds no training spec")
             events.add("Fine-tuning job started" if record.attempts <= 1
                        else f"Fine-tuning job resumed (attempt {record.attempts})")
-            result = run_training(spec, self.storage_config)
+            result = run_training(record.spec, self.storage_config)
         except Exception as exc:  # the job, not the actor, carries the failure
             log.error("job %s failed: %s", self.job_id, traceback.format_exc())
             self._fail(store, events, exc)
@@ -171,13 +125,12 @@ def driver_alive(job_id: str) -> bool:
         return False
 
 
-def start_driver(job_id: str, storage_config: StorageConfig, cpus_per_worker: int) -> None:
+def start_driver(job_id: str, storage_config: StorageConfig) -> None:
     # Ray Train's helper actors look the cluster up by address; with several Ray instances on
     # one machine (tests, a laptop) they must be told which one is theirs.
     env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     driver = JobDriver.options(name=job_id, namespace=NAMESPACE, lifetime="detached",
-                               runtime_env={"env_vars": env}).remote(
-        job_id, storage_config, cpus_per_worker)
+                               runtime_env={"env_vars": env}).remote(job_id, storage_config)
     driver.run.remote()
     # Queued behind run(): the detached actor leaves once the run is over, freeing its name.
     driver.exit.remote()

@@ -7,12 +7,14 @@ restarted one) never start a job twice. Nothing here blocks a request.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 
 from service.jobs import driver as job_driver
 from service.core.errors import TuneserveError
+from service.jobs.spec import build_spec, training_file_sizes, training_files, with_spec
 from service.jobs.store import TERMINAL, JobRecord, JobStore
 from service.core.settings import Settings
 from service.core.storage import open_storage
@@ -77,37 +79,43 @@ class RayJobRunner:
                 running += 1 if self._launch(job) else 0
 
     def _validate(self, job: JobRecord) -> None:
-        from service.files.store import describe_for_training
-        from training.spec import resolve_hyperparameters
-
+        """Check the files are still there and queue the job. Its spec was built at ``POST``;
+        a record from before records held one gets it here, from the same function."""
         events = _events(self.storage, job.id)
         try:
-            events.add(f"Validating training file: {job.training_file}")
-            n_examples, n_tokens = describe_for_training(self.storage, job)
-            resolved = resolve_hyperparameters(job_driver.train_spec(job, 1), n_examples, n_tokens)
+            events.add("Validating training files: "
+                       + ", ".join(file_id for file_id, _ in training_files(job)))
+            sizes = training_file_sizes(self.storage, job)  # NotFound for a file deleted since
+            spec = job.spec or build_spec(job, sizes)
         except TuneserveError as exc:
             self._fail(job.id, exc.code or "invalid_training_file", exc.message, exc.param)
             return
-        hp = {k: v for k, v in resolved.as_dict().items() if k != "learning_rate"}
-        if "beta" in job.hyperparameters:
-            beta = job.hyperparameters["beta"]
-            hp["beta"] = 0.1 if beta == "auto" else beta
-        method = {**job.method}
-        method[method["type"]] = {"hyperparameters": hp}
 
         def change(current: JobRecord) -> JobRecord | None:
             if current.status != "validating_files":
                 return None
-            return current.model_copy(update={"status": "queued", "hyperparameters": hp,
-                                              "method": method})
-        if self.store.update(job.id, change).status == "queued":
-            events.add("Files validated, moving job to queued state", data={"hyperparameters": hp})
+            return with_spec(current, current.spec or spec).model_copy(update={"status": "queued"})
+        queued = self.store.update(job.id, change)
+        if queued.status == "queued":
+            events.add("Files validated, moving job to queued state",
+                       data={"hyperparameters": queued.hyperparameters})
 
     def _launch(self, job: JobRecord) -> bool:
+        try:
+            # A record queued (or paused) before records held a spec: derived once, here.
+            spec = job.spec or build_spec(job, training_file_sizes(self.storage, job))
+        except TuneserveError as exc:
+            self._fail(job.id, exc.code or "invalid_training_file", exc.message, exc.param)
+            return False
+        # Where the run goes is decided now, on the cluster of now, and recorded with the spec.
+        cpus = self._cpus_per_worker(spec.num_workers)
+
         def change(current: JobRecord) -> JobRecord | None:
             if current.status != "queued":
                 return None
-            return current.model_copy(update={"status": "running", "attempts": current.attempts + 1})
+            placed = dataclasses.replace(current.spec or spec, cpus_per_worker=cpus)
+            return with_spec(current, placed).model_copy(
+                update={"status": "running", "attempts": current.attempts + 1})
         try:
             record = self.store.update(job.id, change)
         except TuneserveError:
@@ -115,7 +123,7 @@ class RayJobRunner:
         if record.status != "running" or record.attempts != job.attempts + 1:
             return False
         try:
-            job_driver.start_driver(job.id, self.settings.storage_config(), self._cpus_per_worker(job))
+            job_driver.start_driver(job.id, self.settings.storage_config())
         except Exception as exc:
             self._fail(job.id, "launch_failed", f"Could not start the training run: {exc}")
             return False
@@ -165,13 +173,13 @@ class RayJobRunner:
         self.store.update(job_id, change)
         _events(self.storage, job_id).add(f"The job failed: {message}", level="error")
 
-    def _cpus_per_worker(self, job: JobRecord) -> int:
+    def _cpus_per_worker(self, num_workers: int) -> int:
         if self.settings.cpus_per_worker:
             return self.settings.cpus_per_worker
         import ray
 
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        return max(1, cpus // max(1, job.extensions.get("num_workers", 1)))
+        return max(1, cpus // max(1, num_workers))
 
 
 def _events(storage, job_id: str):

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PlainSerializer, PlainValidator
 
 from service.core.errors import Conflict, NotFound, PreconditionFailed
 from service.core.names import JOB_ID, JOBS_PREFIX, is_job_key, job_key
 from service.core.storage import Storage
+from training.spec import TrainSpec
 
 Status = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed",
                  "cancelled"]
@@ -35,6 +36,18 @@ class JobError(BaseModel):
     code: str
     message: str
     param: str | None = None
+
+
+def _read_spec(value: Any) -> TrainSpec | None:
+    if value is None or isinstance(value, TrainSpec):
+        return value
+    return TrainSpec.from_dict(value)
+
+
+StoredSpec = Annotated[
+    TrainSpec | None, PlainValidator(_read_spec),
+    PlainSerializer(lambda spec: None if spec is None else spec.to_dict())]
+"""A ``TrainSpec`` in the record, stored as ``to_dict``'s versioned form."""
 
 
 class JobRecord(BaseModel):
@@ -69,13 +82,17 @@ class JobRecord(BaseModel):
     # Not on the wire.
     extensions: dict[str, Any] = Field(default_factory=dict)
     """Our additions to the request (LoRA settings, workers, GPU use, extra training files)."""
+    spec: StoredSpec = None
+    """What the run trains, built and checked once (``service.jobs.spec.build_spec``) and read,
+    not rebuilt, by the driver. None only in a record written before specs were stored: the
+    scheduler derives it there, once."""
     webhook_url: str | None = None
     attempts: int = 0
     """How many times a run was started for this job (resumes included)."""
     resumed_from_step: int | None = None
 
-    PRIVATE: ClassVar[frozenset[str]] = frozenset({"extensions", "webhook_url", "attempts",
-                                                   "resumed_from_step"})
+    PRIVATE: ClassVar[frozenset[str]] = frozenset({"extensions", "spec", "webhook_url",
+                                                   "attempts", "resumed_from_step"})
 
     def public(self) -> dict[str, Any]:
         body = self.model_dump(exclude=set(self.PRIVATE))

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from training.losses.cross_entropy import IGNORE_INDEX
+from training.spec import examples_per_epoch
 
 Example = tuple[list[int], list[int]]
 """``(input_ids, labels)`` of one tokenised example."""
@@ -50,7 +51,7 @@ def epoch_length(sources: Sequence[int], weights: Sequence[float]) -> int:
     counts: dict[int, int] = {}
     for source in sources:
         counts[source] = counts.get(source, 0) + 1
-    return sum(int(weights[s] // 1) * n + round((weights[s] % 1.0) * n) for s, n in counts.items())
+    return sum(examples_per_epoch(n, weights[s]) for s, n in counts.items())
 
 
 def steps_per_epoch(n_seen: int, batch_size: int) -> int:

@@ -14,6 +14,7 @@ from service.jobs import idempotency
 from service.api.auth import get_tenant
 from service.core.errors import Conflict, InvalidRequest, NotFound
 from service.api.schemas import CreateJobRequest
+from service.jobs.spec import build_spec, training_file_sizes, with_spec
 from service.jobs.store import ACTIVE, TERMINAL, JobRecord, JobStore
 from service.core import names
 from service.core.names import base_model_ids, new_job_id, parse_tuned_model
@@ -44,12 +45,12 @@ def create_job(request: Request, body: CreateJobRequest, tenant: Tenant, store: 
                idempotency_key: Annotated[str | None, Header(max_length=256)] = None) -> dict:
     storage: Storage = request.app.state.storage
     _check_request(request, body, tenant)
-
+    record = _new_record(storage, body, tenant)  # a spec that cannot run is a 400 here
     created: JobRecord | None = None
 
     def create() -> str:
         nonlocal created
-        created = _create_record(store, body, tenant)
+        created = _create_record(store, record)
         return created.id
 
     if idempotency_key:
@@ -155,6 +156,10 @@ def _check_request(request: Request, body: CreateJobRequest, tenant: str) -> Non
         if source.status != "succeeded":
             raise InvalidRequest(f"Model {body.model!r} is not ready to be tuned further.",
                                  param="model", code="model_not_available")
+        if source.spec.full_finetune if source.spec else source.extensions.get("full_finetune"):
+            raise InvalidRequest(f"Model {body.model!r} is a fully fine-tuned model; a job "
+                                 "continues from a LoRA adapter only.", param="model",
+                                 code="model_not_available")
     elif body.model not in base_model_ids(settings):
         raise InvalidRequest(
             f"Model {body.model!r} is not available for fine-tuning; choose one of "
@@ -174,9 +179,12 @@ def _check_request(request: Request, body: CreateJobRequest, tenant: str) -> Non
                 param=param, code="invalid_file_format")
 
 
-def _create_record(store: JobStore, body: CreateJobRequest, tenant: str) -> JobRecord:
-    from service.core.events import EventLog
+def _new_record(storage: Storage, body: CreateJobRequest, tenant: str) -> JobRecord:
+    """The job's record, holding its training spec (``service.jobs.spec.build_spec``).
 
+    Raises:
+        InvalidRequest: the spec cannot run; ``param`` names the request's field.
+    """
     method = body.resolved_method()
     record = JobRecord(
         id=new_job_id(), created_at=int(time.time()), model=body.model,
@@ -193,6 +201,12 @@ def _create_record(store: JobStore, body: CreateJobRequest, tenant: str) -> JobR
             "training_files": [f.model_dump() for f in body.training_files or []],
         },
     )
+    return with_spec(record, build_spec(record, training_file_sizes(storage, record)))
+
+
+def _create_record(store: JobStore, record: JobRecord) -> JobRecord:
+    from service.core.events import EventLog
+
     store.create(record)
     EventLog(store.storage, record.id).add(f"Created fine-tuning job: {record.id}")
     return record
