@@ -104,7 +104,7 @@ def test_every_line_a_training_worker_writes_names_its_job(captured, tmp_path):
     from tests.test_training_run import sorting_lines
     from training.model import registry
     from training.spec import TrainSpec
-    from training.recipes.sft import train_loop_per_worker
+    from training.worker import train_loop_per_worker
 
     job, file_id = "ftjob-" + "7" * 24, "file-" + "8" * 24
     config = StorageConfig(uri=str(tmp_path))

@@ -89,12 +89,12 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """What each Ray Train worker runs: ``training.recipes.sft.train_loop_per_worker``, imported here.
+    """What each Ray Train worker runs: ``training.worker.train_loop_per_worker``, imported here.
 
     Ray pickles this function by reference, so the job driver, which builds the trainer, imports
     only this module: the training loop's peft, transformers and datasets (~2.5 s of imports)
     would otherwise delay every job's start in a process that never trains."""
-    from training.recipes.sft import train_loop_per_worker
+    from training.worker import train_loop_per_worker
 
     train_loop_per_worker(config)
 
