@@ -143,8 +143,10 @@ class CreateJobRequest(Strict):
     @field_validator("webhook_url")
     @classmethod
     def _webhook(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://", value):
-            raise ValueError("webhook_url must be an http(s) URL")
+        # Refused rather than stored: nothing would ever call it (signed webhooks: issue 34).
+        if value is not None:
+            raise ValueError("webhook_url is not supported yet: poll the job, or follow its "
+                             "events with GET /v1/fine_tuning/jobs/{id}/events?stream=true")
         return value
 
     @model_validator(mode="after")
