@@ -9,8 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Self
 
 import httpx
+
+if TYPE_CHECKING:
+    from service.core.storage.config import StorageConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,6 +96,17 @@ class Service:
                                                     timeout, what="tuneserve up")
         return self
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def storage_config(self) -> StorageConfig:
+        """Its storage, opened by a test; S3 needs the AWS variables set in the test's process."""
+        from service.core.storage.config import StorageConfig
+
+        return StorageConfig(uri=self.storage,
+                             endpoint_url=self.env.get("TUNESERVE_S3_ENDPOINT_URL"))
+
     def processes(self, *markers: str) -> list:
         """The service's own processes (its Ray is a child of it) whose command line holds
         one of ``markers`` (Ray titles its workers after their actor, e.g. ``RayTrainWorker``)."""
@@ -119,7 +134,7 @@ class Service:
         finally:
             self.log.close()
 
-    def __enter__(self) -> Service:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

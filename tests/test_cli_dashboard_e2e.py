@@ -18,9 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import REPO, Service
+from tests.helpers import REPO, Service, scrape_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +48,8 @@ def ray_tmp():
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, ray_tmp):
+    # Not the shared service: this one has API keys on and a private Ray temp dir, and the last
+    # test stops it to grep all it logged.
     storage = tmp_path_factory.mktemp("people") / "storage"
     env = {"TUNESERVE_API_KEYS": f"{API_KEY}:alice", "TUNESERVE_CPUS_PER_WORKER": "1",
            "RAY_TMPDIR": str(ray_tmp)}
@@ -61,22 +62,12 @@ def cli(service: Service, *args: str, stdin: str | None = None, timeout: float =
         key: str = API_KEY) -> subprocess.CompletedProcess:
     env = {**os.environ, "TUNESERVE_BASE_URL": f"{service.url}/v1", "TUNESERVE_API_KEY": key}
     env.pop("OPENAI_BASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "service.cli.main", *args], cwd=REPO, env=env,
-                          input=stdin, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "service.cli.main", *args], check=False, cwd=REPO,
+                          env=env, input=stdin, capture_output=True, text=True, timeout=timeout)
 
 
 def scrape(service: Service) -> dict[str, float]:
-    """``{'name{label="v",…}': value}`` from /metrics, parsed as Prometheus text."""
-    response = httpx.get(f"{service.url}/metrics", timeout=30,
-                         headers={"Authorization": f"Bearer {API_KEY}"})
-    assert response.status_code == 200, response.text
-    text = response.text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            samples[f"{s.name}{{{labels}}}"] = s.value
-    return samples
+    return scrape_metrics(service.url, API_KEY)
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,17 @@
 """A DPO job through the API, as a caller runs one: SFT first, then DPO on its ``ft:`` model
-(``tuneserve up`` on SeaweedFS S3, the openai SDK, real Ray Train runs on the tiny model)."""
+(the shared ``tuneserve up`` on SeaweedFS S3, the openai SDK, real Ray Train runs on the tiny
+model)."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
-import os
-import time
 
 import openai
 import pytest
 
-from tests.helpers import Service, wait_until
+from tests.helpers import wait_until
 from tests.test_dpo_loss import load_make_preferences
 
 pytestmark = pytest.mark.slow
@@ -20,14 +19,10 @@ pytestmark = pytest.mark.slow
 TINY = "tuneserve/tiny-llama"
 
 
-@pytest.fixture(scope="module")
-def client(s3_server):
-    storage = f"s3://{s3_server.bucket}/dpo-job-{os.getpid()}-{int(time.time())}"
-    env = {**s3_server.env, "TUNESERVE_S3_ENDPOINT_URL": s3_server.endpoint_url,
-           "TUNESERVE_CPUS_PER_WORKER": "1"}
-    with Service(storage, env=env) as service:
-        yield openai.OpenAI(base_url=f"{service.url}/v1", api_key="local", max_retries=0,
-                            timeout=60)
+@pytest.fixture
+def client(shared_service):
+    return openai.OpenAI(base_url=f"{shared_service.url}/v1", api_key="local", max_retries=0,
+                         timeout=60)
 
 
 def upload(client, rows: list[dict], name: str) -> str:

@@ -35,7 +35,10 @@ def _pref_lines(n: int = 8) -> bytes:
 
 @pytest.fixture
 def app(tmp_path):
-    return create_app(Settings(storage=str(tmp_path / "store"), api_keys=KEYS))
+    # The tiny model only: its tokenizer (SmolLM2's) describes uploads, and the built-in model is
+    # never converted or loaded here.
+    return create_app(Settings(storage=str(tmp_path / "store"), api_keys=KEYS,
+                               builtin_models=False))
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
-"""Jobs end to end, as a caller sees them: ``tuneserve up`` on SeaweedFS S3, the openai SDK,
-real Ray Train runs on the tiny model. Restarts and cancels are done to the real processes."""
+"""Jobs end to end, as a caller sees them: the shared ``tuneserve up`` on SeaweedFS S3, the
+openai SDK, real Ray Train runs on the tiny model. Restarts and cancels are done to the real
+processes."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import time
 
@@ -26,19 +26,9 @@ def chat_file(n: int) -> bytes:
     return "\n".join(json.dumps(r) for r in rows).encode()
 
 
-@pytest.fixture(scope="module")
-def service_env(s3_server, tmp_path_factory):
-    prefix = f"e2e-{os.getpid()}-{int(time.time())}"
-    env = {**s3_server.env, "TUNESERVE_S3_ENDPOINT_URL": s3_server.endpoint_url,
-           "TUNESERVE_CPUS_PER_WORKER": "1"}
-    return f"s3://{s3_server.bucket}/{prefix}", env
-
-
-@pytest.fixture(scope="module")
-def service(service_env):
-    storage, env = service_env
-    with Service(storage, env=env) as svc:
-        yield svc
+@pytest.fixture
+def service(shared_service):
+    return shared_service
 
 
 @pytest.fixture
@@ -128,43 +118,32 @@ def test_api_replica_restart_during_a_run_does_not_stop_it(client, service):
     assert answer.choices[0].finish_reason
 
 
-def test_cluster_restart_resumes_from_the_last_checkpoint(service_env, service, monkeypatch):
-    storage, env = service_env
-    service.stop()  # this test restarts the whole service; the module's instance goes first
-    first = Service(storage, env=env).start()
-    client = openai.OpenAI(base_url=f"{first.url}/v1", api_key="local", max_retries=0)
+def test_cluster_restart_resumes_from_the_last_checkpoint(service, shared_storage):
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="local", max_retries=0)
     job = client.fine_tuning.jobs.create(model=TINY, training_file=upload(client, 32),
                                          hyperparameters={"n_epochs": 12, "batch_size": 4})
     wait_until(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, 300, interval=1,
                what="the first checkpoint")
-    first.stop()  # stops Ray entirely: the run dies with it
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    checkpointed = set(_checkpoint_steps(storage, env, job.id))
+    service.stop()  # stops Ray entirely: the run dies with it
+    checkpointed = set(_checkpoint_steps(shared_storage, job.id))
 
-    second = Service(storage, env=env).start()
-    try:
-        client = openai.OpenAI(base_url=f"{second.url}/v1", api_key="local", max_retries=0)
-        done = wait_status(client, job.id, {"succeeded", "failed", "cancelled"}, 400)
-        assert done.status == "succeeded", done.error
-        resumed = [e.data["resumed_from_step"] for e in
-                   client.fine_tuning.jobs.list_events(job.id, limit=1000).data
-                   if e.data and "resumed_from_step" in e.data]
-        # Ray Train resumes from the newest checkpoint it registered before the cluster went
-        # down; checkpoints still in flight at the kill may be newer, never older than it.
-        assert resumed and resumed[0] in checkpointed and resumed[0] > 0, (resumed, checkpointed)
-        steps = [e.data["step"] for e in metrics_events(client, job.id)]
-        assert max(steps) == 96
-    finally:
-        second.stop()
+    service.start()  # a new service on the same storage
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="local", max_retries=0)
+    done = wait_status(client, job.id, {"succeeded", "failed", "cancelled"}, 400)
+    assert done.status == "succeeded", done.error
+    resumed = [e.data["resumed_from_step"] for e in
+               client.fine_tuning.jobs.list_events(job.id, limit=1000).data
+               if e.data and "resumed_from_step" in e.data]
+    # Ray Train resumes from the newest checkpoint it registered before the cluster went
+    # down; checkpoints still in flight at the kill may be newer, never older than it.
+    assert resumed and resumed[0] in checkpointed and resumed[0] > 0, (resumed, checkpointed)
+    steps = [e.data["step"] for e in metrics_events(client, job.id)]
+    assert max(steps) == 96
 
 
-def _checkpoint_steps(storage: str, env: dict, job_id: str) -> list[int]:
+def _checkpoint_steps(storage, job_id: str) -> list[int]:
     """The checkpoints' steps, read from storage directly (the service is down)."""
-    from service.jobs.store import JobStore
     from service.api.routes.fine_tuning import read_checkpoints
-    from service.core.storage import open_storage
-    from service.core.storage.config import StorageConfig
+    from service.jobs.store import JobStore
 
-    store = open_storage(StorageConfig(uri=storage, endpoint_url=env["TUNESERVE_S3_ENDPOINT_URL"]))
-    return [c["step_number"] for c in read_checkpoints(store, JobStore(store).get(job_id))]
+    return [c["step_number"] for c in read_checkpoints(storage, JobStore(storage).get(job_id))]

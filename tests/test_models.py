@@ -101,7 +101,6 @@ def test_builtin_model_converts_once_then_loads_from_cache(big_tmp, monkeypatch)
     assert cached_load < 5
 
 
-@pytest.mark.slow
 def test_tiny_model_is_deterministic_and_shared_through_s3(tmp_path, monkeypatch, s3_storage_config):
     storage = open_storage(s3_storage_config)
     slug = model_slug(TINY_MODEL_ID)
@@ -119,7 +118,7 @@ def test_tiny_model_is_deterministic_and_shared_through_s3(tmp_path, monkeypatch
 
     # Two processes (think: two Ray workers) racing on a fresh cache, without storage: one builds,
     # the other waits for it; the bytes equal the first build's (fixed seed, same bytes).
-    script = ("import json; from training import models; "
+    script = ("import json; from training.model import registry as models; "
               "p = models.resolve_model(models.TINY_MODEL_ID); "
               "print(json.dumps([str(p), models.model_builds[models.TINY_MODEL_ID]]))")
     env = {**os.environ, "TUNESERVE_MODEL_CACHE": str(tmp_path / "node-c")}

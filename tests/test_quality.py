@@ -1,8 +1,8 @@
 """Before and after (issue 11): the task data, the ``tuneserve eval`` command and the demo.
 
 The data tests are pure Python. The end-to-end test runs the demo, scaled down to the tiny model,
-through a real ``tuneserve up``: evaluate the base model, upload, train, follow, evaluate the tuned
-model, write the table. The figures it reaches are not asserted (the tiny model is random);
+through the shared ``tuneserve up``: evaluate the base model, upload, train, follow, evaluate the
+tuned model, write the table. The figures it reaches are not asserted (the tiny model is random);
 the full ones come from ``bench/quality/demo.py`` and are in ``bench/results/quality.md``.
 """
 
@@ -125,13 +125,6 @@ def test_eval_names_a_bad_file_line(tmp_path):
     assert f"{bad}:1:" in done.stderr and "reference answer last" in done.stderr
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    storage = tmp_path_factory.mktemp("quality") / "storage"
-    with Service(str(storage), env={"TUNESERVE_CPUS_PER_WORKER": "1"}) as svc:
-        yield svc
-
-
 def run_demo(service: Service, results, *extra: str) -> int:
     return demo.main(["--model", TINY, "--n-train", "64", "--batch-size", "8", "--n-eval", "8",
                       "--max-tokens", "16", "--base-url", f"{service.url}/v1", "--results", str(results), "--quiet",
@@ -139,7 +132,8 @@ def run_demo(service: Service, results, *extra: str) -> int:
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_on_the_tiny_model(service, tmp_path):
+def test_demo_runs_end_to_end_on_the_tiny_model(shared_service, tmp_path):
+    service = shared_service
     results = tmp_path / "results"
     assert run_demo(service, results) == 0
     result = json.loads((results / "quality.json").read_text())
@@ -171,9 +165,9 @@ def test_demo_runs_end_to_end_on_the_tiny_model(service, tmp_path):
 
 
 @pytest.mark.slow
-def test_dpo_demo_runs_sft_then_dpo_and_reports_preference_accuracy(service, tmp_path):
+def test_dpo_demo_runs_sft_then_dpo_and_reports_preference_accuracy(shared_service, tmp_path):
     results = tmp_path / "results"
-    assert run_demo(service, results, "--dpo", "--dpo-n-train", "16") == 0
+    assert run_demo(shared_service, results, "--dpo", "--dpo-n-train", "16") == 0
     result = json.loads((results / "quality-dpo.json").read_text())
     assert list(result["rows"]) == ["base", "sft", "sft+dpo"]
     sft, dpo = result["jobs"]["sft"], result["jobs"]["dpo"]

@@ -1,10 +1,10 @@
 """A chat replica SIGKILLed under load: callers barely notice.
 
-``tuneserve up`` (tiny model only), 8 clients chatting without pause — plain and streaming, the
-base model and a tuned one (whose adapter the new replica must hot-load again) — for about half
-a minute; a few seconds in, the ``Chat-tiny-llama`` replica's process is killed. Serve starts a
-new one. What a user relies on: at most 1% of the requests fail, and once the new replica
-answers, none does. A greedy stream cut by the kill is resumed on the new replica without
+The shared ``tuneserve up`` (tiny model only), 8 clients chatting without pause — plain and
+streaming, the base model and a tuned one (whose adapter the new replica must hot-load again) —
+for about half a minute; a few seconds in, the ``Chat-tiny-llama`` replica's process is killed.
+Serve starts a new one. What a user relies on: at most 1% of the requests fail, and once the new
+replica answers, none does. A greedy stream cut by the kill is resumed on the new replica without
 repeating or losing text (``Replay``, tested on its own below).
 """
 
@@ -28,12 +28,8 @@ from service.chat.backends import (
     ReplicaStats,
     reproducible,
 )
-from service.core.storage import open_storage
-from service.core.storage.config import StorageConfig
 from tests.helpers import Service, wait_until
 from tests.test_serving_api import add_tuned_model
-
-pytestmark = pytest.mark.slow
 
 TINY = "tuneserve/tiny-llama"
 CLIENTS = 8
@@ -52,15 +48,6 @@ class Outcome:
     what: str
     model: str = ""
     text: str = ""
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chat-faults") / "storage"
-    env = {"TUNESERVE_BUILTIN_MODELS": "false"}  # one chat deployment: the tiny model's
-    with Service(str(root), env=env) as svc:
-        svc.storage = open_storage(StorageConfig(uri=str(root)))
-        yield svc
 
 
 def chat_replicas(service: Service) -> list:
@@ -107,8 +94,10 @@ def client_loop(url: str, model: str, stream: bool, stop: threading.Event,
             outcomes.append(Outcome(started, time.monotonic(), ok, what, model, text))
 
 
-def test_killed_chat_replica_under_load_recovers(service):
-    tuned = add_tuned_model(service.core.storage, "local", seed=5, suffix="faulty")
+@pytest.mark.slow
+def test_killed_chat_replica_under_load_recovers(shared_service, shared_storage):
+    service = shared_service
+    tuned = add_tuned_model(shared_storage, "local", seed=5, suffix="faulty")
     [replica] = wait_until(lambda: chat_replicas(service), 30, what="the chat replica process")
     outcomes: list[Outcome] = []
     stop = threading.Event()

@@ -1,4 +1,4 @@
-"""Faults during training, done to the real processes of ``tuneserve up`` on SeaweedFS S3.
+"""Faults during training, done to the real processes of the shared ``tuneserve up`` on S3.
 
 Each test drives a real job on the tiny model, breaks something mid-run, and then asserts what
 a user relies on: the job ends in a true final state within a bounded time (never stuck in
@@ -21,9 +21,7 @@ import openai
 import pytest
 
 from service.jobs.store import JobRecord, JobStore
-from service.core.storage import open_storage
-from service.core.storage.config import StorageConfig
-from tests.helpers import Service, wait_until
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -37,32 +35,19 @@ def chat_file(n: int) -> bytes:
     return "\n".join(json.dumps(r) for r in rows).encode()
 
 
-@pytest.fixture(scope="module")
-def service_env(s3_server):
-    prefix = f"faults-{os.getpid()}-{int(time.time())}"
-    env = {**s3_server.env, "TUNESERVE_S3_ENDPOINT_URL": s3_server.endpoint_url,
-           "TUNESERVE_CPUS_PER_WORKER": "1"}
-    return f"s3://{s3_server.bucket}/{prefix}", env
+@pytest.fixture
+def service(shared_service):
+    return shared_service
 
 
-@pytest.fixture(scope="module")
-def service(service_env):
-    storage, env = service_env
-    with Service(storage, env=env) as svc:
-        yield svc
+@pytest.fixture
+def storage(shared_storage):
+    return shared_storage
 
 
 @pytest.fixture
 def client(service):
     return openai.OpenAI(base_url=f"{service.url}/v1", api_key="local", max_retries=2, timeout=60)
-
-
-@pytest.fixture
-def storage(service_env, monkeypatch):
-    uri, env = service_env
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return open_storage(StorageConfig(uri=uri, endpoint_url=env["TUNESERVE_S3_ENDPOINT_URL"]))
 
 
 def upload(client, n: int) -> str:

@@ -21,8 +21,8 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.chat.backends import LocalChatBackend
-from service.jobs.store import JobRecord, JobStore
 from service.core.settings import Settings
+from service.jobs.store import JobRecord, JobStore
 from tests.serving_adapters import new_job_id
 
 TINY = "tuneserve/tiny-llama"
@@ -152,7 +152,8 @@ UPLOADS = [
     upload("line-is-string", jsonl("just a string"), words=("line 1",)),
     upload("line-is-number", jsonl(12345), words=("line 1",)),
     upload("line-is-null", jsonl(chat_line(), None), words=("line 2",)),
-    upload("line-is-array", jsonl([chat_line()]), words=("line 1",)),
+    # On line 2: a file that opens with "[" is one JSON array of examples, a format we accept.
+    upload("line-is-array", jsonl(chat_line(), [chat_line()]), words=("line 2",)),
     upload("messages-is-string", jsonl({"messages": "hello"}), words=("line 1", "messages")),
     upload("role-is-number", jsonl({"messages": [{"role": 1, "content": "a"},
                                                  {"role": "assistant", "content": "b"}]}),

@@ -126,6 +126,7 @@ def count_probes(monkeypatch) -> dict[str, int]:
     return sent
 
 
+@pytest.mark.slow  # no Ray, but it fuzzes for up to MAX_SECONDS: out of the inner loop
 def test_schemathesis_finds_nothing(app, tmp_path, monkeypatch):
     probes = count_probes(monkeypatch)
     started = time.monotonic()

@@ -21,10 +21,10 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.chat.backends import LocalChatBackend
-from service.jobs.store import JobRecord, JobStore
 from service.core.settings import Settings
 from service.core.storage import join_key
-from tests.helpers import Service, wait_until
+from service.jobs.store import JobRecord, JobStore
+from tests.helpers import wait_until
 from tests.serving_adapters import new_job_id, write_adapter
 from training.model import registry as models
 
@@ -268,26 +268,23 @@ def _serves_ray_jobs_api(port: int) -> bool:
 
 
 @pytest.mark.slow
-def test_embedded_mode_listens_on_loopback_only(tmp_path):
+def test_embedded_mode_listens_on_loopback_only(shared_service):
     """Every listening socket of ``tuneserve up`` and its Ray is on loopback: GCS, raylet, object
     manager, agents, workers, HAProxy (the ingress, its stats page and Prometheus
     exporter: Ray 2.60 binds the last two to every interface), Serve's fallback proxy, and each
     Serve replica's inter-deployment gRPC server (Ray binds that one to ``[::]:0``;
     ``service.ray.embedded`` rebinds these). A chat through the API checks that
     the API still reaches the chat deployment through its Serve handle."""
-    service = Service(str(tmp_path / "storage")).start()
-    try:
-        # Serve's proxy and Ray's agents come up after the first answer; give them a moment.
-        wait_until(lambda: any(port == service.port for _, _, port in _listening(service.proc.pid)),
-                   60, what="the ingress's socket")
-        r = httpx.post(f"{service.url}/v1/chat/completions", timeout=300, json={
-            "model": TINY, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
-        assert r.status_code == 200, r.text
-        time.sleep(5)
-        sockets = _listening(service.proc.pid)
-        jobs_api = [s for s in sockets if "dashboard" in s[0] and _serves_ray_jobs_api(s[2])]
-    finally:
-        service.stop()
+    service = shared_service
+    # Serve's proxy and Ray's agents come up after the first answer; give them a moment.
+    wait_until(lambda: any(port == service.port for _, _, port in _listening(service.proc.pid)),
+               60, what="the ingress's socket")
+    r = httpx.post(f"{service.url}/v1/chat/completions", timeout=300, json={
+        "model": TINY, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    time.sleep(5)
+    sockets = _listening(service.proc.pid)
+    jobs_api = [s for s in sockets if "dashboard" in s[0] and _serves_ray_jobs_api(s[2])]
     assert len(sockets) >= 4, sockets  # the ingress, GCS, raylet, object manager at least
     # The service's port is HAProxy's (the embedded default ingress), beside its stats and metrics.
     haproxy = [s for s in sockets if "haproxy" in s[0]]

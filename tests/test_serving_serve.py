@@ -24,6 +24,8 @@ APP = "chat-test"
 
 @pytest.fixture(scope="module")
 def served(ray_local, s3_server, tmp_path_factory):
+    # Not the shared service: a Serve app in the test's own Ray, for a handle on the chat
+    # deployment and settings ``tuneserve up`` does not take (2 adapters, 3 concurrent chats).
     import os
 
     from ray import serve
