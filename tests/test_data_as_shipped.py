@@ -25,6 +25,7 @@ import zstandard
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
+from service.api.routes.files import FileTokenizer
 from service.cli.main import main as cli_main
 from service.core.settings import Settings
 from training.data.formats import FormatError, iter_normalised
@@ -265,12 +266,12 @@ def test_a_zip_bomb_is_refused_naming_the_limit(tmp_path, tiny_dir, compress) ->
     assert stored_keys(app) == set()
 
 
-def _array_stream(records: int) -> Iterator[bytes]:
+def _array_stream(records: int, output: str = "x" * 200) -> Iterator[bytes]:
     """A JSON array of ``records`` Alpaca records, in chunks of a thousand."""
     yield b"["
     for start in range(0, records, 1000):
         yield (b"," if start else b"") + b",".join(json.dumps(
-            {"instruction": f"Repeat {i}.", "input": "", "output": "x" * 200}).encode()
+            {"instruction": f"Repeat {i}.", "input": "", "output": output}).encode()
             for i in range(start, min(start + 1000, records)))
     yield b"]"
 
@@ -312,6 +313,68 @@ def test_a_large_array_streams_through_bounded_memory(compress: bool, monkeypatc
     assert report.ok and report.examples == records
     # Neither the array nor the decompressed text is held (measured: under 2 MB).
     assert peak < 8 << 20, peak
+
+
+def _multipart(name: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    boundary = "tuneserve-shipped"
+    yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n"
+           f"fine-tune\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+           f"filename=\"{name}\"\r\n\r\n").encode()
+    yield from chunks
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def _jsonl_200mb(compress: bool) -> Iterator[bytes]:
+    """200 MB of JSONL (100,000 lines of 2 kB, each unlike the others), gzipped if asked."""
+    gz = zlib.compressobj(wbits=31) if compress else None
+    for start in range(0, 100_000, 500):
+        block = b"".join(json.dumps({"instruction": f"Repeat {i}.", "input": "",
+                                     "output": f"{i:08x} " * 220}).encode() + b"\n"
+                         for i in range(start, start + 500))
+        yield gz.compress(block) if gz else block
+    if gz:
+        yield gz.flush()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gzip_jsonl", "json_array"])
+def test_200_mb_uploads_stream_through_bounded_memory(tmp_path, kind: str) -> None:
+    """The API process's resident memory grows by under 64 MB while it receives, stores and
+    validates 200 MB (the file is never held: reading streams, duplicate tracking is capped)."""
+    import threading
+
+    import psutil
+
+    from tests.test_files_api import serve
+
+    app = create_app(Settings(storage=str(tmp_path / "store"), builtin_models=False,
+                              tiny_model=False, max_line_bytes=LINE_LIMIT))
+    app.state.file_tokenizer = FileTokenizer()  # the reading is measured, not the chat template
+    chunks = (_jsonl_200mb(compress=True) if kind == "gzip_jsonl"
+              else _array_stream(100_000, output="x" * 2000))
+    process, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    with serve(app) as url:
+        before = process.memory_info().rss
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            r = httpx.post(f"{url}/v1/files", content=_multipart(f"big.{kind}", chunks),
+                           timeout=900, headers={
+                               "Content-Type": "multipart/form-data; boundary=tuneserve-shipped"})
+        finally:
+            done.set()
+            sampler.join()
+    assert r.status_code == 200, r.text[:500]
+    d = r.json()["description"]
+    assert d["examples"] == 100_000
+    assert (d["container"], d["compression"]) == (
+        ("jsonl", "gzip") if kind == "gzip_jsonl" else ("json_array", None))
+    assert peak[0] - before < 64 << 20, (peak[0] - before) >> 20
 
 
 # --- layouts as they ship ---------------------------------------------------------------------
@@ -426,6 +489,50 @@ def test_invalid_records_takes_refuse_or_skip(client) -> None:
         "invalid_records", "invalid_value")
 
 
+# --- tools in the prompt ----------------------------------------------------------------------
+
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nYou can call:\n{% for tool in tools %}{{ tool | tojson }}"
+    "\n{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+"""A ChatML template that takes ``tools`` (as Qwen2.5's does), for the template path."""
+
+
+@pytest.mark.parametrize("template", ["fallback", "takes_tools"])
+def test_tool_definitions_are_in_the_prompt_and_outside_the_supervised_tokens(
+        tokenizer, template: str) -> None:
+    import copy
+
+    from training.model import chat
+
+    tok = copy.deepcopy(tokenizer)
+    if template == "takes_tools":
+        tok.chat_template = TOOLS_TEMPLATE
+    with open(REAL / "glaive_toolcall_en_demo.tail.json", "rb") as f:
+        example = next(e for _, e in iter_normalised(f)
+                       if "tools" in e and any("tool_calls" in m for m in e["messages"]))
+    messages, tools = example["messages"], example["tools"]
+    trained = chat.tokenize_conversation(tok, messages, None, tools)
+    bare = chat.tokenize_conversation(tok, messages)
+    first = next(i for i, label in enumerate(trained.labels) if label != chat.IGNORE_INDEX)
+    context = tok.decode(trained.input_ids[:first])
+    supervised = tok.decode([t for t, label in zip(trained.input_ids, trained.labels, strict=True)
+                             if label != chat.IGNORE_INDEX])
+    for tool in tools:
+        assert tool["function"]["description"] in context
+        assert tool["function"]["description"] not in supervised
+    assert ("# Tools" in context) == (template == "fallback")
+    # The tools add context only: the same responses are supervised, token for token.
+    assert supervised == tok.decode([t for t, label in zip(bare.input_ids, bare.labels,
+                                                             strict=True)
+                                     if label != chat.IGNORE_INDEX])
+    assert len(trained.input_ids) > len(bare.input_ids)
+    # Serving renders the same prompt for the first reply (the same module, the same tools).
+    reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    assert chat.render_prompt(tok, messages[:reply], tools) == trained.input_ids[:first]
+
+
 # --- one validator: the CLI gives the server's verdict --------------------------------------------
 
 
@@ -474,8 +581,6 @@ def test_files_validate_gives_the_servers_verdict(tmp_path, tiny_dir, monkeypatc
 
 
 def test_a_dpo_job_trains_on_the_records_an_upload_kept(shared_service) -> None:
-    from tests.helpers import wait_until
-
     content, good = hh_with_bad_lines()
     http = httpx.Client(base_url=f"{shared_service.url}/v1",
                         headers={"Authorization": "Bearer local"}, timeout=120)
@@ -489,12 +594,49 @@ def test_a_dpo_job_trains_on_the_records_an_upload_kept(shared_service) -> None:
                                                               "batch_size": 16}}}})
     assert r.status_code == 200, r.text
     job_id = r.json()["id"]
-    job = wait_until(lambda: (j := http.get(f"/fine_tuning/jobs/{job_id}").json())["status"]
-                     in {"succeeded", "failed", "cancelled"} and j, 600, interval=2,
-                     what=f"job {job_id} to finish")
-    assert job["status"] == "succeeded", job.get("error")
+    job = _finished(http, job_id)
     events = http.get(f"/fine_tuning/jobs/{job_id}/events", params={"limit": 1000}).json()
     data = next(e["data"] for e in events["data"]
                 if (e.get("data") or {}).get("split") == "train")
     assert data["n_skipped"] == 3
     assert data["n_examples"] + data["n_rejected"] + data["n_truncated"] == len(good)
+    assert job["status"] == "succeeded", job.get("error")
+
+
+def test_tool_calling_files_train(shared_service) -> None:
+    """The ShareGPT tool-calling sample as shipped, and an OpenAI chat file with ``tools``."""
+    chat_with_tools = {"messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temp_c": 4}'},
+        {"role": "assistant", "content": "It is 4 °C in Oslo."}],
+        "tools": [{"type": "function", "function": {
+            "name": "get_weather", "description": "Current weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]}
+    files = {"glaive_toolcall_en_demo.json":
+             (REAL / "glaive_toolcall_en_demo.tail.json").read_bytes(),
+             "chat_tools.jsonl": (json.dumps(chat_with_tools) + "\n").encode() * 8}
+    http = httpx.Client(base_url=f"{shared_service.url}/v1",
+                        headers={"Authorization": "Bearer local"}, timeout=120)
+    jobs = []
+    for name, content in files.items():
+        r = http.post("/files", files={"file": (name, content)}, data={"purpose": "fine-tune"})
+        assert r.status_code == 200, r.text
+        r = http.post("/fine_tuning/jobs", json={
+            "model": "tuneserve/tiny-llama", "training_file": r.json()["id"],
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {
+                "n_epochs": 1, "batch_size": 8}}}})
+        assert r.status_code == 200, r.text
+        jobs.append(r.json()["id"])
+    for job_id in jobs:
+        job = _finished(http, job_id)
+        assert job["status"] == "succeeded", job.get("error")
+
+
+def _finished(http: httpx.Client, job_id: str) -> dict:
+    from tests.helpers import wait_until
+
+    return wait_until(lambda: (j := http.get(f"/fine_tuning/jobs/{job_id}").json())["status"]
+                      in {"succeeded", "failed", "cancelled"} and j, 600, interval=2,
+                      what=f"job {job_id} to finish")

@@ -120,7 +120,8 @@ def tokenize_examples(tokenizer: Any, examples: list[tuple[int, dict]], max_leng
         try:
             tokens = (chat.tokenize_text(tokenizer, example["text"], max_length)
                       if "text" in example
-                      else chat.tokenize_conversation(tokenizer, as_messages(example), max_length))
+                      else chat.tokenize_conversation(tokenizer, as_messages(example), max_length,
+                                                      example.get("tools")))
         except chat.TruncatedError as exc:
             stats.n_truncated += 1
             stats.note(file_id, line, f"truncated: {exc}")

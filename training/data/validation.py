@@ -271,7 +271,8 @@ def chat_token_counter(tokenizer: Any) -> TokenCounter:
                 tokenized = chat.tokenize_text(tokenizer, example["text"], None)
                 ids, labels = tokenized.input_ids, tokenized.labels
             elif "messages" in example:
-                tokenized = chat.tokenize_conversation(tokenizer, example["messages"], None)
+                tokenized = chat.tokenize_conversation(tokenizer, example["messages"], None,
+                                                       example.get("tools"))
                 ids, labels = tokenized.input_ids, tokenized.labels
             else:
                 pair = chat.tokenize_preference(tokenizer, example["prompt"], example["chosen"],

@@ -177,11 +177,11 @@ def template_hash(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def _render_with(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict],
-                 add_generation_prompt: bool) -> str:
+                 add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
     try:
         text = tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=False,
-            add_generation_prompt=add_generation_prompt)
+            add_generation_prompt=add_generation_prompt, tools=tools)
     except Exception as exc:  # jinja errors and the templates' own raise_exception(...)
         raise MaskError(f"the chat template refused the conversation: {exc}") from exc
     return text
@@ -202,16 +202,49 @@ def _plain_messages(messages: list[Message]) -> list[dict]:
     return out
 
 
+TOOLS_FALLBACK = (
+    "# Tools\n\nYou may call one or more of these functions. To call them, answer with only a "
+    'JSON array of calls: [{{"name": <function name>, "arguments": <JSON string of the '
+    'arguments>}}]. A call\'s result comes back in a tool message.\n\n{tools}')
+"""How tool definitions reach a model whose chat template takes no ``tools``: this text, one
+JSON tool per line at ``{tools}``, ends the system message (one is added first when the
+conversation has none). The calls it asks for are the text assistant tool calls train on
+(``training.data.conversation.tool_calls_text``)."""
+
+
+def _takes_tools(template: str) -> bool:
+    return "tools" in template
+
+
+def with_tools(tokenizer: PreTrainedTokenizerBase, messages: list[Message],
+               tools: list[dict] | None) -> tuple[list[Message], list[dict] | None]:
+    """``(messages, tools for the template)``: the tools as the template renders them when it
+    takes ``tools``, otherwise written into the system message (``TOOLS_FALLBACK``). Training and
+    serving both render through this, so a model sees its tools the same way in both."""
+    if not tools or _takes_tools(_template_info(tokenizer).template):
+        return messages, tools or None
+    block = TOOLS_FALLBACK.format(tools="\n".join(json.dumps(t, ensure_ascii=False)
+                                                    for t in tools))
+    if messages and messages[0].get("role") == "system":
+        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{block}"}
+        return [first, *messages[1:]], None
+    return [{"role": "system", "content": block}, *messages], None
+
+
 def render_text(tokenizer: PreTrainedTokenizerBase, messages: list[Message],
-                add_generation_prompt: bool = True) -> str:
-    """The conversation as text under the tokenizer's template (``PLAIN_TEMPLATE`` without one)."""
+                add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+    """The conversation as text under the tokenizer's template (``PLAIN_TEMPLATE`` without one),
+    with ``tools`` (OpenAI function tools) in the prompt as ``with_tools`` places them."""
     info = _template_info(tokenizer)
-    return _render_with(tokenizer, info.template, _plain_messages(messages), add_generation_prompt)
+    messages, tools = with_tools(tokenizer, messages, tools)
+    return _render_with(tokenizer, info.template, _plain_messages(messages), add_generation_prompt,
+                        tools)
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message],
+                  tools: list[dict] | None = None) -> list[int]:
     """Token ids of the conversation with the generation prompt: what the model continues."""
-    return _encode(tokenizer, [render_text(tokenizer, messages, True)])[0]
+    return _encode(tokenizer, [render_text(tokenizer, messages, True, tools)])[0]
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
@@ -223,9 +256,11 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[i
 
 
 def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message],
-                          max_length: int | None = None) -> TokenizedExample:
+                          max_length: int | None = None,
+                          tools: list[dict] | None = None) -> TokenizedExample:
     """Tokens and labels for one conversation: only assistant turns with weight 1 (default) are
-    supervised, each including its end-of-turn marker.
+    supervised, each including its end-of-turn marker. ``tools`` (OpenAI function tools) are in
+    the prompt (``with_tools``), never supervised.
 
     Raises:
         MaskError: the template refuses the conversation or renders it so that the supervised
@@ -234,10 +269,11 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Mes
         TruncatedError: more than ``max_length`` tokens, and cutting would drop supervised tokens.
     """
     info = _template_info(tokenizer)
+    messages, tools = with_tools(tokenizer, messages, tools)
     plain = _plain_messages(messages)
     _check_no_special_tokens(info, plain)
-    full = _render_with(tokenizer, info.template, plain, False)
-    spans = _assistant_spans(tokenizer, info, messages, plain, full)
+    full = _render_with(tokenizer, info.template, plain, False, tools)
+    spans = _assistant_spans(tokenizer, info, messages, plain, full, tools)
     if not spans:
         raise MaskError("no assistant message to train on (none, or all with weight 0)")
     input_ids, labels = _tokens_and_labels(tokenizer, full, spans)
@@ -274,14 +310,15 @@ def _check_no_special_tokens(info: _TemplateInfo, messages: list[dict]) -> None:
 
 
 def _assistant_spans(tokenizer: PreTrainedTokenizerBase, info: _TemplateInfo,
-                     messages: list[Message], plain: list[dict], full: str) -> list[tuple[int, int]]:
+                     messages: list[Message], plain: list[dict], full: str,
+                     tools: list[dict] | None) -> list[tuple[int, int]]:
     """Character spans ``[start, end)`` of ``full`` to supervise: content + end marker per turn."""
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(plain):
         if m["role"] != "assistant" or messages[i].get("weight", 1) == 0:
             continue
-        prompt = _render_with(tokenizer, info.template, plain[:i], True)
-        through = _render_with(tokenizer, info.template, plain[: i + 1], False)
+        prompt = _render_with(tokenizer, info.template, plain[:i], True, tools)
+        through = _render_with(tokenizer, info.template, plain[: i + 1], False, tools)
         if not (full.startswith(prompt) and full.startswith(through) and len(through) > len(prompt)):
             raise MaskError(f"messages[{i}]: the chat template renders the conversation before and "
                             "through this turn differently from the whole conversation (it "
