@@ -13,17 +13,15 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 from ray import serve
 
-from serving.protocol import ChatCall, ChatOutput, ReplicaStats
+from serving.protocol import AnswersChat, ChatCall, ReplicaStats
 from service.core.settings import Settings
 from service.core.storage.config import StorageConfig
 from serving.engine.native import AdapterNotLoaded
-from serving.server import ChatServer, collect, outputs
+from serving.server import ChatServer
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +47,7 @@ class _Adapter:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256,
                   max_queued_requests=256, health_check_period_s=10)
-class ChatModel:
+class ChatModel(AnswersChat):
     """A chat replica for one base model.
 
     Args:
@@ -130,19 +128,6 @@ class ChatModel:
         except Exception:  # noqa: BLE001 - RayServeException outside a replica: no context
             return "unknown"
         return f"{context.deployment}#{context.replica_tag}"
-
-    async def complete(self, call: ChatCall) -> ChatOutput:
-        generation, stats = await self._start(call)
-        return replace(await collect(generation), replica=stats)
-
-    async def stream(self, call: ChatCall) -> AsyncIterator[ChatOutput]:
-        generation, stats = await self._start(call)
-        try:
-            async for output in outputs(generation):
-                yield replace(output, replica=stats) if stats is not None else output
-                stats = None  # only the first piece carries it
-        finally:
-            generation.cancel()  # the caller went away (Serve cancels us): free the row
 
     async def evict(self, adapter_id: str) -> bool:
         """Drop ``adapter_id`` from this replica; False if it did not hold it."""

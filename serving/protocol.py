@@ -6,7 +6,9 @@ model code; they cross process boundaries (Ray Serve handles) pickled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -49,3 +51,33 @@ class ChatOutput:
     completion_tokens: int = 0
     replica: ReplicaStats | None = None
     """On a whole answer and on a stream's first piece; None elsewhere."""
+
+
+class AnswersChat:
+    """``complete`` and ``stream`` over a ``_start(call)`` that submits the call to an engine.
+
+    Shared by the Serve chat replica (``serving.deployment.ChatModel``) and the in-process back
+    end (``service.chat.backends.LocalChatBackend``). The engine is imported on first call, so
+    this module stays free of torch.
+    """
+
+    async def _start(self, call: ChatCall) -> tuple[Any, ReplicaStats | None]:
+        """Submit ``call``; return its ``Generation`` and the stats the first output carries."""
+        raise NotImplementedError
+
+    async def complete(self, call: ChatCall) -> ChatOutput:
+        from serving.server import collect
+
+        generation, stats = await self._start(call)
+        return replace(await collect(generation), replica=stats)
+
+    async def stream(self, call: ChatCall) -> AsyncIterator[ChatOutput]:
+        from serving.server import outputs
+
+        generation, stats = await self._start(call)
+        try:
+            async for output in outputs(generation):
+                yield replace(output, replica=stats) if stats is not None else output
+                stats = None  # only the first piece carries it
+        finally:
+            generation.cancel()  # the caller went away (Serve cancels us): free the batch row

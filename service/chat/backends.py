@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from service.core.errors import RateLimited, TuneserveError
 from service.core.names import deployment_name
 from service.core.settings import Settings
-from serving.protocol import ChatCall, ChatOutput, ReplicaStats
+from serving.protocol import AnswersChat, ChatCall, ChatOutput, ReplicaStats
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class ChatBackend(Protocol):
     async def evict(self, adapter_id: str, base_model: str | None = None) -> None: ...
 
 
-class LocalChatBackend:
+class LocalChatBackend(AnswersChat):
     """The chat engines in this process, one per base model, built on first use; no Ray.
 
     Adapters are kept in an LRU of ``settings.max_adapters_per_replica`` per base model,
@@ -93,23 +93,6 @@ class LocalChatBackend:
         stats = ReplicaStats("local", len(cache.loaded), load_seconds)
         # No await since cache.get: the adapter cannot be evicted before it is submitted.
         return server.start(call), stats
-
-    async def complete(self, call: ChatCall) -> ChatOutput:
-        from serving.server import collect
-
-        generation, stats = await self._start(call)
-        return replace(await collect(generation), replica=stats)
-
-    async def stream(self, call: ChatCall) -> AsyncIterator[ChatOutput]:
-        from serving.server import outputs
-
-        generation, stats = await self._start(call)
-        try:
-            async for output in outputs(generation):
-                yield replace(output, replica=stats) if stats is not None else output
-                stats = None
-        finally:
-            generation.cancel()  # the client went away: free the batch row
 
     async def evict(self, adapter_id: str, base_model: str | None = None) -> None:
         for base, cache in self._caches.items():

@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -130,6 +130,16 @@ def table(rows: list[list[Any]], headers: list[str]) -> None:
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
         sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+
+
+def show_list(args: argparse.Namespace, page: dict, headers: list[str],
+              row: Callable[[dict], list[Any]]) -> int:
+    """A list response as JSON (``--json``), or as a table for people."""
+    if args.json:
+        emit_json(page)
+    else:
+        table([row(item) for item in page["data"]], headers)
+    return 0
 
 
 def when(unix: int | None) -> str:
@@ -282,27 +292,18 @@ def cmd_files_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_files_list(args: argparse.Namespace) -> int:
-    files = make_client(args).get("/files")
-    if args.json:
-        emit_json(files)
-        return 0
-    rows = [[f["id"], f["bytes"], when(f["created_at"]), f["purpose"], f["filename"],
-             (f.get("description") or {}).get("examples", "")] for f in files["data"]]
-    table(rows, ["ID", "BYTES", "CREATED", "PURPOSE", "FILENAME", "EXAMPLES"])
-    return 0
+    return show_list(args, make_client(args).get("/files"),
+                     ["ID", "BYTES", "CREATED", "PURPOSE", "FILENAME", "EXAMPLES"],
+                     lambda f: [f["id"], f["bytes"], when(f["created_at"]), f["purpose"],
+                                f["filename"], (f.get("description") or {}).get("examples", "")])
 
 
 # --- models ---------------------------------------------------------------------------------
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    models = make_client(args).get("/models")
-    if args.json:
-        emit_json(models)
-        return 0
-    table([[m["id"], m["owned_by"], when(m.get("created"))] for m in models["data"]],
-          ["ID", "OWNED BY", "CREATED"])
-    return 0
+    return show_list(args, make_client(args).get("/models"), ["ID", "OWNED BY", "CREATED"],
+                     lambda m: [m["id"], m["owned_by"], when(m.get("created"))])
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from service.cli.client import (CliError, Client, emit_json, make_client, stderr, table,
+from service.cli.client import (CliError, Client, emit_json, make_client, show_list, stderr,
                                 upload_file, when)
 
 EXIT_CODES = {"succeeded": 0, "failed": 1, "cancelled": 2}
@@ -98,14 +98,10 @@ def _file_id(client: Client, value: str, quiet: bool) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    jobs = make_client(args).get("/fine_tuning/jobs", limit=100)
-    if args.json:
-        emit_json(jobs)
-        return 0
-    rows = [[j["id"], j["status"], j["model"], when(j["created_at"]), j.get("fine_tuned_model")]
-            for j in jobs["data"]]
-    table(rows, ["ID", "STATUS", "MODEL", "CREATED", "FINE-TUNED MODEL"])
-    return 0
+    return show_list(args, make_client(args).get("/fine_tuning/jobs", limit=100),
+                     ["ID", "STATUS", "MODEL", "CREATED", "FINE-TUNED MODEL"],
+                     lambda j: [j["id"], j["status"], j["model"], when(j["created_at"]),
+                                j.get("fine_tuned_model")])
 
 
 def cmd_get(args: argparse.Namespace) -> int:

@@ -14,6 +14,12 @@ class TuneserveError(Exception):
     status: int = 500
     type: str = "server_error"
 
+    def __init_subclass__(cls, status: int | None = None, error_type: str | None = None, **kw):
+        # Each error's status and OpenAI type on its class line: one line per fact.
+        super().__init_subclass__(**kw)
+        cls.status = status or cls.status
+        cls.type = error_type or cls.type
+
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
@@ -25,32 +31,20 @@ class TuneserveError(Exception):
                           "code": self.code}}
 
 
-class InvalidRequest(TuneserveError):
+class InvalidRequest(TuneserveError, status=400, error_type="invalid_request_error"):
     """The caller sent something we cannot accept; ``param`` names the field or line."""
 
-    status = 400
-    type = "invalid_request_error"
 
-
-class Unauthorized(TuneserveError):
+class Unauthorized(TuneserveError, status=401, error_type="authentication_error"):
     """No API key, or a key that maps to no tenant."""
 
-    status = 401
-    type = "authentication_error"
 
-
-class NotFound(TuneserveError):
+class NotFound(TuneserveError, status=404, error_type="not_found_error"):
     """The object does not exist, or belongs to another tenant (we never say which)."""
 
-    status = 404
-    type = "not_found_error"
 
-
-class Conflict(TuneserveError):
+class Conflict(TuneserveError, status=409, error_type="conflict_error"):
     """The request clashes with the object's state (cancelling a finished job, a racing create)."""
-
-    status = 409
-    type = "conflict_error"
 
 
 class AlreadyExists(Conflict):
@@ -61,33 +55,21 @@ class PreconditionFailed(Conflict):
     """A compare-and-swap saw a different version than the caller expected."""
 
 
-class Unprocessable(TuneserveError):
+class Unprocessable(TuneserveError, status=422, error_type="invalid_request_error"):
     """Well-formed but inconsistent, e.g. an Idempotency-Key reused with another body."""
 
-    status = 422
-    type = "invalid_request_error"
 
-
-class PayloadTooLarge(TuneserveError):
+class PayloadTooLarge(TuneserveError, status=413, error_type="invalid_request_error"):
     """The request body exceeds a configured limit."""
 
-    status = 413
-    type = "invalid_request_error"
 
-
-class RateLimited(TuneserveError):
+class RateLimited(TuneserveError, status=429, error_type="rate_limit_error"):
     """The service is saturated; retry after ``retry_after`` seconds."""
-
-    status = 429
-    type = "rate_limit_error"
 
     def __init__(self, message: str, *, retry_after: int = 1, **kw):
         super().__init__(message, **kw)
         self.retry_after = retry_after
 
 
-class StorageError(TuneserveError):
+class StorageError(TuneserveError, status=503, error_type="server_error"):
     """The storage backend failed (unreachable, wrong credentials, I/O error)."""
-
-    status = 503
-    type = "server_error"

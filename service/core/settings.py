@@ -56,28 +56,16 @@ class Settings(BaseSettings):
     def _parse_api_keys(cls, value: object) -> object:
         if not isinstance(value, str):
             return value
-        keys: dict[str, str] = {}
-        for pair in filter(None, (p.strip() for p in value.split(","))):
-            key, sep, tenant = pair.partition(":")
-            if not sep or not key or not tenant:
-                raise ValueError(f"TUNESERVE_API_KEYS: expected key:tenant pairs, got {pair[:4]!r}…")
+        keys = _pairs(value, ":", "TUNESERVE_API_KEYS", "key:tenant")
+        for tenant in keys.values():
             if not tenant.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"TUNESERVE_API_KEYS: tenant {tenant!r} must be letters, digits, - or _")
-            keys[key] = tenant
         return keys
 
     @field_validator("models", mode="before")
     @classmethod
     def _parse_models(cls, value: object) -> object:
-        if not isinstance(value, str):
-            return value
-        models: dict[str, str] = {}
-        for pair in filter(None, (p.strip() for p in value.split(","))):
-            model_id, sep, location = pair.partition("=")
-            if not sep or not model_id or not location:
-                raise ValueError(f"TUNESERVE_MODELS: expected id=path pairs, got {pair!r}")
-            models[model_id] = location
-        return models
+        return _pairs(value, "=", "TUNESERVE_MODELS", "id=path") if isinstance(value, str) else value
 
     @field_validator("storage")
     @classmethod
@@ -115,3 +103,16 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _pairs(value: str, sep: str, variable: str, form: str) -> dict[str, str]:
+    """``a<sep>b,c<sep>d`` → ``{a: b, c: d}``; a malformed pair names the variable (a key's
+    first characters only: an API key must not reach the message whole)."""
+    pairs: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in value.split(","))):
+        key, found, item = pair.partition(sep)
+        if not found or not key or not item:
+            raise ValueError(f"{variable}: expected {form} pairs, got {pair[:4]!r}…")
+        pairs[key] = item
+    return pairs
+
