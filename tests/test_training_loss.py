@@ -132,6 +132,25 @@ def assert_same_loss_and_grads(model, batch, reference, count: int) -> None:
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_a_row_mixing_short_and_long_examples_trains_under_bf16_autocast():
+    """Short spans attend in fp32 with autocast off; a long one in the same row must still get
+    autocast's bf16 cast (rotary leaves query and key in fp32, value in bf16): forward and
+    backward run, and its loss is the unpacked one's within bf16 rounding."""
+    from training.model.attention import attend_in_fp32_below
+
+    model = tiny_model("llama", PACKED).train()
+    attend_in_fp32_below(model, 16)
+    long = (list(range(3, 43)), [X] * 20 + list(range(23, 43)))  # 40 tokens: not short
+    examples = [EXAMPLES[0], long, EXAMPLES[1]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sums = loss_sums(model, collate_packed(examples))
+        sums.loss.backward()
+        expected = loss_sums(model, collate_padded(examples, 0))
+    assert sums.count == expected.count == 2 + 20 + 1
+    assert sums.loss.item() == pytest.approx(expected.loss.item(), rel=2e-2)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 TAILED = [  # what follows the last supervised token (a template's newline after <|im_end|>)
     ([3, 4, 5, 6, 7, 8, 9, 1], [X, X, X, X, X, 8, 9, X]),
     ([3, 4, 5, 6, 12, 13, 1, 1], [X, X, X, X, 12, X, X, X]),
