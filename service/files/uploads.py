@@ -63,19 +63,20 @@ class Pipe(io.RawIOBase):
             self._cond.notify_all()
 
     def finish(self) -> None:
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
+        self._signal("_eof")
 
     def abort(self) -> None:
-        with self._cond:
-            self._aborted = True
-            self._chunks.clear()
-            self._cond.notify_all()
+        self._signal("_aborted")
 
     def reader_done(self) -> None:
+        self._signal("_reader_gone")
+
+    def _signal(self, flag: str) -> None:
+        """Raise one of the pipe's flags and wake both sides; an abort also drops what is queued."""
         with self._cond:
-            self._reader_gone = True
+            setattr(self, flag, True)
+            if flag == "_aborted":
+                self._chunks.clear()
             self._cond.notify_all()
 
     # -- reader side (io.RawIOBase)

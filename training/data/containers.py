@@ -26,14 +26,8 @@ from typing import Any, Literal
 import ijson
 import zstandard
 
-from training.data.jsonl import (
-    CHUNK_BYTES,
-    FileProblem,
-    LineProblem,
-    Readable,
-    decode_line,
-    iter_raw_lines,
-)
+from training.data.jsonl import (CHUNK_BYTES, FileProblem, LineProblem, Readable, decode_line,
+                                 iter_raw_lines)
 
 Compression = Literal["gzip", "zstd"]
 Structure = Literal["jsonl", "json_array"]

@@ -21,10 +21,10 @@ import io
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from datasets import Dataset, load_from_disk
 
@@ -35,6 +35,7 @@ from training.data.formats import iter_normalised
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 MAX_REPORTED_PROBLEMS = 20
 
 
@@ -62,6 +63,18 @@ class SplitStats:
     def note(self, file_id: str, line: int, reason: str) -> None:
         if len(self.problems) < MAX_REPORTED_PROBLEMS:
             self.problems.append(f"{file_id} line {line}: {reason}")
+
+    def tokenized(self, file_id: str, line: int, tokenize: Callable[[], T]) -> T | None:
+        """``tokenize()``, or None with the example counted and noted as truncated or rejected."""
+        try:
+            return tokenize()
+        except chat.TruncatedError as exc:
+            self.n_truncated += 1
+            self.note(file_id, line, f"truncated: {exc}")
+        except chat.MaskError as exc:
+            self.n_rejected += 1
+            self.note(file_id, line, f"rejected: {exc}")
+        return None
 
 
 class _HashingReader(io.RawIOBase):
@@ -117,18 +130,11 @@ def tokenize_examples(tokenizer: Any, examples: list[tuple[int, dict]], max_leng
     """Yield ``(input_ids, labels)`` per usable example; count and note the dropped ones."""
     for line, example in examples:
         stats.n_lines += 1
-        try:
-            tokens = (chat.tokenize_text(tokenizer, example["text"], max_length)
-                      if "text" in example
-                      else chat.tokenize_conversation(tokenizer, as_messages(example), max_length,
-                                                      example.get("tools")))
-        except chat.TruncatedError as exc:
-            stats.n_truncated += 1
-            stats.note(file_id, line, f"truncated: {exc}")
-            continue
-        except chat.MaskError as exc:
-            stats.n_rejected += 1
-            stats.note(file_id, line, f"rejected: {exc}")
+        tokens = stats.tokenized(file_id, line, lambda: (
+            chat.tokenize_text(tokenizer, example["text"], max_length) if "text" in example
+            else chat.tokenize_conversation(tokenizer, as_messages(example), max_length,
+                                            example.get("tools"))))
+        if tokens is None:
             continue
         input_ids, labels = list(tokens.input_ids), list(tokens.labels)
         stats.n_examples += 1

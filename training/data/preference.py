@@ -63,16 +63,9 @@ def tokenize_pairs(tokenizer: Any, examples: list[tuple[int, dict]], max_length:
             stats.n_rejected += 1
             stats.note(file_id, line, "rejected: a conversation, not a preference pair")
             continue
-        try:
-            pair = chat.tokenize_preference(tokenizer, example["prompt"], example["chosen"],
-                                            example["rejected"], max_length)
-        except chat.TruncatedError as exc:
-            stats.n_truncated += 1
-            stats.note(file_id, line, f"truncated: {exc}")
-            continue
-        except chat.MaskError as exc:
-            stats.n_rejected += 1
-            stats.note(file_id, line, f"rejected: {exc}")
+        pair = stats.tokenized(file_id, line, lambda: chat.tokenize_preference(
+            tokenizer, example["prompt"], example["chosen"], example["rejected"], max_length))
+        if pair is None:
             continue
         sides = tuple((list(t.input_ids), list(t.labels)) for t in pair)
         stats.n_examples += 1
