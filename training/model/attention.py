@@ -97,12 +97,8 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     # (a tenth of a DPO step); split's backward is one concatenation. The spans cover the row.
     qs, ks, vs = (t.split(lengths, dim=2) for t in (query, key, value))
     outputs = []
-    # Autocast is off below when any span is short, so the long spans get autocast's cast by
-    # hand: rotary embeddings leave query and key in fp32 while value stays in bf16.
-    device = query.device.type
-    amp = torch.get_autocast_dtype(device) if any(fp32) and torch.is_autocast_enabled(device) \
-        else None
-    with torch.autocast(device, enabled=False) if any(fp32) else contextlib.nullcontext():
+    with (torch.autocast(query.device.type, enabled=False) if any(fp32)
+          else contextlib.nullcontext()):
         for q, k, v, length, parent, short in zip(qs, ks, vs, lengths, parents, fp32, strict=True):
             mask = None
             if parent >= 0 or kept is not None:
@@ -112,8 +108,11 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                 mask = after_prefix_mask(length, before_k.shape[2], q.device)
             if short and not whole:
                 q, k, v = q.float(), k.float(), v.float()
-            elif not short and amp is not None:
-                q, k, v = q.to(amp), k.to(amp), v.to(amp)
+            elif not short and not q.dtype == k.dtype == v.dtype:
+                # Autocast is off here, and rotary leaves query and key in fp32 beside a bf16
+                # value (a frozen layer's): one dtype, the widest, as for the short spans.
+                common = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+                q, k, v = q.to(common), k.to(common), v.to(common)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                  scale=scaling, is_causal=mask is None)
             outputs.append(out if whole else out.to(dtype))
