@@ -7,8 +7,10 @@ PY=$ROOT/.venv/bin/python
 BASE=${BASE:-/tmp/base}
 OUT=${OUT:-/tmp/bench_ab.jsonl}
 : > "$OUT"
-for rep in 1 2 3; do
-  for side in before after trl; do
+for rep in 1 2 3 4; do
+  order="before after trl"
+  [ $((rep % 2)) = 0 ] && order="trl after before"  # alternate: no side always runs first
+  for side in $order; do
     case $side in
       before) dir=$BASE; cfg=ours_packed;;
       after) dir=$ROOT; cfg=ours_packed;;
