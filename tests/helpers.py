@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -155,3 +157,15 @@ def scrape_metrics(url: str, key: str | None = None) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
             samples[f"{s.name}{{{labels}}}"] = s.value
     return samples
+
+
+def sorting_lines(n: int, seed: int) -> bytes:
+    """``n`` seeded chat examples that sort a few digits: a task the tiny model can learn."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        xs = [rng.randint(0, 9) for _ in range(rng.randint(2, 6))]
+        lines.append(json.dumps({"messages": [
+            {"role": "user", "content": f"Sort: {' '.join(map(str, xs))}"},
+            {"role": "assistant", "content": " ".join(map(str, sorted(xs)))}]}))
+    return ("\n".join(lines) + "\n").encode()

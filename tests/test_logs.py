@@ -101,7 +101,7 @@ def test_every_line_a_training_worker_writes_names_its_job(captured, tmp_path):
 
     from service.core.storage import open_storage
     from service.core.storage.config import StorageConfig
-    from tests.test_training_run import sorting_lines
+    from tests.helpers import sorting_lines
     from training.model import registry
     from training.spec import TrainSpec
     from training.worker import train_loop_per_worker

@@ -5,7 +5,6 @@ storage; and the device strategy that decides which CPU-only accelerations a rec
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import torch
 
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
-from tests.helpers import REPO
+from tests.helpers import REPO, sorting_lines
 from tests.test_dpo_loss import load_make_preferences
 from training.cpu.strategy import CPUStrategy, DeviceStrategy, strategy_for
 from training.model import registry
@@ -58,17 +57,6 @@ print(json.dumps({
     "reports": recipe.context.reports,
 }))
 """
-
-
-def sorting_lines(n: int, seed: int) -> bytes:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        xs = [rng.randint(0, 9) for _ in range(rng.randint(2, 6))]
-        lines.append(json.dumps({"messages": [
-            {"role": "user", "content": f"Sort: {' '.join(map(str, xs))}"},
-            {"role": "assistant", "content": " ".join(map(str, sorted(xs)))}]}))
-    return ("\n".join(lines) + "\n").encode()
 
 
 def train_without_ray(tmp_path, content: bytes, **fields) -> tuple[dict, list[dict]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from peft import PeftModel
 
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
-from tests.helpers import REPO
+from tests.helpers import REPO, sorting_lines
 from training.model import registry
 from training.spec import TrainSpec
 from training.run import run_training
@@ -29,17 +28,6 @@ from training.run import run_training
 JOB = "ftjob-" + "d" * 24
 FILE = "file-" + "e" * 24
 CHECKPOINT_EVERY = 10
-
-
-def sorting_lines(n: int, seed: int) -> bytes:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        xs = [rng.randint(0, 9) for _ in range(rng.randint(2, 6))]
-        lines.append(json.dumps({"messages": [
-            {"role": "user", "content": f"Sort: {' '.join(map(str, xs))}"},
-            {"role": "assistant", "content": " ".join(map(str, sorted(xs)))}]}))
-    return ("\n".join(lines) + "\n").encode()
 
 
 def events(storage) -> list[dict]:
