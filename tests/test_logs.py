@@ -94,7 +94,6 @@ def test_every_line_a_training_worker_writes_names_its_job(captured, tmp_path):
     in this process), two steps on the tiny model: each line from the training code, from any
     thread, carries the job id; lines after the run do not."""
     import threading
-    from dataclasses import asdict
 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -114,7 +113,7 @@ def test_every_line_a_training_worker_writes_names_its_job(captured, tmp_path):
                      training_files=((file_id, 1.0),), n_epochs=1, batch_size=8, num_workers=1,
                      cpus_per_worker=1, seed=3)
 
-    TorchTrainer(train_loop_per_worker, train_loop_config={"spec": spec, "storage": asdict(config)},
+    TorchTrainer(train_loop_per_worker, train_loop_config={"spec": spec, "storage": config},
                  scaling_config=ScalingConfig(num_workers=0),  # local mode: no Ray workers
                  run_config=RunConfig(name=job, storage_path=str(tmp_path / "run"))).fit()
     assert storage.exists(f"adapters/{job}/final/manifest.json")

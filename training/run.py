@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -104,7 +103,7 @@ def build_trainer(spec: TrainSpec, storage_config: StorageConfig) -> TorchTraine
     return TorchTrainer(
         train_worker,
         # The spec itself, pickled: the worker reads it as the job record holds it.
-        train_loop_config={"spec": spec, "storage": asdict(storage_config)},
+        train_loop_config={"spec": spec, "storage": storage_config},
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
                                      resources_per_worker={"CPU": spec.cpus_per_worker}),
         run_config=RunConfig(

@@ -29,14 +29,10 @@ from training.spec import TrainSpec
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """``TorchTrainer``'s loop: ``config`` holds the job's ``spec`` (a ``TrainSpec``, or its
-    ``to_dict``) and its ``storage`` (a ``StorageConfig``, or its fields)."""
-    spec = config["spec"]
-    if not isinstance(spec, TrainSpec):
-        spec = TrainSpec.from_dict(spec)
-    storage = config["storage"]
-    if not isinstance(storage, StorageConfig):
-        storage = StorageConfig(**storage)
+    """``TorchTrainer``'s loop: ``config`` holds the job's ``spec`` (a ``TrainSpec``) and its
+    ``storage`` (a ``StorageConfig``), both as ``training.run.build_trainer`` passes them."""
+    spec: TrainSpec = config["spec"]
+    storage: StorageConfig = config["storage"]
     with job_logging(spec.job_id):  # every line of this worker names its job
         run_recipe(spec, storage, RayTrainContext.current())
 
