@@ -7,6 +7,12 @@ Layout (docs/interfaces.md)::
     file-index/<tenant>/<created_ns:020d>-<file_id>
                                   an empty marker, so one tenant's files list in upload order
                                   without reading anyone else's records
+    file-expiry/<expires_at:012d>-<file_id>
+                                  an empty marker per file uploaded with ``expires_after``, so
+                                  the sweep lists only what is due (``sweep_expired``)
+
+A file past its ``expires_at`` is gone for every reader at once (``get_file`` deletes it), and
+the periodic sweep deletes the ones nobody asked for.
 
 Every key is built from a generated id (``file-`` + 24 hex) and a tenant name that settings
 validated; the uploaded filename is only ever a field of the record. A file of another tenant is
@@ -23,12 +29,15 @@ from service.core.errors import NotFound
 from service.core.names import (
     FILE_ID,
     file_content_key,
+    file_expiry_key,
+    file_expiry_prefix,
     file_id_from_index_key,
     file_index_key,
     file_index_prefix,
     file_prefix,
     file_record_key,
     new_file_id,
+    parse_file_expiry_key,
 )
 from service.core.storage import Storage
 
@@ -42,15 +51,23 @@ def _not_found(file_id: str, param: str | None) -> NotFound:
 
 
 def save_record(storage: Storage, tenant: str, file_id: str, *, filename: str, purpose: str,
-                size: int, description: dict[str, Any] | None) -> dict[str, Any]:
-    """Write the record of a file whose content is already in storage, and index it."""
+                size: int, description: dict[str, Any] | None,
+                expires_after: int | None = None) -> dict[str, Any]:
+    """Write the record of a file whose content is already in storage, and index it;
+    ``expires_after``: seconds from now after which the file is deleted (None: kept)."""
     created_ns = time.time_ns()
+    created_at = created_ns // 10**9
     record = {
-        "id": file_id, "object": "file", "bytes": size, "created_at": created_ns // 10**9,
-        "filename": filename, "purpose": purpose, "status": "processed", "status_details": None,
-        "expires_at": None, "description": description, "tenant": tenant,
+        "id": file_id, "object": "file", "bytes": size, "created_at": created_at,
+        "filename": filename, "purpose": purpose, "status": "processed",
+        "description": description, "tenant": tenant,
         "index_key": file_index_key(tenant, created_ns, file_id),
     }
+    if expires_after is not None:
+        record["expires_at"] = created_at + expires_after
+        # The marker first: a crash before the record leaves a marker the sweep drops, never
+        # an expiring file the sweep cannot find.
+        storage.put(file_expiry_key(record["expires_at"], file_id), b"")
     storage.create(file_record_key(file_id), json.dumps(record).encode())
     storage.put(record["index_key"], b"")
     return record
@@ -58,7 +75,8 @@ def save_record(storage: Storage, tenant: str, file_id: str, *, filename: str, p
 
 def get_file(storage: Storage, tenant: str, file_id: str, *,
              param: str | None = None) -> dict[str, Any]:
-    """The record of ``file_id`` if ``tenant`` owns it; NotFound (naming ``param``) otherwise."""
+    """The record of ``file_id`` if ``tenant`` owns it; NotFound (naming ``param``) otherwise,
+    also once it has expired (then it is deleted here)."""
     if not isinstance(file_id, str) or not FILE_ID.match(file_id):
         raise _not_found(file_id, param)
     try:
@@ -67,7 +85,37 @@ def get_file(storage: Storage, tenant: str, file_id: str, *,
         raise _not_found(file_id, param) from None
     if record.get("tenant") != tenant:
         raise _not_found(file_id, param)
+    if _expired(record, time.time()):
+        _delete(storage, record)
+        raise NotFound(f"File {file_id} expired at {record['expires_at']} (Unix time) and was "
+                       "deleted.", param=param, code="file_expired")
     return record
+
+
+def _expired(record: dict[str, Any], now: float) -> bool:
+    return record.get("expires_at") is not None and record["expires_at"] <= now
+
+
+def sweep_expired(storage: Storage, now: float | None = None) -> list[str]:
+    """Delete every file whose ``expires_at`` has passed (bytes, record, index); returns their
+    ids. Reads only the markers that are due: they sort by expiry time."""
+    now = time.time() if now is None else now
+    deleted = []
+    for info in storage.iter(file_expiry_prefix()):
+        expires_at, file_id = parse_file_expiry_key(info.key)
+        if expires_at > now:
+            break
+        try:
+            record = json.loads(storage.get(file_record_key(file_id)))
+        except NotFound:  # deleted by hand, or by a reader, meanwhile
+            storage.delete(info.key)
+            continue
+        if _expired(record, now):
+            _delete(storage, record)
+            deleted.append(file_id)
+        else:
+            storage.delete(info.key)
+    return deleted
 
 
 def open_content(storage: Storage, tenant: str, file_id: str) -> IO[bytes]:
@@ -77,12 +125,18 @@ def open_content(storage: Storage, tenant: str, file_id: str) -> IO[bytes]:
 
 
 def delete_file(storage: Storage, tenant: str, file_id: str) -> None:
-    record = get_file(storage, tenant, file_id)
+    _delete(storage, get_file(storage, tenant, file_id))
+
+
+def _delete(storage: Storage, record: dict[str, Any]) -> None:
+    file_id = record["id"]
     # Record and index first: once they are gone the file is gone for every reader, and a crash
     # before the content is removed leaves only unreachable bytes.
     storage.delete(record["index_key"])
     storage.delete(file_record_key(file_id))
     storage.delete_prefix(file_prefix(file_id))
+    if record.get("expires_at") is not None:  # last: the sweep finds what a crash left
+        storage.delete(file_expiry_key(record["expires_at"], file_id))
 
 
 def list_files(storage: Storage, tenant: str, *, after: str | None = None, limit: int = 10000,

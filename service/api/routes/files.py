@@ -6,7 +6,10 @@ described — container, layout, examples, tokens and supervised tokens under th
 model's chat template — or refused with 400 naming the broken records (413 for a compressed file
 over its decompressed limit), in which case nothing of it stays in storage.
 
-Our extensions to OpenAI's upload form: ``format`` (declare the layout instead of detecting it)
+OpenAI's ``expires_after[anchor]=created_at`` and ``expires_after[seconds]`` (3600 to 2592000,
+as the spec says) set ``expires_at``; the file is deleted once it passes
+(``service.files.store``). Our extensions to OpenAI's upload form: ``format`` (declare the
+layout instead of detecting it)
 and ``invalid_records`` (``refuse``, the default, or ``skip``: keep the file, train on its valid
 records, and count the skipped ones with their reasons in the description).
 """
@@ -21,7 +24,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import get_tenant
@@ -45,8 +48,9 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["files"])
 Tenant = Annotated[str, Depends(get_tenant)]
 
-_IGNORED_FIELDS = ("expires_after[anchor]", "expires_after[seconds]")
-"""Sent by the openai SDK when asked to; files here never expire, so the fields are ignored."""
+EXPIRES_ANCHOR, EXPIRES_SECONDS = "expires_after[anchor]", "expires_after[seconds]"
+MIN_EXPIRES_AFTER_S, MAX_EXPIRES_AFTER_S = 3600, 2592000
+"""``FileExpirationAfter.seconds`` in OpenAI's spec: one hour to thirty days."""
 
 
 class TokenStats(BaseModel):
@@ -114,9 +118,11 @@ class FileObject(BaseModel):
     filename: str
     purpose: str
     status: Literal["uploaded", "processed", "error"] = "processed"
-    status_details: str | None = None
-    expires_at: int | None = None
-    """Always null: files are kept until deleted."""
+    status_details: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    """Never set (deprecated by OpenAI); absent rather than null, which the spec does not allow."""
+    expires_at: int | None = Field(default=None, exclude_if=lambda v: v is None)
+    """Unix seconds, for a file uploaded with ``expires_after``; absent for one kept until
+    deleted."""
     description: FileDescription | None = None
     """Null for files the service wrote itself (a job's metrics)."""
 
@@ -159,6 +165,10 @@ _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
                             "default": "refuse",
                             "description": "skip: train on the valid records and count the "
                                            "others in the description; refuse: refuse the file"},
+        EXPIRES_ANCHOR: {"type": "string", "enum": ["created_at"]},
+        EXPIRES_SECONDS: {"type": "integer", "minimum": MIN_EXPIRES_AFTER_S,
+                          "maximum": MAX_EXPIRES_AFTER_S,
+                          "description": "delete the file this many seconds after its upload"},
     }}}}}}
 
 
@@ -171,13 +181,14 @@ async def create_file(request: Request, tenant: Tenant, storage: Store) -> FileO
         upload = await receive_upload(request, storage, key,
                                       max_file_bytes=settings.max_upload_bytes)
         declared, invalid_records = _check_fields(upload.fields, upload.has_file)
+        expires_after = _expires_after(upload.fields)
         _check_filename(upload.filename)
         described = await run_in_threadpool(_describe, request.app, key, declared,
                                             invalid_records)
         record = await run_in_threadpool(
             file_store.save_record, storage, tenant, file_id,
             filename=_display_name(upload.filename), purpose=file_store.FINE_TUNE,
-            size=upload.size, description=described)
+            size=upload.size, description=described, expires_after=expires_after)
     except PayloadTooLarge as exc:
         await _discard(storage, file_id)
         # Close the connection: otherwise the server keeps reading (and dropping) the rest of
@@ -240,10 +251,10 @@ def _check_fields(fields: dict[str, str], has_file: bool) -> tuple[str | None, I
     """Check the form; returns the declared format (None to detect it) and what invalid
     records do."""
     for name in fields:
-        if name not in ("purpose", "format", "invalid_records", *_IGNORED_FIELDS):
+        if name not in ("purpose", "format", "invalid_records", EXPIRES_ANCHOR, EXPIRES_SECONDS):
             raise InvalidRequest(f"Unknown parameter {name!r}: send 'file', 'purpose' and "
-                                 "optionally 'format' and 'invalid_records'.", param=name,
-                                 code="unknown_parameter")
+                                 "optionally 'expires_after', 'format' and 'invalid_records'.",
+                                 param=name, code="unknown_parameter")
     if not has_file:
         raise InvalidRequest("Missing required parameter: 'file'.", param="file",
                              code="missing_required_parameter")
@@ -267,6 +278,27 @@ def _check_fields(fields: dict[str, str], has_file: bool) -> tuple[str | None, I
                              "(train on the valid records).", param="invalid_records",
                              code="invalid_value")
     return declared, invalid_records  # type: ignore[return-value]
+
+
+def _expires_after(fields: dict[str, str]) -> int | None:
+    """Seconds after the upload at which the file expires (None: never), from OpenAI's
+    ``expires_after`` form fields; a 400 naming the field otherwise."""
+    anchor, seconds = fields.get(EXPIRES_ANCHOR), fields.get(EXPIRES_SECONDS)
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise InvalidRequest(f"Invalid expires_after.anchor {anchor!r}: the only anchor is "
+                             "'created_at'.", param="expires_after.anchor", code="invalid_value")
+    try:
+        value = int(seconds or "")
+    except ValueError:
+        value = None
+    if value is None or not MIN_EXPIRES_AFTER_S <= value <= MAX_EXPIRES_AFTER_S:
+        raise InvalidRequest(f"Invalid expires_after.seconds {(seconds or '')[:40]!r}: give a "
+                             f"whole number of seconds from {MIN_EXPIRES_AFTER_S} (one hour) to "
+                             f"{MAX_EXPIRES_AFTER_S} (30 days).", param="expires_after.seconds",
+                             code="invalid_value")
+    return value
 
 
 def _check_filename(filename: str | None) -> None:
