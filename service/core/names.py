@@ -251,3 +251,44 @@ def ref_logps_key(digest: str) -> str:
 def model_prefix(slug: str) -> str:
     """``models/<slug>/``: a converted base model."""
     return join_key("models", slug) + "/"
+
+
+def file_expiry_prefix() -> str:
+    """``file-expiry/``: one marker per expiring file, in expiry order."""
+    return "file-expiry/"
+
+
+def file_expiry_key(expires_at: int, file_id: str) -> str:
+    """``file-expiry/<expires_at:012d>-<file_id>``, an empty marker (Unix seconds)."""
+    return join_key("file-expiry", f"{expires_at:012d}-{file_id}")
+
+
+def parse_file_expiry_key(key: str) -> tuple[int, str]:
+    """``(expires_at, file_id)`` of a ``file_expiry_key``."""
+    at, _, file_id = key.rsplit("/", 1)[-1].partition("-")
+    return int(at), file_id
+
+
+WEBHOOK_EVENT_ID = re.compile(r"^evt_[0-9a-f]{32}$")
+
+
+def webhook_delivery_key(event_id: str, endpoint: str) -> str:
+    """``webhooks/deliveries/<event_id>/<endpoint>.json``: one event's delivery to one endpoint
+    (``endpoint``: a digest of its URL), written before it is first sent."""
+    return join_key("webhooks", "deliveries", event_id, f"{endpoint}.json")
+
+
+def webhook_pending_prefix() -> str:
+    """``webhooks/pending/``: a marker per delivery not yet delivered or given up."""
+    return "webhooks/pending/"
+
+
+def webhook_pending_key(event_id: str, endpoint: str) -> str:
+    """``webhooks/pending/<event_id>.<endpoint>``, an empty marker."""
+    return join_key("webhooks", "pending", f"{event_id}.{endpoint}")
+
+
+def parse_webhook_pending_key(key: str) -> tuple[str, str]:
+    """``(event_id, endpoint)`` of a ``webhook_pending_key``."""
+    event_id, _, endpoint = key.rsplit("/", 1)[-1].partition(".")
+    return event_id, endpoint
