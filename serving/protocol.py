@@ -16,13 +16,33 @@ class ChatCall:
     base_model: str
     adapter_id: str | None
     """The adapter's folder under ``adapters/`` (``ftjob-…/final``); None for the base model."""
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
+    """``{"role", "content": str}``; an assistant message may add ``tool_calls`` (OpenAI's)."""
     max_tokens: int | None
     """None: as many as the cap and the context allow."""
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    n: int = 1
+    """Choices to generate, decoded together in one batch."""
+    logprobs: int | None = None
+    """None: no log-probs; k: each token's log-prob with the k most likely (0 to 20)."""
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    response_format: dict[str, Any] | None = None
+    """``{"type": "json_object"}`` or ``{"type": "json_schema", "schema": {…}}``; None: text."""
+    tools: list[dict[str, Any]] | None = None
+    """OpenAI function tools (``{"type": "function", "function": {…}}``), checked by the API."""
+    tool_choice: str | dict[str, Any] = "auto"
+    """``none``, ``auto``, ``required`` or ``{"type": "function", "function": {"name"}}``."""
+    parallel_tool_calls: bool = True
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer may be tool calls (and is read for them)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 @dataclass(frozen=True)
@@ -43,7 +63,9 @@ class ReplicaStats:
 
 @dataclass(frozen=True)
 class ChatOutput:
-    """A whole answer, or one piece of a stream; the last piece has ``finish_reason``."""
+    """A whole answer, or one piece of a stream of one choice; a choice's last piece has
+    ``finish_reason``. Token counts are the request's so far (all choices): the stream's last
+    piece and a whole answer carry its usage."""
 
     text: str
     finish_reason: str | None = None
@@ -51,6 +73,15 @@ class ChatOutput:
     completion_tokens: int = 0
     replica: ReplicaStats | None = None
     """On a whole answer and on a stream's first piece; None elsewhere."""
+    index: int = 0
+    """The choice this piece belongs to."""
+    logprobs: tuple[dict[str, Any], ...] | None = None
+    """With ``ChatCall.logprobs``: OpenAI's ``ChatCompletionTokenLogprob`` of this text's tokens."""
+    tool_calls: tuple[dict[str, Any], ...] | None = None
+    """The answer read as tool calls (``finish_reason`` "tool_calls"): OpenAI's
+    ``{"id", "type": "function", "function": {"name", "arguments"}}``; ``text`` is then empty."""
+    choices: tuple[ChatOutput, ...] = ()
+    """A whole answer: each choice's (its text is choice 0's). Empty on stream pieces."""
 
 
 class AnswersChat:
@@ -69,14 +100,14 @@ class AnswersChat:
         from serving.server import collect
 
         generation, stats = await self._start(call)
-        return replace(await collect(generation), replica=stats)
+        return replace(await collect(generation, call), replica=stats)
 
     async def stream(self, call: ChatCall) -> AsyncIterator[ChatOutput]:
         from serving.server import outputs
 
         generation, stats = await self._start(call)
         try:
-            async for output in outputs(generation):
+            async for output in outputs(generation, call):
                 yield replace(output, replica=stats) if stats is not None else output
                 stats = None  # only the first piece carries it
         finally:

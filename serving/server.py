@@ -7,10 +7,12 @@ The Serve deployment (``serving.deployment``) and the in-process back end
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ from service.core.settings import Settings
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
 from serving.adapters import fetch_adapter
-from serving.engine.native import Engine, Generation, pick_dtype
+from serving.engine.grammar import json_object_grammar, json_schema_grammar
+from serving.engine.native import Chunk, Engine, Generation, pick_dtype
 from serving.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -68,34 +71,101 @@ class ChatServer:
         shutil.rmtree(self.cache_dir / adapter_id, ignore_errors=True)
 
     def start(self, call: ChatCall) -> Generation:
-        """Render the conversation with the training template and queue it (from the loop
-        that will read the result)."""
-        from training.model.chat import ExampleError, render_prompt
+        """Render the conversation (and tools) with the training template and queue it (from
+        the loop that will read the result)."""
+        from training.model.chat import ExampleError, render_prompt, tool_calls_text
 
+        messages = [{"role": m["role"], "content": m["content"] or tool_calls_text(m["tool_calls"])}
+                    if m.get("tool_calls") else m for m in call.messages]
         try:
-            prompt = render_prompt(self.engine.tokenizer, call.messages)
+            prompt = render_prompt(self.engine.tokenizer, messages,
+                                   call.tools if call.calls_tools else None)
         except ExampleError as exc:
             raise InvalidRequest(str(exc), param="messages") from exc
         params = SamplingParams(max_tokens=call.max_tokens, temperature=call.temperature,
-                                top_p=call.top_p, seed=call.seed, stop=tuple(call.stop))
-        return self.engine.submit(prompt, params, call.adapter_id)
+                                top_p=call.top_p, seed=call.seed, stop=tuple(call.stop),
+                                logprobs=call.logprobs, frequency_penalty=call.frequency_penalty,
+                                presence_penalty=call.presence_penalty,
+                                logit_bias=call.logit_bias, grammar=grammar_of(call))
+        return self.engine.submit(prompt, params, call.adapter_id, n=call.n)
 
     def close(self) -> None:
         self.engine.close()
         shutil.rmtree(self.cache_dir, ignore_errors=True)
 
 
-async def outputs(generation: Generation) -> AsyncIterator[ChatOutput]:
+def grammar_of(call: ChatCall) -> str | None:
+    """The grammar the answer must follow: ``response_format``'s, or a tool call's when the
+    call must call a tool (``tool_choice`` ``required`` or a named function)."""
+    from training.model.chat import tool_calls_schema
+
+    if call.calls_tools and call.tool_choice != "auto":
+        name = call.tool_choice["function"]["name"] if isinstance(call.tool_choice, dict) \
+            else None
+        return json_schema_grammar(tool_calls_schema(call.tools or [], name,
+                                                     parallel=call.parallel_tool_calls),
+                                   param="tools")
+    fmt = call.response_format
+    if fmt is None or fmt["type"] == "text":
+        return None
+    if fmt["type"] == "json_object":
+        return json_object_grammar()
+    return json_schema_grammar(fmt["schema"])
+
+
+async def outputs(generation: Generation, call: ChatCall) -> AsyncIterator[ChatOutput]:
+    """The pieces of all choices as they come; token counts are the request's so far.
+
+    When the answer may be tool calls, each choice's text is held until it ends and then sent
+    as one piece: as tool calls if it reads as them, else as text.
+    """
+    done_tokens = 0  # completion tokens of the choices that have ended
+    held: dict[int, list[Chunk]] = {}
     async for chunk in generation:
-        yield ChatOutput(chunk.text, chunk.finish_reason, chunk.prompt_tokens,
-                         chunk.completion_tokens)
+        if chunk.finish_reason is not None:
+            done_tokens += chunk.completion_tokens
+        piece = ChatOutput(chunk.text, chunk.finish_reason, generation.prompt_tokens,
+                           done_tokens, index=chunk.index,
+                           logprobs=None if chunk.logprobs is None else tuple(chunk.logprobs))
+        if not call.calls_tools:
+            yield piece
+            continue
+        held.setdefault(chunk.index, []).append(chunk)
+        if chunk.finish_reason is not None:
+            yield _as_tool_calls(piece, held.pop(chunk.index), call)
 
 
-async def collect(generation: Generation) -> ChatOutput:
-    text: list[str] = []
+def _as_tool_calls(last: ChatOutput, chunks: list[Chunk], call: ChatCall) -> ChatOutput:
+    from training.model.chat import parse_tool_calls
+
+    text = "".join(c.text for c in chunks)
+    logprobs = None if last.logprobs is None else \
+        tuple(e for c in chunks for e in (c.logprobs or ()))
+    calls = parse_tool_calls(text, call.tools or []) if last.finish_reason == "stop" else None
+    if not calls:
+        return replace(last, text=text, logprobs=logprobs)
+    if not call.parallel_tool_calls:
+        calls = calls[:1]
+    return replace(last, text="", logprobs=logprobs, finish_reason="tool_calls", tool_calls=tuple(
+        {"id": f"call_{secrets.token_hex(12)}", "type": "function", "function": c}
+        for c in calls))
+
+
+async def collect(generation: Generation, call: ChatCall) -> ChatOutput:
+    """The whole answer: every choice, each as one ``ChatOutput``."""
+    parts: dict[int, list[ChatOutput]] = {}
     last = None
-    async for last in outputs(generation):
-        text.append(last.text)
-    assert last is not None and last.finish_reason is not None
-    return ChatOutput("".join(text), last.finish_reason, last.prompt_tokens,
-                      last.completion_tokens)
+    async for last in outputs(generation, call):
+        parts.setdefault(last.index, []).append(last)
+    assert last is not None
+    choices = tuple(_joined(parts[i]) for i in sorted(parts))
+    return replace(choices[0], prompt_tokens=last.prompt_tokens,
+                   completion_tokens=last.completion_tokens, choices=choices)
+
+
+def _joined(pieces: list[ChatOutput]) -> ChatOutput:
+    end = pieces[-1]
+    assert end.finish_reason is not None
+    logprobs = None if end.logprobs is None else \
+        tuple(e for p in pieces for e in (p.logprobs or ()))
+    return replace(end, text="".join(p.text for p in pieces), logprobs=logprobs)

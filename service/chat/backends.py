@@ -237,8 +237,11 @@ class ServeChatBackend:
 
 
 def reproducible(call: ChatCall) -> bool:
-    """Whether sending ``call`` again gives the same answer: greedy, or sampled with a seed."""
-    return call.temperature <= 0 or call.seed is not None
+    """Whether sending ``call`` again gives the same answer: greedy, or sampled with a seed,
+    with one choice (the pieces of several interleave in no fixed order) whose text is sent as
+    it comes (held tool-call text could end as calls the caller has not seen)."""
+    return (call.temperature <= 0 or call.seed is not None) and call.n == 1 \
+        and not call.calls_tools
 
 
 class Replay:

@@ -45,3 +45,10 @@ ADAPTERS_PER_REPLICA = 8
 """Adapters a chat replica keeps loaded per base model (``TUNESERVE_MAX_ADAPTERS_PER_REPLICA``)."""
 MAX_TOKENS = 2048
 """Completion tokens per chat request (``TUNESERVE_MAX_TOKENS_CAP``)."""
+MAX_CHOICES = 16
+"""``n``: choices per chat request; each is a row of the replica's batch."""
+MAX_CHOICE_TOKENS = 16384
+"""``n`` × ``max_tokens`` (the cap when unset) of one chat request: what one request may ask
+the batch for at most."""
+MAX_TOP_LOGPROBS = 20
+"""``top_logprobs``, as OpenAI's."""

@@ -36,6 +36,12 @@ class Row:
     pos: int = 0
     """Position of the newest token, the one the next decode step feeds."""
     done: bool = False
+    index: int = 0
+    """Which of the request's ``n`` choices this row generates."""
+    matcher: Any = None
+    """The llguidance matcher of a constrained answer (``params.grammar``), else None."""
+    logprobs: list[dict] = field(default_factory=list)
+    """Log-prob entries of tokens whose text has not been sent yet."""
 
 
 class RunningBatch:

@@ -35,7 +35,9 @@ from serving.adapters import LoadedAdapter, read_adapter
 from serving.engine.batch import Row, RunningBatch, left_pad, segments_of
 from serving.engine.lora import MixedPlan, attach_lora, drop_factors, set_factors
 from serving.engine.prefix_cache import LayerKV, PrefixCache
-from serving.engine.sampling import IncrementalText, SamplingParams, StopText, make_generator, sample_token
+from serving.engine.grammar import Grammars
+from serving.engine.sampling import (IncrementalText, SamplingParams, StopText, TokenBytes,
+                                     adjust_logits, logprob_entry, make_generator, sample_token)
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +57,19 @@ class Chunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    index: int = 0
+    """The choice (of the request's ``n``) this piece belongs to."""
+    logprobs: list[dict] | None = None
+    """With ``SamplingParams.logprobs``: entries of the tokens whose text this piece settles."""
 
 
 class Generation:
-    """The stream of one request's ``Chunk``s. Iterate it (sync or async) or ``cancel`` it."""
+    """The stream of one request's ``Chunk``s (its ``n`` choices interleaved, each ending with
+    a ``finish_reason``). Iterate it (sync or async) or ``cancel`` it."""
 
-    def __init__(self, prompt_tokens: int):
+    def __init__(self, prompt_tokens: int, choices: int = 1):
         self.prompt_tokens = prompt_tokens
+        self.choices = choices
         self.cancelled = False
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -84,17 +92,27 @@ class Generation:
             self.cancelled = True
 
     def __iter__(self) -> Iterator[Chunk]:
-        while (item := self._queue.get()) is not _END:
-            if isinstance(item, BaseException):
+        left = self.choices
+        while left:
+            item = self._queue.get()
+            if item is _END:
+                left -= 1
+            elif isinstance(item, BaseException):
                 raise item
-            yield item
+            else:
+                yield item
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
+        left = self.choices
         try:
-            while (item := await self._async_queue.get()) is not _END:
-                if isinstance(item, BaseException):
+            while left:
+                item = await self._async_queue.get()
+                if item is _END:
+                    left -= 1
+                elif isinstance(item, BaseException):
                     raise item
-                yield item
+                else:
+                    yield item
         finally:
             self.cancel()  # a consumer that stops listening frees the row (no-op when done)
 
@@ -120,6 +138,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.base_model = base_model
         self.fingerprint = dict(fingerprint)
+        eot_ids = list(eot_ids)
         self.eot_ids = frozenset(eot_ids)
         self.max_batch = max_batch
         self.max_pending = max_pending
@@ -133,6 +152,8 @@ class Engine:
         self.prefixes = PrefixCache(prefix_cache_tokens if plain else 0)
         """KV of recent prompts per adapter; 4,096 tokens are 190 MB for SmolLM2-135M in fp32."""
         use_vocab_head(model)
+        self.token_bytes = TokenBytes(tokenizer)
+        self.grammars = Grammars(tokenizer, next(iter(eot_ids)))
         self._lock = threading.Condition()
         self._waiting: deque[Row] = deque()
         self._batch = RunningBatch()  # touched by the generation thread only
@@ -212,22 +233,28 @@ class Engine:
             return self._in_flight - len(self._waiting), len(self._waiting)
 
     def submit(self, prompt: list[int], params: SamplingParams,
-               adapter_id: str | None = None) -> Generation:
+               adapter_id: str | None = None, n: int = 1) -> Generation:
         """Queue a request (from the event loop that will read the ``Generation``, if any).
 
+        ``n`` choices are ``n`` rows admitted together: one prefill of the prompt, then decoded
+        in the same batch. With a seed, choice ``i`` samples with ``seed + i``.
+
         Raises:
-            InvalidRequest: the prompt (plus ``params.max_tokens``) does not fit the context.
+            InvalidRequest: the prompt (plus ``params.max_tokens``) does not fit the context,
+                or ``params.grammar`` cannot be compiled.
             RateLimited: ``max_pending`` requests are already running or waiting.
             AdapterNotLoaded: ``adapter_id`` is not loaded.
         """
         budget = self._token_budget(len(prompt), params.max_tokens)
-        generation = Generation(prompt_tokens=len(prompt))
+        matchers = [None] * n if params.grammar is None else \
+            [self.grammars.matcher(params.grammar) for _ in range(n)]
+        generation = Generation(prompt_tokens=len(prompt), choices=n)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")
             # Counted from submit to finish: rows being prefilled are in neither the queue nor
             # the batch for a moment.
-            if self._in_flight >= self.max_pending:
+            if self._in_flight + n > self.max_pending:
                 raise RateLimited(f"The {self.base_model} deployment is at capacity "
                                   f"({self.max_pending} requests in flight); retry shortly.",
                                   retry_after=1, code="capacity_exceeded")
@@ -236,12 +263,15 @@ class Engine:
                 known = self._adapters.get(adapter_id)
                 if known is None or known.retired:
                     raise AdapterNotLoaded(adapter_id)
-                known.users += 1
+                known.users += n
                 slot = known.slot
-            self._waiting.append(Row(generation, list(prompt), params, adapter_id, slot,
-                                      budget, make_generator(params.seed), StopText(params.stop),
-                                      IncrementalText(self.tokenizer)))
-            self._in_flight += 1
+            for i, matcher in enumerate(matchers):
+                seed = None if params.seed is None else params.seed + i
+                self._waiting.append(Row(generation, list(prompt), params, adapter_id, slot,
+                                          budget, make_generator(seed), StopText(params.stop),
+                                          IncrementalText(self.tokenizer), index=i,
+                                          matcher=matcher))
+            self._in_flight += n
             self._start_thread()
             self._lock.notify()
         return generation
@@ -266,7 +296,7 @@ class Engine:
 
     def generate(self, prompt: list[int], params: SamplingParams,
                  adapter_id: str | None = None) -> Chunk:
-        """Blocking convenience: the whole answer as one ``Chunk``."""
+        """Blocking convenience: the whole answer (one choice) as one ``Chunk``."""
         chunks = list(self.submit(prompt, params, adapter_id))
         last = chunks[-1]
         return Chunk("".join(c.text for c in chunks), last.finish_reason, last.prompt_tokens,
@@ -322,6 +352,11 @@ class Engine:
         rows = sorted((r for r in rows if not r.done), key=lambda r: r.slot)
         if not rows:
             return
+        # Rows with the same prompt and adapter (a request's n choices) are computed once.
+        firsts: dict[tuple, int] = {}
+        source = [firsts.setdefault((r.slot, tuple(r.prompt)), len(firsts)) for r in rows]
+        every = rows
+        rows = [rows[source.index(k)] for k in range(len(firsts))]
         matches = [self.prefixes.match(r.slot, r.prompt) for r in rows]
         reused = [n for n, _ in matches]
         past = max(reused)
@@ -342,10 +377,15 @@ class Engine:
                          cache=cache, use_cache=True, logits_to_keep=1)
         for i, row in enumerate(rows):
             self.prefixes.store(row.slot, row.prompt, lambda i=i: _row_kv(cache, mask_t, i))
-        self._batch.join(rows, cache, mask_t)
-        for i, row in enumerate(rows):
+        logits = out.logits[:, -1]
+        if len(every) > len(rows):
+            index = torch.tensor(source)
+            cache.batch_select_indices(index)
+            mask_t, logits = mask_t[index], logits[index]
+        self._batch.join(every, cache, mask_t)
+        for row in every:
             row.pos = len(row.prompt)
-            self._accept(row, sample_token(out.logits[i, -1], row.params, row.generator))
+        self._sample_and_accept(every, logits)
         self._batch.drop_finished()
 
     def _decode_step(self) -> None:
@@ -357,17 +397,36 @@ class Engine:
             return
         self._plan_adapters(self._batch.rows)
         out = self.model(**self._batch.step_inputs(), use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1]
-        rows = self._batch.rows
-        if all(row.params.temperature <= 0 for row in rows):
-            # All greedy: one argmax and one sync for the batch instead of one per row.
-            tokens = logits.argmax(dim=-1).tolist()
-        else:
-            tokens = [sample_token(logits[i], r.params, r.generator) for i, r in enumerate(rows)]
-        for row, token in zip(rows, tokens):
+        for row in self._batch.rows:
             row.pos += 1
-            self._accept(row, token)
+        self._sample_and_accept(self._batch.rows, out.logits[:, -1])
         self._batch.drop_finished()
+
+    def _sample_and_accept(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Pick each row's next token from its logits [B, V] and record it."""
+        if all(row.params.plain for row in rows):
+            if all(row.params.temperature <= 0 for row in rows):
+                # All greedy: one argmax and one sync for the batch instead of one per row.
+                tokens = logits.argmax(dim=-1).tolist()
+            else:
+                tokens = [sample_token(logits[i], r.params, r.generator)
+                          for i, r in enumerate(rows)]
+            for row, token in zip(rows, tokens, strict=True):
+                self._accept(row, token)
+            return
+        logits = logits.float()  # a copy: the processing below works in place
+        for i, row in enumerate(rows):
+            adjust_logits(logits[i], row.params, row.tokens)
+        constrained = [(i, row.matcher) for i, row in enumerate(rows) if row.matcher is not None]
+        if constrained:
+            self.grammars.mask(logits, constrained)
+        for i, row in enumerate(rows):
+            token = sample_token(logits[i], row.params, row.generator)
+            entry = None
+            if row.params.logprobs is not None:
+                entry = logprob_entry(torch.log_softmax(logits[i], dim=-1), token,
+                                      row.params.logprobs, self.token_bytes)
+            self._accept(row, token, entry)
 
     def _plan_adapters(self, rows: list[Row]) -> None:
         """Segments for rows (sorted by slot) with at most one adapter, else a mixed plan."""
@@ -378,19 +437,30 @@ class Engine:
             self.lora.mixed = MixedPlan.build(row_slots, self.lora.ranks)
             self._plan_key = row_slots
 
-    def _accept(self, row: Row, token: int) -> None:
+    def _accept(self, row: Row, token: int, entry: dict | None = None) -> None:
         """Record a sampled token and send whatever text it settles."""
+        if row.matcher is not None:
+            row.matcher.consume_token(token)
         if token in self.eot_ids and not row.params.ignore_eot:
             self._finish(row, "stop", completion_tokens=len(row.tokens) + 1)
             return
         row.tokens.append(token)
+        if entry is not None:
+            row.logprobs.append(entry)
         delta = row.stop.update(row.text.update(row.tokens))
         if row.stop.stopped:
             self._finish(row, "stop", delta)
         elif len(row.tokens) >= row.max_tokens or row.pos + 1 >= self.max_context:
             self._finish(row, "length", delta)
         elif delta:
-            row.generation._put(Chunk(delta))
+            row.generation._put(Chunk(delta, index=row.index, logprobs=self._sent_logprobs(row)))
+
+    @staticmethod
+    def _sent_logprobs(row: Row) -> list[dict] | None:
+        if row.params.logprobs is None:
+            return None
+        entries, row.logprobs = row.logprobs, []
+        return entries
 
     def _finish(self, row: Row, reason: FinishReason | None, delta: str = "", *,
                 completion_tokens: int | None = None, error: BaseException | None = None) -> None:
@@ -410,7 +480,8 @@ class Engine:
             if not row.stop.stopped:  # flush text held back for a stop string that never came
                 delta += row.stop.update(row.text.update(row.tokens, final=True), final=True)
             row.generation._put(Chunk(delta, reason, len(row.prompt),
-                                      completion_tokens or len(row.tokens)))
+                                      completion_tokens or len(row.tokens), index=row.index,
+                                      logprobs=self._sent_logprobs(row)))
         row.generation._put(_END)
 
 

@@ -1,8 +1,9 @@
-"""Per-request sampling settings, token sampling, incremental detokenising, and stop-string
-detection on decoded text."""
+"""Per-request sampling settings, logit processing (bias, penalties), token sampling, log-probs,
+incremental detokenising, and stop-string detection on decoded text."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,22 @@ class SamplingParams:
     """Strings that end the answer; the matched stop string is not returned."""
     ignore_eot: bool = False
     """Keep going past the end-of-turn token (benchmarks use it for fixed-length answers)."""
+    logprobs: int | None = None
+    """None: no log-probs; k: each token's log-prob and the k most likely alternatives."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it is already in the answer (OpenAI's)."""
+    presence_penalty: float = 0.0
+    """Subtracted from a token's logit once if it is already in the answer."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits; ±100 bans or forces a token."""
+    grammar: str | None = None
+    """An llguidance grammar (``serving.engine.grammar``) the answer must follow."""
+
+    @property
+    def plain(self) -> bool:
+        """Sampling from the raw logits, nothing to add or report."""
+        return (self.logprobs is None and not self.frequency_penalty
+                and not self.presence_penalty and not self.logit_bias and self.grammar is None)
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -32,6 +49,64 @@ def make_generator(seed: int | None) -> torch.Generator:
     else:
         generator.manual_seed(seed)
     return generator
+
+
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, answer: list[int]) -> None:
+    """Add ``params``' logit bias and penalties to ``logits`` [vocab] (float32) in place;
+    ``answer`` is the tokens generated so far (OpenAI penalises the answer, not the prompt)."""
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias, strict=True)
+        index = torch.tensor(ids)
+        keep = index < logits.shape[0]  # a bias for an id past the vocabulary has no token
+        logits[index[keep]] += torch.tensor(biases, dtype=logits.dtype)[keep]
+    if answer and (params.frequency_penalty or params.presence_penalty):
+        counts = torch.bincount(torch.tensor(answer), minlength=logits.shape[0])[:logits.shape[0]]
+        logits -= counts.to(logits.dtype) * params.frequency_penalty
+        logits -= (counts > 0).to(logits.dtype) * params.presence_penalty
+
+
+class TokenBytes:
+    """A token id's bytes and text, for log-prob entries (OpenAI's ``token`` and ``bytes``).
+
+    Byte-level BPE vocabularies (GPT-2's, SmolLM2's) spell each byte as one printable
+    character; their tokens are mapped back through that table, so a token holding half a
+    UTF-8 character gets its true bytes. Other tokens are decoded on their own.
+    """
+
+    def __init__(self, tokenizer: Any):
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        self.tokenizer = tokenizer
+        self._byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+        self._special = set(getattr(tokenizer, "all_special_ids", ()))
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one per engine, lives as long as it
+    def bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if token_id not in self._special and isinstance(piece, str) and piece and all(
+                c in self._byte_of for c in piece):
+            return bytes(self._byte_of[c] for c in piece)
+        return self.tokenizer.decode([token_id]).encode("utf-8")
+
+    def entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        raw = self.bytes(token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob,
+                "bytes": list(raw)}
+
+
+def logprob_entry(logprobs: torch.Tensor, token: int, k: int, names: TokenBytes) -> dict:
+    """OpenAI's ``ChatCompletionTokenLogprob`` for ``token`` from ``logprobs`` [vocab]: its
+    log-prob and the ``k`` most likely tokens (the same distribution it was sampled from)."""
+    entry = names.entry(token, float(logprobs[token]))
+    if k:
+        values, ids = torch.topk(logprobs, k)
+        # Tokens a grammar or a -100 bias rules out have no probability: fewer are listed.
+        entry["top_logprobs"] = [names.entry(int(i), float(v))
+                                 for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+                                 if v != float("-inf")]
+    else:
+        entry["top_logprobs"] = []
+    return entry
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams,

@@ -212,6 +212,54 @@ conversation has none). The calls it asks for are the text assistant tool calls 
 (``training.data.conversation.tool_calls_text``)."""
 
 
+def tool_calls_text(tool_calls: list[dict]) -> str:
+    """OpenAI tool calls (``{"function": {"name", "arguments"}}``) as the text an assistant turn
+    holds for them: ``TOOLS_FALLBACK``'s JSON array, what a model is trained to write."""
+    return json.dumps([{"name": c["function"]["name"], "arguments": c["function"].get(
+        "arguments", "")} for c in tool_calls], ensure_ascii=False)
+
+
+def tool_calls_schema(tools: list[dict], name: str | None = None, *,
+                      parallel: bool = True) -> dict:
+    """The JSON schema of an answer that is ``TOOLS_FALLBACK``'s calls: at least one call (one
+    at most without ``parallel``) of ``name``, or of any of ``tools``. The arguments are written
+    as a JSON object that follows the function's ``parameters`` (a string could hold anything);
+    ``parse_tool_calls`` reads both forms."""
+    functions = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+              "properties": {"name": {"const": f["name"]},
+                             "arguments": f.get("parameters") or {"type": "object"}}}
+             for f in functions]
+    schema: dict = {"type": "array", "minItems": 1,
+                    "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def parse_tool_calls(text: str, tools: list[dict]) -> list[dict] | None:
+    """``[{"name", "arguments": str}]`` when ``text`` is, as a whole, ``TOOLS_FALLBACK``'s calls
+    (a JSON array of ``{"name", "arguments"}``, or one such object) of functions in ``tools``;
+    None when it is anything else (then it is an ordinary answer)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    calls = [value] if isinstance(value, dict) else value
+    if not isinstance(calls, list) or not calls:
+        return None
+    names = {t["function"]["name"] for t in tools}
+    out = []
+    for call in calls:
+        if not (isinstance(call, dict) and call.get("name") in names):
+            return None
+        arguments = call.get("arguments", {})
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        out.append({"name": call["name"], "arguments": arguments})
+    return out
+
+
 def _takes_tools(template: str) -> bool:
     return "tools" in template
 

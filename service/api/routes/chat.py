@@ -7,95 +7,21 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import get_tenant
+from service.api.chat_schemas import ChatCompletionRequest
 from service.chat.backends import ChatBackend, ChatUnavailable
 from serving.protocol import ChatCall, ChatOutput
-from service.core.errors import InvalidRequest, TuneserveError
+from service.core.errors import TuneserveError
 from service.api.routes.models import resolve_model
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["chat"])
-
-
-def _utf8(value: str) -> str:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        # JSON can carry a lone surrogate ("\\ud800"); no tokenizer can take it.
-        raise ValueError("the text holds an unpaired UTF-16 surrogate, which is not a character") \
-            from None
-    return value
-
-
-Text = Annotated[str, AfterValidator(_utf8)]
-NonEmpty = Annotated[str, Field(min_length=1), AfterValidator(_utf8)]
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: Text
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
-    name: str | None = None
-
-    def plain(self) -> dict[str, str]:
-        content = self.content if isinstance(self.content, str) else \
-            "".join(p.text for p in self.content)
-        # "developer" is OpenAI's newer word for the system message.
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    """OpenAI's newer name for ``max_tokens``; wins when both are given."""
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=4)] | None = None
-    """Up to 4 strings that end the answer."""
-    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)
-    """A 64-bit integer, as OpenAI's; torch's generator takes no more."""
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)
-    """Only one choice per request is supported."""
-    user: str | None = None
-    """Accepted for compatibility; not used."""
-
-    def stop_strings(self) -> tuple[str, ...]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise InvalidRequest("stop takes up to 4 non-empty strings.", param="stop")
-        return tuple(stops)
-
-    def token_limit(self, cap: int) -> int | None:
-        param = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
-        limit = self.max_completion_tokens or self.max_tokens
-        if limit is not None and limit > cap:
-            raise InvalidRequest(f"{param} is {limit}; this service allows at most {cap}.",
-                                 param=param, code="max_tokens_exceeded")
-        return limit
 
 
 def _backend(request: Request) -> ChatBackend:
@@ -116,18 +42,26 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  tenant: str = Depends(get_tenant)):
     settings = request.app.state.settings
     chat = _backend(request)
-    call_limit = body.token_limit(settings.max_tokens_cap)
-    stop = body.stop_strings()
+    body.check(settings.max_tokens_cap)
+    messages = [m.plain(f"messages.{i}") for i, m in enumerate(body.messages)]
+    tools, tool_choice = body.tool_call_settings()
     target = await run_in_threadpool(resolve_model, request, body.model, tenant)
     call = ChatCall(base_model=target.base_model, adapter_id=target.adapter_id,
-                    messages=[m.plain() for m in body.messages], max_tokens=call_limit,
+                    messages=messages, max_tokens=body.token_limit(settings.max_tokens_cap),
                     temperature=1.0 if body.temperature is None else body.temperature,
-                    top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=stop)
+                    top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed,
+                    stop=body.stop_strings(), n=body.n or 1,
+                    logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                    frequency_penalty=body.frequency_penalty or 0.0,
+                    presence_penalty=body.presence_penalty or 0.0, logit_bias=body.bias(),
+                    response_format=body.format_setting(), tools=tools, tool_choice=tool_choice,
+                    parallel_tool_calls=body.parallel_tool_calls is not False)
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
     created = int(time.time())
+    head = {"id": completion_id, "created": created, "model": body.model}
     if not body.stream:
         output = await chat.complete(call)
-        return _completion(completion_id, created, body.model, output)
+        return _completion(head, output, call)
     outputs = chat.stream(call)
     try:
         # The first piece decides the HTTP status: an error before it (bad prompt, capacity)
@@ -137,7 +71,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
         await outputs.aclose()
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    events = _sse(outputs, first, completion_id, created, body.model, include_usage)
+    events = _sse(outputs, first, head, call, include_usage)
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -147,40 +81,80 @@ def _usage(output: ChatOutput) -> dict[str, int]:
             "total_tokens": output.prompt_tokens + output.completion_tokens}
 
 
-def _completion(completion_id: str, created: int, model: str, output: ChatOutput) -> dict:
+def _logprobs(output: ChatOutput, call: ChatCall) -> dict | None:
+    if call.logprobs is None:
+        return None
+    return {"content": list(output.logprobs or ()), "refusal": None}
+
+
+def _message(output: ChatOutput) -> dict:
+    message = {"role": "assistant", "content": output.text, "refusal": None}
+    if output.tool_calls:
+        message["content"] = None
+        message["tool_calls"] = list(output.tool_calls)
+    return message
+
+
+def _completion(head: dict, output: ChatOutput, call: ChatCall) -> dict:
+    # No system_fingerprint: the spec allows it absent, not null.
     return {
-        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": output.text},
-                     "finish_reason": output.finish_reason, "logprobs": None}],
-        "usage": _usage(output), "system_fingerprint": None,
+        **head, "object": "chat.completion",
+        "choices": [{"index": c.index, "message": _message(c), "finish_reason": c.finish_reason,
+                     "logprobs": _logprobs(c, call)} for c in output.choices or (output,)],
+        "usage": _usage(output),
     }
 
 
-def _chunk(completion_id: str, created: int, model: str, delta: dict,
-           finish_reason: str | None = None, usage: dict | None = None) -> str:
-    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-            "model": model, "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                         "logprobs": None}]}
-    if usage is not None:
-        body["choices"], body["usage"] = [], usage
-    return f"data: {json.dumps(body)}\n\n"
+class _Chunks:
+    """``data: {chunk}`` events of one completion; with ``include_usage`` every chunk has a
+    ``usage`` key, null until the last chunk (as the spec says)."""
+
+    def __init__(self, head: dict, call: ChatCall, include_usage: bool):
+        self.head, self.call, self.include_usage = head, call, include_usage
+
+    def choice(self, index: int, delta: dict, finish_reason: str | None = None,
+               logprobs: tuple | None = None) -> str:
+        entry = {"index": index, "delta": delta, "finish_reason": finish_reason,
+                 "logprobs": None if self.call.logprobs is None else
+                 {"content": list(logprobs or ()), "refusal": None}}
+        return self._event([entry])
+
+    def usage(self, output: ChatOutput) -> str:
+        return self._event([], _usage(output))
+
+    def _event(self, choices: list[dict], usage: dict | None = None) -> str:
+        body = {**self.head, "object": "chat.completion.chunk", "choices": choices}
+        if self.include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
 
 
-async def _sse(outputs: AsyncIterator[ChatOutput], first: ChatOutput, completion_id: str,
-               created: int, model: str, include_usage: bool) -> AsyncIterator[str]:
-    """``data: {chunk}`` events, then ``data: [DONE]``; a later error is an error event."""
-    yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""})
+def _delta(output: ChatOutput) -> dict:
+    if output.tool_calls:
+        return {"tool_calls": [{"index": i, **c} for i, c in enumerate(output.tool_calls)]}
+    return {"content": output.text}
+
+
+async def _sse(outputs: AsyncIterator[ChatOutput], first: ChatOutput, head: dict,
+               call: ChatCall, include_usage: bool) -> AsyncIterator[str]:
+    """The chunks of every choice, then the usage chunk if asked, then ``data: [DONE]``; a
+    later error is an error event."""
+    chunks = _Chunks(head, call, include_usage)
+    for index in range(call.n):
+        yield chunks.choice(index, {"role": "assistant", "content": "", "refusal": None})
     output: ChatOutput | None = first
+    running = call.n
     try:
         while output is not None:
-            if output.text:
-                yield _chunk(completion_id, created, model, {"content": output.text})
+            if output.text or output.tool_calls or output.logprobs:
+                yield chunks.choice(output.index, _delta(output), logprobs=output.logprobs)
             if output.finish_reason is not None:
-                yield _chunk(completion_id, created, model, {}, output.finish_reason)
-                if include_usage:
-                    yield _chunk(completion_id, created, model, {}, usage=_usage(output))
-                break
+                yield chunks.choice(output.index, {}, output.finish_reason)
+                running -= 1
+                if not running:
+                    if include_usage:
+                        yield chunks.usage(output)
+                    break
             output = await anext(outputs, None)
     except TuneserveError as exc:
         yield f"data: {json.dumps(exc.body())}\n\n"
