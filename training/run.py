@@ -1,9 +1,12 @@
 """Drive one training run with Ray Train, and ``tuneserve train spec.json`` without the API.
 
 ``run_training`` builds a ``TorchTrainer`` (Ray Train V2, the default in Ray 2.60) named after the
-job, with its storage under ``jobs/<job_id>/run`` in the service's storage: starting it again
-with the same name resumes from the run's last checkpoint (after a cluster restart), and
-``FailureConfig(max_failures)`` restarts failed workers from it within one call.
+job, with its storage under ``jobs/<job_id>/run`` in the service's storage.
+``FailureConfig(max_failures)`` restarts failed workers within one call; every start of the
+workers (that one, a new driver, a cluster restart) resumes from the newest complete checkpoint
+in that storage (``training.recipes.checkpointing``). A run stopped by a preemption notice
+ends with a checkpoint at its last step and is started again here, not charged to
+``max_failures``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from service.core.errors import TuneserveError
@@ -109,8 +112,6 @@ def build_trainer(spec: TrainSpec, storage_config: StorageConfig) -> TorchTraine
         run_config=RunConfig(
             name=spec.job_id, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=spec.max_failures),
-            # The run folder only serves resumption; every checkpoint is also an adapter.
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": worker_env(spec.use_gpu)}),
     )
 
@@ -121,10 +122,16 @@ def run_training(spec: TrainSpec, storage_config: StorageConfig) -> dict[str, An
     one, so the job fails with its message and ``param``."""
     spec.validate()
     with job_logging(spec.job_id):  # the job's driver: its lines name the job too
-        try:
-            result = build_trainer(spec, storage_config).fit()
-        except ray.train.TrainingFailedError as exc:
-            raise _user_error(exc) or exc
+        while True:
+            try:
+                result = build_trainer(spec, storage_config).fit()
+            except ray.train.TrainingFailedError as exc:
+                raise _user_error(exc) or exc
+            if not (result.metrics or {}).get("preempted"):
+                break
+            # Every worker stopped after a complete checkpoint at its last step: start again.
+            log.warning("job %s: preempted at step %s; starting the run again", spec.job_id,
+                        result.metrics.get("step"))
     storage = open_storage(storage_config)
     manifest = json.loads(storage.get(f"{adapter_prefix(spec.job_id)}/{MANIFEST}"))
     last_report = result.metrics or {}

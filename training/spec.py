@@ -99,7 +99,10 @@ class TrainSpec:
     cpus_per_worker: int = 1
     """CPUs each worker reserves in Ray; torch uses exactly this many threads."""
     checkpoint_every_steps: int = 50
-    """0 keeps only the epoch-end checkpoints."""
+    """A checkpoint every this many steps (0: none by steps)."""
+    checkpoint_every_seconds: float = 300.0
+    """And one every this many seconds, whichever comes first (0: none by time): what a lost
+    worker can cost stays under ~5 minutes however slow a step is."""
     max_failures: int = 2
     """Worker failures Ray Train recovers from (from the last checkpoint); -1 is unlimited."""
     weight_decay: float = 0.0
@@ -246,6 +249,9 @@ class TrainSpec:
             yield "cpus_per_worker", "cpus_per_worker must be ≥ 1"
         if self.checkpoint_every_steps < 0:
             yield "checkpoint_every_steps", "checkpoint_every_steps must be ≥ 0"
+        if not 0 <= self.checkpoint_every_seconds <= limits.MAX_CHECKPOINT_EVERY_SECONDS:
+            yield ("checkpoint_every_seconds", "checkpoint_every_seconds must be in "
+                   f"0..{limits.MAX_CHECKPOINT_EVERY_SECONDS}")
         if self.max_failures < -1:
             yield "max_failures", "max_failures must be ≥ -1 (-1 = unlimited)"
         if self.max_grad_norm <= 0:

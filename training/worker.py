@@ -5,27 +5,38 @@ as well in a plain process. What Ray Train gives it, and nothing else, comes fro
 
   [1] rank, world size and device   (``ray.train.get_context``, ``ray.train.torch.get_device``)
   [2] the gradient all-reduce       (the gloo/NCCL group Ray set up, used by ``torch.distributed``)
-  [3] report metrics + checkpoint   (``RayTrainContext.report`` → ``ray.train.report``)
-  [4] resume                        (``RayTrainContext.stored_checkpoints``: the run's latest
-                                     checkpoint and the older ones beside it)
+  [3] report metrics                (``RayTrainContext.report`` → ``ray.train.report``)
+  [4] preemption                    (``RayTrainContext.stop_requested``: SIGTERM to this worker,
+                                     or Ray Train's notice that this worker's node is draining)
+
+Checkpoints are not reported to Ray Train: the recipe stores them itself and resumes from the
+newest complete one in storage (``training.recipes.checkpointing``), whatever the controller
+had registered.
 """
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import pyarrow.fs
+import ray
 import ray.train
 import ray.train.torch
 
 from service.core.logs import job_logging
 from service.core.storage.config import StorageConfig
-from training.checkpoints import checkpoint_name
 from training.recipes import run_recipe
-from training.recipes.base import WorkerContext
+from training.recipes.context import WorkerContext
 from training.spec import TrainSpec
+
+log = logging.getLogger(__name__)
+
+SIGTERM_RECEIVED = threading.Event()
+"""Set by this worker process's SIGTERM handler (``_on_sigterm``)."""
+_ray_sigterm_handler: Any = None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -39,33 +50,62 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 @dataclass
 class RayTrainContext(WorkerContext):
-    """A Ray Train worker's place in the run, its checkpoints and its reports."""
+    """A Ray Train worker's place in the run, its reports and its preemption notices."""
 
     @classmethod
     def current(cls) -> RayTrainContext:
         context = ray.train.get_context()  # [1]
+        catch_sigterm()
         return cls(rank=context.get_world_rank(), world_size=context.get_world_size(),
                    device=ray.train.torch.get_device())
 
-    def stored_checkpoints(self) -> list[ray.train.Checkpoint]:  # [4]
-        """The reported checkpoint, then the older ones beside it in the run's folder."""
-        latest = ray.train.get_checkpoint()
-        if latest is None:
-            return []
-        found = [latest]
-        parent, _, name = str(latest.path).rstrip("/").rpartition("/")
-        try:
-            infos = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
-        except Exception:  # noqa: BLE001 - without a listing, only the reported one is known
-            return found
-        older = sorted((i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory
-                        and i.base_name.startswith("checkpoint-step-") and i.base_name < name),
-                       reverse=True)
-        return found + [ray.train.Checkpoint(f"{parent}/{n}", filesystem=latest.filesystem)
-                        for n in older]
+    def report(self, metrics: dict[str, Any]) -> None:  # [3]
+        """``ray.train.report`` (a barrier over all ranks)."""
+        ray.train.report(metrics)
 
-    def report(self, metrics: dict[str, Any], folder: Path | None, step: int) -> None:  # [3]
-        """``ray.train.report`` (a barrier over all ranks) with this rank's folder, if any."""
-        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder else None
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=checkpoint_name(step) if folder else None)
+    def stop_requested(self) -> bool:  # [4]
+        return SIGTERM_RECEIVED.is_set() or _node_draining()
+
+
+def _node_draining() -> bool:
+    """Ray Train's preemption notice for this worker (its node is being drained), read locally.
+
+    ``ray.train.get_preemption_info()`` is a barrier over all workers, one round trip to the
+    controller per call; the recipe all-reduces this answer with the step's gradients anyway,
+    so the worker's own copy (what Ray Train's watcher set on it) is read instead.
+    """
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().preemption_context.preemption_info is not None
+    except Exception:  # noqa: BLE001 - a Ray without the notice: SIGTERM still works
+        return False
+
+
+def catch_sigterm() -> None:
+    """Make SIGTERM to this worker a request to stop after the current step and a checkpoint
+    (Ray's own handler exits at once, losing the steps since the last checkpoint).
+
+    Python installs signal handlers from the main thread only, and Ray Train runs this loop in
+    another thread of the worker actor: the actor's main thread installs it, through the
+    worker's own ``execute`` method. A second SIGTERM goes to Ray's handler (exit now).
+    """
+    try:
+        actor = ray.get_runtime_context().current_actor
+        ray.get(actor.execute.remote(_install_sigterm_handler), timeout=30)
+    except Exception:  # noqa: BLE001 - without it, SIGTERM ends the worker as before
+        log.warning("could not catch SIGTERM in this worker", exc_info=True)
+
+
+def _install_sigterm_handler() -> None:
+    global _ray_sigterm_handler
+    if signal.getsignal(signal.SIGTERM) is not _on_sigterm:
+        _ray_sigterm_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    if SIGTERM_RECEIVED.is_set() and callable(_ray_sigterm_handler):
+        _ray_sigterm_handler(signum, frame)
+        return
+    log.warning("SIGTERM: stopping after this step and a checkpoint")
+    SIGTERM_RECEIVED.set()

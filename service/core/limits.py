@@ -32,6 +32,12 @@ MAX_CONTEXT_LENGTH = 131072
 MAX_TRAINING_FILES = 16
 """Extra ``training_files`` mixed with ``training_file``."""
 MAX_FILE_WEIGHT = 1000.0
+MAX_CHECKPOINT_EVERY_STEPS = 1_000_000
+"""``checkpoint_every_steps``: 1..this (0, epoch ends only, is the operator's)."""
+MIN_CHECKPOINT_EVERY_SECONDS = 10
+"""``checkpoint_every_seconds`` a request may ask for: this at least (more often would spend the
+run on uploads), ``MAX_CHECKPOINT_EVERY_SECONDS`` at most."""
+MAX_CHECKPOINT_EVERY_SECONDS = 86400
 
 # -- DPO --------------------------------------------------------------------------------------
 
@@ -52,3 +58,10 @@ MAX_CHOICE_TOKENS = 16384
 the batch for at most."""
 MAX_TOP_LOGPROBS = 20
 """``top_logprobs``, as OpenAI's."""
+
+# -- evals ------------------------------------------------------------------------------------
+
+MAX_EVAL_ITEMS = 100_000
+"""Items of one eval run's data source (each one chat request plus its grades)."""
+MAX_TESTING_CRITERIA = 32
+"""Graders of one eval."""

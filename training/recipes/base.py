@@ -13,9 +13,11 @@ subclass that fills in the hooks:
 - metrics: ``train_metrics`` (from the step's global sums), ``eval_sums`` and ``eval_metrics``;
 - export: ``manifest`` (what the adapter's manifest records beyond the shared fields).
 
-A recipe needs no Ray: ``WorkerContext()`` runs it as rank 0 of 1 in this process. Ray Train
-is one launcher (``training.worker``), which hands it the rank, the world size, the device, the
-stored checkpoints and a report function. What only pays on a CPU comes in a ``DeviceStrategy``
+A recipe needs no Ray: ``WorkerContext()`` (``training.recipes.context``) runs it as rank 0 of 1
+in this process. Ray Train is one launcher (``training.worker``), which hands it the rank, the
+world size, the device, a report function and whether it is asked to stop. Checkpoints (when,
+the background upload, resuming from the newest complete one) are ``training.recipes.
+checkpointing``'s. What only pays on a CPU comes in a ``DeviceStrategy``
 (``training.cpu.strategy``), picked from the device.
 """
 
@@ -27,7 +29,7 @@ import math
 import random
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -53,6 +55,8 @@ from training.model.adapter import (
 )
 from training.model.attention import shares_prefixes, use_packed_attention
 from training.model.lora import apply_adapter, default_target_modules
+from training.recipes.checkpointing import Checkpointing
+from training.recipes.context import WorkerContext
 from training.spec import (
     MIN_LR_FRACTION,
     WARMUP_FRACTION,
@@ -82,26 +86,6 @@ def lr_lambda(total_steps: int):
     return factor
 
 
-@dataclass
-class WorkerContext:
-    """Where a recipe runs and where its checkpoints go. This one is a plain process: rank 0 of
-    1, nothing to resume, reported metrics kept in ``reports`` (the checkpoint folders are this
-    rank's own and go at ``cleanup``). Ray Train's is ``training.worker.RayTrainContext``."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    reports: list[dict[str, Any]] = field(default_factory=list)
-
-    def stored_checkpoints(self) -> list[checkpoints.StoredCheckpoint]:
-        """The run's checkpoints to resume from, newest first."""
-        return []
-
-    def report(self, metrics: dict[str, Any], folder: Path | None, step: int) -> None:
-        """A checkpoint's metrics and this rank's folder of it (``checkpoint-step-<step>``)."""
-        self.reports.append(metrics)
-
-
 class Recipe(ABC, Generic[E]):
     """One worker's share of a training run (see the module docstring)."""
 
@@ -122,6 +106,8 @@ class Recipe(ABC, Generic[E]):
         self.device_strategy = device_strategy or strategy_for(self.device)
         self.events = EventLog(self.storage, spec.job_id) if self.rank == 0 else None
         self.resumed_from: int | None = None
+        self.stopping = False
+        """Set after a step at which some rank was asked to stop: checkpoint, then end."""
         self._last_validation: tuple[tuple[int, int], dict[str, float]] | None = None
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -185,15 +171,14 @@ class Recipe(ABC, Generic[E]):
         self.hp = self.resolve_hyperparameters()
         self.setup_model(model_dir)
         self.setup_optimizer()
-        state = checkpoints.restore_checkpoint(
-            self.context.stored_checkpoints(), spec.job_id, self.rank, self.model,
-            self.optimizer, self.scheduler)
+        self.checkpointing = Checkpointing(self.storage, spec.job_id, self.rank,
+                                           self.world_size, spec.checkpoint_every_seconds,
+                                           self.emit)
+        state = self.checkpointing.restore(self.model, self.optimizer, self.scheduler)
         if state is None:
             state = checkpoints.TrainState(hyperparameters=self.hp.as_dict())
         else:
             self.resumed_from = state.step
-            self.emit(f"Resumed from the checkpoint at step {state.step}",
-                      data={"resumed_from_step": state.step})
         self.state = state
         self.emit(f"Worker {self.rank}/{self.world_size}: {self.threads} torch threads"
                   f"{self.worker_note()}, bf16={'on' if self.use_bf16 else 'off'}, "
@@ -335,6 +320,12 @@ class Recipe(ABC, Generic[E]):
             started = time.perf_counter()
             sums = self.step_at(order, step_in_epoch)
             self.after_step(sums, time.perf_counter() - started, epoch)
+            if self.stopping:
+                self.emit(f"Stopped at step {self.state.step} on a preemption notice; the run "
+                          "resumes from its checkpoint there", level="warn",
+                          data={"preempted_at_step": self.state.step})
+                return
+        self.checkpointing.wait()  # the last checkpoint is stored before the final adapter
         self.finish()
 
     def step_at(self, order: list[int], step_in_epoch: int) -> torch.Tensor:
@@ -349,12 +340,17 @@ class Recipe(ABC, Generic[E]):
     def train_step(self, examples: list[E]) -> torch.Tensor:
         """Forward/backward over this rank's share of a step; all-reduce; one optimizer step.
 
-        Returns the global sums (``SUMS``) of the step.
+        Returns the global sums (``SUMS``) of the step. The run's two flags ride on the same
+        all-reduce, so every rank acts on them at the same step: some rank is asked to stop,
+        and rank 0's clock says a checkpoint is due (``checkpoint_every_seconds``).
         """
         sums = self.forward_backward(examples)
-        sums = self.all_reduce_grads(sums)
+        flags = torch.tensor([float(self.context.stop_requested()),
+                              float(self.checkpointing.due())])
+        reduced = self.all_reduce_grads(torch.cat([sums.float(), flags]))
         self.step_optimizer()
-        return sums
+        self.stop_flag, self.due_flag = bool(reduced[-2] > 0), bool(reduced[-1] > 0)
+        return reduced[:-2]
 
     def step_optimizer(self) -> None:
         """Clip the (already all-reduced) gradients, step, advance the schedule."""
@@ -395,8 +391,9 @@ class Recipe(ABC, Generic[E]):
         state.metrics = self.step_metrics(sums, seconds, epoch)
         epoch_end = state.step % self.steps_per_epoch == 0
         every = self.spec.checkpoint_every_steps
-        if epoch_end or (every and state.step % every == 0):
-            if self.valid_examples:
+        self.stopping = self.stop_flag and state.step < self.total_steps
+        if epoch_end or (every and state.step % every == 0) or self.due_flag or self.stopping:
+            if self.valid_examples and not self.stopping:
                 state.metrics.update(self.valid_metrics(self.valid_examples[:VALID_EXAMPLES],
                                                         "valid_"))
             self.log_metrics()
@@ -443,15 +440,16 @@ class Recipe(ABC, Generic[E]):
     # -- checkpoints and the result --------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        step = self.state.step
-        path = checkpoints.local_dir(self.spec.job_id, self.rank, checkpoints.checkpoint_name(step))
-        checkpoints.save_checkpoint(path, rank=self.rank, model=self.model,
-                                    optimizer=self.optimizer, scheduler=self.scheduler,
-                                    state=self.state)
-        if self.rank == 0:
-            self.export(path / checkpoints.ADAPTER_DIR, step)
-        self.context.report(self.report_metrics(), path, step)
-        self.emit(f"Checkpoint saved at step {step}", data={"step": step})
+        manifest = self.manifest() if self.rank == 0 else None
+
+        def stored(weights_dir: Path, step: int) -> None:  # rank 0, in the upload thread
+            export_adapter(self.storage, weights_dir, adapter_prefix(self.spec.job_id, step),
+                           manifest)
+            self.emit(f"Checkpoint saved at step {step}", data={"step": step})
+
+        self.checkpointing.save(self.state, self.model, self.optimizer, self.scheduler, stored,
+                                wait=self.stopping)
+        self.context.report({**self.report_metrics(), "preempted": self.stopping})
 
     def report_metrics(self) -> dict[str, Any]:
         return {**self.state.metrics, "total_steps": self.total_steps,
@@ -464,11 +462,6 @@ class Recipe(ABC, Generic[E]):
             eot_token_ids=chat.end_of_turn_ids(self.tokenizer), target_modules=self.target_modules,
             data_hashes=self.data_hashes(), hyperparameters=self.hp, metrics=self.state.metrics,
             step=self.state.step)
-
-    def export(self, weights_dir: Path, step: int) -> None:
-        """Rank 0: publish checkpoint ``step`` as an adapter (``ft:…:ckpt-step-N``)."""
-        export_adapter(self.storage, weights_dir, adapter_prefix(self.spec.job_id, step),
-                       self.manifest())
 
     def data_hashes(self) -> dict[str, str]:
         hashes: dict[str, str] = {}
