@@ -5,9 +5,9 @@ What is measured where:
   (the route template is the label, never the raw path, so ids do not explode the series).
 - Chat requests, latency, time to first token and tokens: ``InstrumentedChat`` wraps the chat
   back end the app is given, so ``service.api.routes.chat`` stays as it is.
-- Jobs by status, training steps, tokens and tokens/s: ``JobsCollector`` reads the job records
-  and the newest metrics events from storage at scrape time (cached for a few seconds), so every
-  API replica reports the same job figures.
+- Jobs by status, training steps, tokens and tokens/s, resumes and the steps they lost:
+  ``JobsCollector`` reads the job records and the newest metrics events from storage at scrape
+  time (cached for a few seconds), so every API replica reports the same job figures.
 
 The request and chat figures are per process: under Ray Serve each API replica keeps its own
 registry, and a scrape through the Serve proxy reaches one replica. That is exact with one API
@@ -135,11 +135,13 @@ class JobsCollector:
 
     def _scan(self) -> list:
         by_status = dict.fromkeys(STATUSES, 0)
-        steps = tokens = 0
+        steps = tokens = resumes = steps_lost = 0
         tokens_per_second = 0.0
         for job in JobStore(self.storage).list():
             by_status[job.status] = by_status.get(job.status, 0) + 1
             tokens += job.trained_tokens or 0
+            resumes += job.resumes
+            steps_lost += job.steps_lost
             latest = self._latest(job.id, job.status)
             steps += latest.get("step", 0)
             if job.status == "running":
@@ -157,6 +159,11 @@ class JobsCollector:
             GaugeMetricFamily("tuneserve_training_tokens_per_second", "Training throughput "
                               "of the running jobs (sum of their latest reports).",
                               value=tokens_per_second),
+            CounterMetricFamily("tuneserve_training_resumes", "Restarts of training runs "
+                                "(lost worker, driver or cluster; preemption), resumed from "
+                                "their newest complete checkpoint.", value=resumes),
+            CounterMetricFamily("tuneserve_training_steps_lost", "Steps trained again "
+                                "because of those restarts.", value=steps_lost),
         ]
 
     def _latest(self, job_id: str, status: str) -> dict[str, Any]:

@@ -109,6 +109,13 @@ class CreateJobRequest(Strict):
     training_files: list[WeightedFile] | None = Field(default=None,
                                                       max_length=limits.MAX_TRAINING_FILES)
     """Extra training files mixed with ``training_file`` by weight."""
+    checkpoint_every_steps: int | None = Field(default=None, ge=1,
+                                               le=limits.MAX_CHECKPOINT_EVERY_STEPS)
+    checkpoint_every_seconds: float | None = Field(
+        default=None, ge=limits.MIN_CHECKPOINT_EVERY_SECONDS,
+        le=limits.MAX_CHECKPOINT_EVERY_SECONDS)
+    """A checkpoint every this many steps or seconds, whichever comes first (defaults: 50
+    steps, 300 s): a lost worker costs at most the work since the last one."""
     webhook_url: str | None = Field(default=None, max_length=2048)
 
     @field_validator("suffix")

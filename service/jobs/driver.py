@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import threading
 import time
 import traceback
 
@@ -44,7 +45,8 @@ class JobDriver:
                 raise RuntimeError(f"the record of {self.job_id} holds no training spec")
             events.add("Fine-tuning job started" if record.attempts <= 1
                        else f"Fine-tuning job resumed (attempt {record.attempts})")
-            result = run_training(record.spec, self.storage_config)
+            with ResumeCounter(self.storage, store, self.job_id):
+                result = run_training(record.spec, self.storage_config)
         except Exception as exc:  # the job, not the actor, carries the failure
             log.error("job %s failed: %s", self.job_id, traceback.format_exc())
             self._fail(store, events, exc)
@@ -92,6 +94,47 @@ class JobDriver:
         final = store.update(self.job_id, change)
         if final.status == "failed":
             events.add(f"The job failed: {message[:500]}", level="error")
+
+
+class ResumeCounter:
+    """Copies the run's resumes (``training.resumes``: written by rank 0 of each restarted
+    attempt) into the job record while the run goes on, and once more when it ends, so the job
+    shows what failures cost (``attempts``, ``resumed_from_step``, ``steps_lost``)."""
+
+    POLL_S = 5.0
+
+    def __init__(self, storage, store: JobStore, job_id: str):
+        self.storage, self.store, self.job_id = storage, store, job_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="resume-counter", daemon=True)
+        self._seen = -1
+
+    def __enter__(self) -> ResumeCounter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.POLL_S)
+        self.update()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.POLL_S):
+            self.update()
+
+    def update(self) -> None:
+        from training import resumes
+
+        try:
+            seen = resumes.read(self.storage, self.job_id)
+            if seen.count == self._seen:
+                return
+            self.store.update(self.job_id, lambda job: job.model_copy(update={
+                "resumes": seen.count, "resumed_from_step": seen.resumed_from_step,
+                "steps_lost": seen.steps_lost}))
+            self._seen = seen.count
+        except Exception:  # noqa: BLE001 - a count that lags must not fail the job
+            log.warning("job %s: could not count its resumes", self.job_id, exc_info=True)
 
 
 def _write_result_file(storage, record: JobRecord, events) -> str | None:

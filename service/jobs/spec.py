@@ -25,8 +25,10 @@ FileSize = tuple[int, int]
 HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 """The request's hyperparameters that may be "auto"; the spec holds them resolved."""
 
-OPERATOR_EXTENSIONS = ("max_length", "pack_length", "checkpoint_every_steps", "max_failures",
-                       "packing")
+CHECKPOINT_EXTENSIONS = ("checkpoint_every_steps", "checkpoint_every_seconds")
+"""Spec fields a request may set (``CreateJobRequest``), kept in the record's ``extensions``."""
+
+OPERATOR_EXTENSIONS = ("max_length", "pack_length", "max_failures", "packing")
 """Spec fields no request sets, which an operator may put in a record's ``extensions``."""
 
 
@@ -49,7 +51,8 @@ def build_spec(record: JobRecord, sizes: Mapping[str, FileSize]) -> TrainSpec:
         job_id=record.id, method=method, training_files=training_files(record),
         validation_file=record.validation_file, seed=record.seed, tenant=record.organization_id,
         **{name: hp[name] for name in HYPERPARAMETERS if name in hp},
-        **{name: ext[name] for name in OPERATOR_EXTENSIONS if name in ext},
+        **{name: ext[name] for name in (*CHECKPOINT_EXTENSIONS, *OPERATOR_EXTENSIONS)
+           if name in ext},
     )
     for name in ("num_workers", "use_gpu", "full_finetune", "activation_checkpointing"):
         if ext.get(name) is not None:

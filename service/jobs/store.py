@@ -88,19 +88,29 @@ class JobRecord(BaseModel):
     scheduler derives it there, once."""
     webhook_url: str | None = None
     attempts: int = 0
-    """How many times a run was started for this job (resumes included)."""
+    """How many times a driver was started for this job (the scheduler's count)."""
     resumed_from_step: int | None = None
+    """The step the latest restart of the training resumed from (0: started over)."""
+    resumes: int = 0
+    """Restarts of the training, of any cause (``training.resumes``; the driver copies them)."""
+    steps_lost: int = 0
+    """Steps trained again because of those restarts."""
 
     PRIVATE: ClassVar[frozenset[str]] = frozenset({"extensions", "spec", "webhook_url",
-                                                   "attempts", "resumed_from_step"})
+                                                   "attempts", "resumed_from_step", "resumes",
+                                                   "steps_lost"})
 
     def public(self) -> dict[str, Any]:
         body = self.model_dump(exclude=set(self.PRIVATE))
         body.update({k: v for k, v in self.extensions.items() if k in PUBLIC_EXTENSIONS})
+        # Our extension fields: each start of the training is an attempt (1 = never resumed).
+        body.update(attempts=max(self.attempts, self.resumes + 1) if self.attempts else 0,
+                    resumed_from_step=self.resumed_from_step, steps_lost=self.steps_lost)
         return body
 
 
-PUBLIC_EXTENSIONS = frozenset({"lora", "num_workers", "use_gpu", "training_files"})
+PUBLIC_EXTENSIONS = frozenset({"lora", "num_workers", "use_gpu", "training_files",
+                               "checkpoint_every_steps", "checkpoint_every_seconds"})
 
 
 class JobStore:

@@ -14,7 +14,7 @@ from service.jobs import idempotency
 from service.api.auth import get_tenant
 from service.core.errors import Conflict, InvalidRequest, NotFound
 from service.api.schemas import CreateJobRequest
-from service.jobs.spec import build_spec, training_file_sizes, with_spec
+from service.jobs.spec import CHECKPOINT_EXTENSIONS, build_spec, training_file_sizes, with_spec
 from service.jobs.store import ACTIVE, TERMINAL, JobRecord, JobStore
 from service.core import names
 from service.core.names import base_model_ids, new_job_id, parse_tuned_model
@@ -199,6 +199,8 @@ def _new_record(storage: Storage, body: CreateJobRequest, tenant: str) -> JobRec
             "num_workers": body.num_workers, "use_gpu": body.use_gpu,
             "activation_checkpointing": body.activation_checkpointing,
             "training_files": [f.model_dump() for f in body.training_files or []],
+            **{name: getattr(body, name) for name in CHECKPOINT_EXTENSIONS
+               if getattr(body, name) is not None},
         },
     )
     return with_spec(record, build_spec(record, training_file_sizes(storage, record)))
