@@ -122,8 +122,9 @@ def _api_routers() -> list:
     from service.api.routes import files
     from service.api.routes import fine_tuning as jobs
     from service.api.routes import models
+    from service.api.routes import evals, graders
 
-    return [models.router, jobs.router, files.router, chat.router]
+    return [models.router, jobs.router, files.router, chat.router, evals.router, graders.router]
 
 
 def _install_error_handlers(app: FastAPI) -> None:

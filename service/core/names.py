@@ -292,3 +292,68 @@ def parse_webhook_pending_key(key: str) -> tuple[str, str]:
     """``(event_id, endpoint)`` of a ``webhook_pending_key``."""
     event_id, _, endpoint = key.rsplit("/", 1)[-1].partition(".")
     return event_id, endpoint
+
+
+# -- evals (issue 37) ------------------------------------------------------------------------
+
+EVAL_ID = re.compile(r"^eval_[0-9a-f]{24}$")
+EVAL_RUN_ID = re.compile(r"^evalrun_[0-9a-f]{24}$")
+OUTPUT_ITEM_ID = re.compile(r"^outputitem_([0-9a-f]{24})_(\d{8})$")
+EVAL_RECORD = "eval.json"
+EVAL_RUN_RECORD = "run.json"
+
+
+def new_eval_id() -> str:
+    return f"eval_{secrets.token_hex(12)}"
+
+
+def new_eval_run_id() -> str:
+    return f"evalrun_{secrets.token_hex(12)}"
+
+
+def output_item_id(run_id: str, index: int) -> str:
+    """``outputitem_<the run id's hex>_<index:08d>``: the run's item ``index`` (from 0)."""
+    return f"outputitem_{run_id.removeprefix('evalrun_')}_{index:08d}"
+
+
+def eval_key(eval_id: str) -> str:
+    """``evals/<eval_id>/eval.json``: the eval's record."""
+    return join_key("evals", eval_id, EVAL_RECORD)
+
+
+def eval_index_key(tenant: str, created_ns: int, eval_id: str) -> str:
+    """``eval-index/<tenant>/<created_ns:020d>-<eval_id>``, an empty marker."""
+    return join_key("eval-index", tenant, f"{created_ns:020d}-{eval_id}")
+
+
+def eval_index_prefix(tenant: str) -> str:
+    return join_key("eval-index", tenant) + "/"
+
+
+def eval_runs_prefix(eval_id: str) -> str:
+    """``evals/<eval_id>/runs/``: every run of an eval."""
+    return join_key("evals", eval_id, "runs") + "/"
+
+
+def eval_run_key(eval_id: str, run_id: str) -> str:
+    """``evals/<eval_id>/runs/<run_id>/run.json``: the run's record."""
+    return join_key("evals", eval_id, "runs", run_id, EVAL_RUN_RECORD)
+
+
+def eval_items_prefix(eval_id: str, run_id: str) -> str:
+    """``evals/<eval_id>/runs/<run_id>/items/``: the graded items, in chunks."""
+    return join_key("evals", eval_id, "runs", run_id, "items") + "/"
+
+
+def eval_items_key(eval_id: str, run_id: str, first: int) -> str:
+    """``…/items/<first index:08d>.jsonl``: a chunk of output items starting at ``first``."""
+    return f"{eval_items_prefix(eval_id, run_id)}{first:08d}.jsonl"
+
+
+def eval_baseline_key(eval_id: str, model: str) -> str:
+    """``cache/eval-before/<eval_id>/<sha256 of the model name>.json``: the run id of the
+    "before" run of a job's eval on a base model, reused by later jobs."""
+    import hashlib
+
+    return join_key("cache", "eval-before", eval_id,
+                    hashlib.sha256(model.encode()).hexdigest() + ".json")

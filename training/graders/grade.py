@@ -132,7 +132,7 @@ def validate(grader: Grader, param: str = "grader",
                     raise GraderInvalid("Images are not supported: the models this service "
                                         "serves read text only.",
                                         f"{param}.input.{i}.content.{j}")
-    for where, template in _templates(grader):
+    for where, template in template_fields(grader):
         try:
             templates.check_namespaces(template)
         except templates.TemplateError as exc:
@@ -158,7 +158,7 @@ def judge_models(grader: Grader) -> list[str]:
     return [grader.model] if isinstance(grader, (ScoreModel, LabelModel)) else []
 
 
-def _templates(grader: Grader) -> list[tuple[str, str]]:
+def template_fields(grader: Grader) -> list[tuple[str, str]]:
     if isinstance(grader, (StringCheck, TextSimilarity)):
         return [("input", grader.input), ("reference", grader.reference)]
     if isinstance(grader, (ScoreModel, LabelModel)):

@@ -158,7 +158,7 @@ FileRecord = Annotated[dict[str, Any], Depends(get_file_record)]
 _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"], "properties": {
         "file": {"type": "string", "format": "binary", "description": "JSONL training data"},
-        "purpose": {"type": "string", "enum": [file_store.FINE_TUNE]},
+        "purpose": {"type": "string", "enum": [file_store.FINE_TUNE, "evals"]},
         "format": {"type": "string", "enum": list(FORMATS),
                    "description": "declare the layout instead of detecting it"},
         "invalid_records": {"type": "string", "enum": list(get_args(InvalidRecords)),
@@ -183,11 +183,15 @@ async def create_file(request: Request, tenant: Tenant, storage: Store) -> FileO
         declared, invalid_records = _check_fields(upload.fields, upload.has_file)
         expires_after = _expires_after(upload.fields)
         _check_filename(upload.filename)
-        described = await run_in_threadpool(_describe, request.app, key, declared,
-                                            invalid_records)
+        purpose = upload.fields["purpose"]
+        if purpose == EVALS:  # an eval's items: JSON objects, checked against the eval per run
+            described = await run_in_threadpool(_check_eval_items, storage, key)
+        else:
+            described = await run_in_threadpool(_describe, request.app, key, declared,
+                                                invalid_records)
         record = await run_in_threadpool(
             file_store.save_record, storage, tenant, file_id,
-            filename=_display_name(upload.filename), purpose=file_store.FINE_TUNE,
+            filename=_display_name(upload.filename), purpose=purpose,
             size=upload.size, description=described, expires_after=expires_after)
     except PayloadTooLarge as exc:
         await _discard(storage, file_id)
@@ -198,7 +202,7 @@ async def create_file(request: Request, tenant: Tenant, storage: Store) -> FileO
         await _discard(storage, file_id)
         raise
     log.info("file %s: %d bytes, %s examples in format %s", file_id, upload.size,
-             described["examples"], described["format"])
+             (described or {}).get("examples"), (described or {}).get("format", purpose))
     return FileObject.model_validate(record)
 
 
@@ -262,9 +266,9 @@ def _check_fields(fields: dict[str, str], has_file: bool) -> tuple[str | None, I
     if purpose is None:
         raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose",
                              code="missing_required_parameter")
-    if purpose != file_store.FINE_TUNE:
+    if purpose not in (file_store.FINE_TUNE, EVALS):
         raise InvalidRequest(f"Invalid purpose {purpose!r}: this service accepts files for "
-                             f"'{file_store.FINE_TUNE}' only.", param="purpose",
+                             f"'{file_store.FINE_TUNE}' and '{EVALS}' only.", param="purpose",
                              code="invalid_purpose")
     declared = fields.get("format") or None
     if declared is not None and declared not in FORMATS:
@@ -299,6 +303,17 @@ def _expires_after(fields: dict[str, str]) -> int | None:
                              f"{MAX_EXPIRES_AFTER_S} (30 days).", param="expires_after.seconds",
                              code="invalid_value")
     return value
+
+
+EVALS = "evals"
+"""The purpose of an eval's items (``service.evals.datasource``)."""
+
+
+def _check_eval_items(storage: Storage, key: str) -> None:
+    """Every line a JSON object (a 400 naming the first that is not); no description."""
+    from service.evals.datasource import parse_lines
+
+    parse_lines(storage.get(key), "file")
 
 
 def _check_filename(filename: str | None) -> None:
