@@ -106,7 +106,7 @@ def test_fine_tuning_jobs_events_pause_resume_cancel(http):
         assert events["data"]
         paused = assert_response("post", url + "/pause",
                                  http.post(f"/fine_tuning/jobs/{job['id']}/pause"), status=200)
-        assert paused["status"] == "paused" and "estimated_finish" not in paused
+        assert paused["status"] == "paused" and paused["estimated_finish"] is None
         assert_response("post", url + "/resume",
                         http.post(f"/fine_tuning/jobs/{job['id']}/resume"), status=200)
         assert_response("post", url + "/cancel",
@@ -130,7 +130,7 @@ def test_fine_tuning_jobs_events_pause_resume_cancel(http):
                     status=404)
     for wrong, param in (({"model": TINY}, "training_file"),
                          ({**body, "seed": -1}, "seed"),
-                         ({**body, "webhook_url": "http://10.0.0.1/hook"}, "webhook_url"),
+                         ({**body, "webhook_url": "file:///etc/passwd"}, "webhook_url"),
                          ({**body, "nonsense": 1}, "nonsense")):
         refused = assert_response("post", "/fine_tuning/jobs",
                                   http.post("/fine_tuning/jobs", json=wrong), status=400)

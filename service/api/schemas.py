@@ -117,6 +117,7 @@ class CreateJobRequest(Strict):
     """A checkpoint every this many steps or seconds, whichever comes first (defaults: 50
     steps, 300 s): a lost worker costs at most the work since the last one."""
     webhook_url: str | None = Field(default=None, max_length=2048)
+    """Also announce this job's end here: a signed webhook (``service.jobs.webhooks``)."""
 
     @field_validator("suffix")
     @classmethod
@@ -150,10 +151,9 @@ class CreateJobRequest(Strict):
     @field_validator("webhook_url")
     @classmethod
     def _webhook(cls, value: str | None) -> str | None:
-        # Refused rather than stored: nothing would ever call it (signed webhooks: issue 34).
-        if value is not None:
-            raise ValueError("webhook_url is not supported yet: poll the job, or follow its "
-                             "events with GET /v1/fine_tuning/jobs/{id}/events?stream=true")
+        # The shape only; where it resolves is checked with the settings (SSRF) by the route.
+        if value is not None and not re.match(r"^https?://[^/?#\s]+[^\s]*$", value):
+            raise ValueError("webhook_url must be an http:// or https:// URL")
         return value
 
     @model_validator(mode="after")

@@ -44,3 +44,32 @@ def metric_series(events: list[dict]) -> dict[str, list[tuple[int, float]]]:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
                 series.setdefault(name, []).append((step, float(value)))
     return series
+
+
+ESTIMATE_LOOK_BACK = 8
+"""Events read from the end to time the latest steps: a few steps, not the whole run (a
+restart's pause would otherwise count as training time)."""
+
+
+def estimated_finish(storage: Storage, job_id: str) -> int | None:
+    """When the run should end (Unix seconds), from the time its latest steps took and the
+    steps left; None until two steps have been measured."""
+    from service.core.names import event_created_ns
+
+    keys = [info.key for info in storage.iter(events_prefix(job_id))]
+    measured: list[tuple[int, int, int]] = []  # (created_ns, step, total_steps), newest first
+    for key in reversed(keys[-ESTIMATE_LOOK_BACK:]):
+        event = json.loads(storage.get(key))
+        data = event.get("data") or {}
+        if event.get("type") == "metrics" and isinstance(data.get("step"), int) \
+                and isinstance(data.get("total_steps"), int):
+            measured.append((event_created_ns(key), data["step"], data["total_steps"]))
+    if len(measured) < 2:
+        return None
+    newest_ns, step, total = measured[0]
+    older = [(ns, s) for ns, s, _ in measured[1:] if s < step]
+    if not older:
+        return None
+    oldest_ns, oldest_step = older[-1]
+    per_step_ns = (newest_ns - oldest_ns) / (step - oldest_step)
+    return int((newest_ns + per_step_ns * max(total - step, 0)) / 1e9)

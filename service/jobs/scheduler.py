@@ -13,7 +13,7 @@ import threading
 import time
 
 from service.jobs import driver as job_driver
-from service.core.errors import TuneserveError
+from service.core.errors import NotFound, TuneserveError
 from service.jobs.spec import build_spec, training_file_sizes, training_files, with_spec
 from service.jobs.store import TERMINAL, JobRecord, JobStore
 from service.core.settings import Settings
@@ -85,7 +85,8 @@ class RayJobRunner:
         try:
             events.add("Validating training files: "
                        + ", ".join(file_id for file_id, _ in training_files(job)))
-            sizes = training_file_sizes(self.storage, job)  # NotFound for a file deleted since
+            _check_files_remain(self.storage, job)  # expired or deleted since the job's POST
+            sizes = training_file_sizes(self.storage, job)
             spec = job.spec or build_spec(job, sizes)
         except TuneserveError as exc:
             self._fail(job.id, exc.code or "invalid_training_file", exc.message, exc.param)
@@ -102,6 +103,8 @@ class RayJobRunner:
 
     def _launch(self, job: JobRecord) -> bool:
         try:
+            if job.attempts == 0:  # its first run reads the files: they must still be there
+                _check_files_remain(self.storage, job)
             # A record queued (or paused) before records held a spec: derived once, here.
             spec = job.spec or build_spec(job, training_file_sizes(self.storage, job))
         except TuneserveError as exc:
@@ -180,6 +183,25 @@ class RayJobRunner:
 
         cpus = int(ray.cluster_resources().get("CPU", 1))
         return max(1, cpus // max(1, num_workers))
+
+
+def _check_files_remain(storage, job: JobRecord) -> None:
+    """NotFound naming the file and the request's field when a file of the job expired
+    (``expires_after``) or was deleted after the job was created."""
+    from service.files.store import get_file
+
+    files = [(param, file_id) for param, (file_id, _) in zip(
+        ["training_file"] + [f"training_files[{i}].file" for i in range(len(training_files(job)))],
+        training_files(job))]
+    if job.validation_file:
+        files.append(("validation_file", job.validation_file))
+    for param, file_id in files:
+        try:
+            get_file(storage, job.organization_id, file_id, param=param)
+        except NotFound as exc:
+            raise NotFound(f"The {param} {file_id} is gone: it expired or was deleted before the "
+                           f"job started ({exc.message})", param=param,
+                           code=exc.code or "file_not_found") from None
 
 
 def _events(storage, job_id: str):

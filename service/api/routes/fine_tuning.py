@@ -10,7 +10,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from service.jobs import idempotency
+from service.jobs import idempotency, webhooks
+from service.jobs.progress import estimated_finish
 from service.api.auth import get_tenant
 from service.core.errors import Conflict, InvalidRequest, NotFound
 from service.api.schemas import CreateJobRequest
@@ -65,23 +66,31 @@ def create_job(request: Request, body: CreateJobRequest, tenant: Tenant, store: 
     runner = request.app.state.runner
     if runner is not None:
         runner.wake()
-    return job.public()
+    return _wire(storage, job)
 
 
 @router.get("")
 def list_jobs(tenant: Tenant, store: Store, request: Request,
               after: Annotated[str | None, Query(pattern=names.JOB_ID_PATTERN)] = None, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
+    # OpenAI's filter: ``metadata[k]=v`` (each pair must match), or ``metadata=null`` for the
+    # jobs that have none.
     wanted = {k[len("metadata["):-1]: v for k, v in request.query_params.items()
               if k.startswith("metadata[") and k.endswith("]")}
+    bare = request.query_params.get("metadata")
+    if bare is not None and (bare != "null" or wanted):
+        raise InvalidRequest("Invalid metadata filter: use metadata[key]=value, or metadata=null "
+                             "for jobs without metadata.", param="metadata", code="invalid_value")
     jobs = [j for j in store.list(tenant)
-            if all((j.metadata or {}).get(k) == v for k, v in wanted.items())]
+            if (not j.metadata if bare == "null"
+                else all((j.metadata or {}).get(k) == v for k, v in wanted.items()))]
     page, has_more = _page(jobs, after, limit, key=lambda j: j.id)
-    return {"object": "list", "data": [j.public() for j in page], "has_more": has_more}
+    storage: Storage = request.app.state.storage
+    return {"object": "list", "data": [_wire(storage, j) for j in page], "has_more": has_more}
 
 
 @router.get("/{job_id}")
-def retrieve_job(job: Job) -> dict:
-    return job.public()
+def retrieve_job(request: Request, job: Job) -> dict:
+    return _wire(request.app.state.storage, job)
 
 
 @router.post("/{job_id}/cancel")
@@ -89,7 +98,7 @@ def cancel_job(request: Request, job: Job) -> dict:
     if job.status in TERMINAL:
         raise Conflict(f"Job {job.id} has already {job.status}; only an unfinished job can be cancelled.",
                        code="invalid_state")
-    return _runner(request).cancel(job.id).public()
+    return _wire(request.app.state.storage, _runner(request).cancel(job.id))
 
 
 @router.post("/{job_id}/pause")
@@ -97,7 +106,7 @@ def pause_job(request: Request, job: Job) -> dict:
     if job.status not in ("queued", "running"):
         raise Conflict(f"Job {job.id} is {job.status}; only a queued or running job can be paused.",
                        code="invalid_state")
-    return _runner(request).pause(job.id).public()
+    return _wire(request.app.state.storage, _runner(request).pause(job.id))
 
 
 @router.post("/{job_id}/resume")
@@ -107,7 +116,7 @@ def resume_job(request: Request, job: Job, store: Store) -> dict:
                        code="invalid_state")
     resumed = store.transition(job.id, "queued")
     _runner(request).wake()
-    return resumed.public()
+    return _wire(request.app.state.storage, resumed)
 
 
 @router.get("/{job_id}/events")
@@ -137,6 +146,15 @@ def list_checkpoints(request: Request, job: Job,
 # --- helpers -------------------------------------------------------------------------------
 
 
+def _wire(storage: Storage, job: JobRecord) -> dict:
+    """The job as OpenAI's ``FineTuningJob``; a running one with ``estimated_finish`` from the
+    time its latest steps took (null while not running or not yet measured, as the spec says)."""
+    body = job.public()
+    body["estimated_finish"] = (estimated_finish(storage, job.id) if job.status == "running"
+                                else None)
+    return body
+
+
 def _runner(request: Request):
     runner = request.app.state.runner
     if runner is None:
@@ -164,6 +182,12 @@ def _check_request(request: Request, body: CreateJobRequest, tenant: str) -> Non
         raise InvalidRequest(
             f"Model {body.model!r} is not available for fine-tuning; choose one of "
             f"{', '.join(base_model_ids(settings))}.", param="model", code="model_not_available")
+    if body.webhook_url is not None:
+        if tenant not in settings.webhook_secrets:
+            raise InvalidRequest("webhook_url needs a signing secret for this tenant, and none is "
+                                 "configured (TUNESERVE_WEBHOOK_SECRETS).", param="webhook_url",
+                                 code="webhooks_not_configured")
+        webhooks.check_url(body.webhook_url, settings.webhook_allow_private)
     method = body.resolved_method()["type"]
     files = [("training_file", body.training_file)]
     files += [(f"training_files[{i}].file", f.file) for i, f in enumerate(body.training_files or [])]
@@ -254,9 +278,11 @@ def read_checkpoints(storage: Storage, job: JobRecord) -> list[dict]:
                 names.tuned_model(job.model, job.suffix, job.id, step).name,
             "fine_tuning_job_id": job.id,
             "step_number": step,
-            "metrics": {"step": step, **{k: metrics.get(k) for k in (
+            # A metric not measured (no validation file) is absent: the spec has no null here.
+            "metrics": {"step": step, **{k: metrics[k] for k in (
                 "train_loss", "train_mean_token_accuracy", "valid_loss",
-                "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy")}},
+                "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy")
+                if metrics.get(k) is not None}},
         })
     checkpoints.sort(key=lambda c: c["step_number"], reverse=True)
     return checkpoints
