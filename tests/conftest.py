@@ -111,7 +111,10 @@ def ray_local(s3_server: S3Server) -> Iterator[None]:
 def _shared_process(s3_server: S3Server) -> Iterator[Service]:
     storage = f"s3://{s3_server.bucket}/shared-{uuid.uuid4().hex[:12]}"
     env = {**s3_server.env, "TUNESERVE_S3_ENDPOINT_URL": s3_server.endpoint_url,
-           "TUNESERVE_CPUS_PER_WORKER": "1", "TUNESERVE_BUILTIN_MODELS": "false"}
+           "TUNESERVE_CPUS_PER_WORKER": "1", "TUNESERVE_BUILTIN_MODELS": "false",
+           # Webhooks to a receiver on loopback, retried after 1 s, 2 s, … (tests/test_webhooks.py)
+           "TUNESERVE_WEBHOOK_SECRETS": "local:whsec_dHVuZXNlcnZlLXNoYXJlZC13ZWJob29rLWtleQ==",
+           "TUNESERVE_WEBHOOK_ALLOW_PRIVATE": "true", "TUNESERVE_WEBHOOK_RETRY_S": "1"}
     service = Service(storage, env=env)  # started by the first test that uses it
     yield service
     service.stop()

@@ -51,9 +51,12 @@ def create_app(settings: Settings | None = None, *, chat=None, runner=None) -> F
     app.state.storage = open_storage(settings.storage_config())
     app.state.chat = chat
     app.state.runner = runner
+    if runner is not None:  # the replica that schedules jobs also announces and expires
+        app.state.background = _start_background(settings, app.state.storage)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     logs.add_secrets(settings.api_keys)
+    logs.add_secrets(settings.webhook_secrets.values())
     app.add_middleware(metrics.MetricsMiddleware, metrics=metrics.init_metrics(app))
     app.add_middleware(logs.RequestContextMiddleware)  # outermost: every line gets the id
 
@@ -66,6 +69,15 @@ def create_app(settings: Settings | None = None, *, chat=None, runner=None) -> F
         app.include_router(router, prefix="/v1", dependencies=authed, responses=ERROR_RESPONSES)
     _document_limits(app, settings)
     return app
+
+
+def _start_background(settings: Settings, storage) -> list:
+    """Webhook deliveries and the file expiry sweep: threads of this replica, off the request
+    path, their state in storage (see ``service.jobs.webhooks`` for why not a Ray actor)."""
+    from service.files.expiry import ExpirySweeper
+    from service.jobs.webhooks import Dispatcher
+
+    return [Dispatcher(settings, storage).start(), ExpirySweeper(storage).start()]
 
 
 def _document_limits(app: FastAPI, settings: Settings) -> None:

@@ -5,6 +5,7 @@ Built once at the edge (``create_app``, the CLI), never at import, so tests pass
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 from pathlib import Path
 from typing import Annotated
@@ -50,6 +51,20 @@ class Settings(BaseSettings):
     """Offer the built-in SmolLM2-135M-Instruct as a base model."""
     tiny_model: bool = True
     """Also offer the tiny random test model (fast trials; off in production)."""
+    webhook_secrets: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    """``tenant:whsec_<base64>`` pairs, comma-separated: the key that signs a tenant's webhooks
+    (Standard Webhooks; the ``openai`` SDK's ``webhooks.unwrap`` checks it). A tenant without
+    one cannot ask for webhooks."""
+    webhook_urls: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    """``tenant=url`` pairs, comma-separated: where every finished job of the tenant is
+    announced (a job's ``webhook_url`` adds its own endpoint)."""
+    webhook_allow_private: bool = False
+    """Let a job's ``webhook_url`` resolve to loopback, private or link-local addresses (off:
+    a caller must not make the service call into its own network)."""
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    """How long one delivery waits for the receiver's answer."""
+    webhook_retry_s: float = Field(default=5.0, gt=0)
+    """Wait before the first retry; it doubles per attempt, up to an hour, for a day."""
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -61,6 +76,28 @@ class Settings(BaseSettings):
             if not tenant.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"TUNESERVE_API_KEYS: tenant {tenant!r} must be letters, digits, - or _")
         return keys
+
+    @field_validator("webhook_secrets", mode="before")
+    @classmethod
+    def _parse_webhook_secrets(cls, value: object) -> object:
+        secrets = (_pairs(value, ":", "TUNESERVE_WEBHOOK_SECRETS", "tenant:whsec_…")
+                   if isinstance(value, str) else value)
+        for tenant, secret in (secrets or {}).items():
+            try:
+                key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+            except (ValueError, AttributeError):
+                key = b""
+            if not secret.startswith("whsec_") or len(key) < 16:
+                raise ValueError(f"TUNESERVE_WEBHOOK_SECRETS: the secret of {tenant!r} must be "
+                                 "'whsec_' + base64 of at least 16 random bytes")
+        return secrets
+
+    @field_validator("webhook_urls", mode="before")
+    @classmethod
+    def _parse_webhook_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return _pairs(value, "=", "TUNESERVE_WEBHOOK_URLS", "tenant=url")
+        return value
 
     @field_validator("models", mode="before")
     @classmethod
@@ -83,6 +120,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"TUNESERVE_HOST={self.host} is not loopback but TUNESERVE_API_KEYS is empty: "
                 "set API keys before exposing the service")
+        return self
+
+    @model_validator(mode="after")
+    def _webhooks_are_signed(self) -> Settings:
+        unsigned = sorted(set(self.webhook_urls) - set(self.webhook_secrets))
+        if unsigned:
+            raise ValueError(f"TUNESERVE_WEBHOOK_URLS: tenant {unsigned[0]!r} has no secret in "
+                             "TUNESERVE_WEBHOOK_SECRETS to sign its webhooks with")
         return self
 
     @property

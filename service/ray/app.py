@@ -15,7 +15,7 @@ from service.core.names import base_model_ids, deployment_name
 from service.core.settings import Settings
 
 API_DEPLOYMENT = "Api"
-SECRET_SETTINGS = {"api_keys"}
+SECRET_SETTINGS = {"api_keys", "webhook_secrets"}
 
 
 def build_app(args: dict | None = None, *, chat_env: dict[str, str] | None = None) -> Application:
