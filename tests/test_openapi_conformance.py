@@ -15,7 +15,6 @@ from tests.helpers import wait_until
 from tests.openapi_contract import assert_response, assert_schema
 
 TINY = "tuneserve/tiny-llama"
-CHAT_HALF = pytest.mark.xfail(strict=True, reason="chat half of issue 34")
 
 
 def chat_file(n: int) -> bytes:
@@ -173,7 +172,6 @@ CHAT = {"model": TINY, "messages": [{"role": "user", "content": "Hi"}], "max_tok
         "seed": 1}
 
 
-@CHAT_HALF
 def test_chat_completion(http):
     assert_response("post", "/chat/completions", http.post("/chat/completions", json=CHAT),
                     status=200)
@@ -186,14 +184,12 @@ def _chunks(response: httpx.Response) -> list[dict]:
     return [json.loads(line[len("data: "):]) for line in lines[:-1]]
 
 
-@CHAT_HALF
 def test_chat_completion_stream_chunks(http):
     chunks = _chunks(http.post("/chat/completions", json={**CHAT, "stream": True}))
     for chunk in chunks:
         assert_schema(chunk, "CreateChatCompletionStreamResponse")
 
 
-@CHAT_HALF
 def test_chat_completion_stream_chunks_with_usage(http):
     chunks = _chunks(http.post("/chat/completions", json={
         **CHAT, "stream": True, "stream_options": {"include_usage": True}}))
