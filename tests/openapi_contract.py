@@ -7,6 +7,9 @@ read the way OpenAI means them:
 
 - ``nullable: true`` (OpenAPI 3.0 left in a 3.1 document, e.g. a stream chunk's ``usage``)
   allows null, as OpenAI's SDKs read it; Draft 2020-12 alone would ignore it.
+- ``exclusiveMinimum: true`` beside ``minimum: 0`` (3.0 again, e.g. a job's
+  ``learning_rate_multiplier``) means "greater than 0"; Draft 2020-12 would read ``true`` as
+  the number 1.
 - an error status the operation does not list is checked against ``ErrorResponse``, the body
   OpenAI documents for every error.
 
@@ -41,18 +44,21 @@ ERROR_SCHEMA = "ErrorResponse"
 
 @functools.cache
 def spec() -> dict[str, Any]:
-    """The spec, parsed, with ``nullable: true`` turned into a 3.1 ``null`` alternative."""
+    """The spec, parsed, with its OpenAPI 3.0 keywords in their 3.1 form (see above)."""
     with SPEC_PATH.open() as stream:
         document = yaml.load(stream, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    return _without_nullable(document)
+    return _as_31(document)
 
 
-def _without_nullable(node: Any) -> Any:
+def _as_31(node: Any) -> Any:
     if isinstance(node, list):
-        return [_without_nullable(item) for item in node]
+        return [_as_31(item) for item in node]
     if not isinstance(node, dict):
         return node
-    node = {key: _without_nullable(value) for key, value in node.items()}
+    node = {key: _as_31(value) for key, value in node.items()}
+    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        if isinstance(node.get(exclusive), bool) and node.pop(exclusive) and bound in node:
+            node[exclusive] = node.pop(bound)
     if node.pop("nullable", False) is True:
         return {"anyOf": [node, {"type": "null"}]}
     return node

@@ -31,7 +31,6 @@ from service.core import names
 from service.core.errors import InvalidRequest
 from service.core.settings import Settings
 from service.core.storage import open_storage
-from service.core.storage.config import StorageConfig
 from service.jobs import webhooks
 from service.jobs.store import JobRecord, JobStore
 from tests.helpers import free_port, wait_until
@@ -57,7 +56,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 body = self.rfile.read(int(self.headers["content-length"]))
                 with receiver.lock:
                     seen = [r for r in receiver.requests

@@ -37,7 +37,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -102,7 +102,7 @@ def endpoints(job: JobRecord, settings: Settings) -> list[str]:
 
 def sign(secret: str, event_id_: str, body: str, now: float) -> dict[str, str]:
     """Standard Webhooks headers for one attempt (the timestamp is the attempt's)."""
-    moment = datetime.fromtimestamp(int(now), tz=timezone.utc)
+    moment = datetime.fromtimestamp(int(now), tz=UTC)
     return {"webhook-id": event_id_, "webhook-timestamp": str(int(now)),
             "webhook-signature": Webhook(secret).sign(event_id_, moment, body),
             "content-type": "application/json", "user-agent": USER_AGENT}
