@@ -10,6 +10,9 @@ read the way OpenAI means them:
 - ``exclusiveMinimum: true`` beside ``minimum: 0`` (3.0 again, e.g. a job's
   ``learning_rate_multiplier``) means "greater than 0"; Draft 2020-12 would read ``true`` as
   the number 1.
+
+One correction of the spec by itself: ``FineTuningJob.status`` gains ``paused``, which its
+enum lacks though the spec's own ``POST /fine_tuning/jobs/{id}/pause`` example returns it.
 - an error status the operation does not list is checked against ``ErrorResponse``, the body
   OpenAI documents for every error.
 
@@ -47,6 +50,8 @@ def spec() -> dict[str, Any]:
     """The spec, parsed, with its OpenAPI 3.0 keywords in their 3.1 form (see above)."""
     with SPEC_PATH.open() as stream:
         document = yaml.load(stream, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    status = document["components"]["schemas"]["FineTuningJob"]["properties"]["status"]
+    status["enum"] = [*status["enum"], "paused"]
     return _as_31(document)
 
 
