@@ -163,8 +163,7 @@ def evaluate(client: Client, args: argparse.Namespace, model: str) -> dict[str, 
     cases = [cli_eval.Case(e.prompt, e.output)
              for e in eval_tasks.heldout(args.task, args.n_eval, args.seed)]
     started = time.monotonic()
-    answers = cli_eval.run_cases(client, model, args.task, cases, max_tokens=args.max_tokens,
-                                 concurrency=16)
+    answers = cli_eval.run_cases(client, model, args.task, cases, max_tokens=args.max_tokens)
     report = cli_eval.summarize(model, args.task, answers, time.monotonic() - started)
     report["examples"] = [{"prompt": a.prompt, "answer": a.answer, "finish_reason":
                            a.finish_reason} for a in answers[:3]]

@@ -1,0 +1,225 @@
+"""The Evals API and the grader endpoints over HTTP, with the tiny model answering.
+
+Most tests use one in-process app (LocalChatBackend: the run goes beside the app, the path a
+test without Serve takes); ``test_a_run_goes_off_the_api_replica_under_serve`` runs one eval on
+the shared ``tuneserve up``, where the run is a detached actor. The SmolLM2 sort comparison
+(base 0 %, a sort adapter as ``tuneserve eval``) trains for ~9 minutes: it is ``heavy``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from service.api.app import create_app
+from service.chat.backends import LocalChatBackend
+from service.cli import eval_tasks
+from service.cli.client import Client
+from service.cli.evaluate import EXACT, ITEM_SCHEMA, Case, run_cases, summarize
+from service.core.settings import Settings
+from tests.helpers import scrape_metrics
+from tests.test_serving_api import add_tuned_model, serve
+from training.model.registry import TINY_MODEL_ID as TINY
+
+SORT_EVAL = {"name": "sort", "data_source_config": {"type": "custom", "item_schema": ITEM_SCHEMA},
+             "testing_criteria": [EXACT]}
+
+
+def completions(model: str, source: dict, max_tokens: int = 8) -> dict:
+    return {"type": "completions", "model": model, "source": source,
+            "input_messages": {"type": "template",
+                               "template": [{"role": "user", "content": "{{item.prompt}}"}]},
+            "sampling_params": {"temperature": 0, "max_completion_tokens": max_tokens}}
+
+
+def inline(items: list[dict]) -> dict:
+    return {"type": "file_content", "content": [{"item": i} for i in items]}
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    settings = Settings(storage=str(tmp_path_factory.mktemp("storage")),
+                        api_keys={"key-alice": "alice", "key-bob": "bob"}, max_tokens_cap=64,
+                        builtin_models=False)
+    backend = LocalChatBackend(settings, dtype="float32")
+    app = create_app(settings, chat=backend)
+    tuned = add_tuned_model(app.state.storage, "alice", seed=3)
+    with serve(app) as url:
+        yield url, tuned
+    backend.close()
+
+
+def http(url: str, key: str = "key-alice") -> httpx.Client:
+    return httpx.Client(base_url=f"{url}/v1", headers={"Authorization": f"Bearer {key}"},
+                        timeout=120)
+
+
+def finished(client: httpx.Client, eval_id: str, run_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.get(f"/evals/{eval_id}/runs/{run_id}").json()
+        if run["status"] in ("completed", "failed", "canceled"):
+            return run
+        time.sleep(0.2)
+    raise AssertionError(f"run {run_id} still {run['status']}")
+
+
+def refused(response: httpx.Response, status: int, param: str) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param, error
+    return error["message"]
+
+
+def test_grader_endpoints_run_and_validate(app_url):
+    url, _ = app_url
+    client = http(url)
+    grader = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+              "reference": "{{item.label}}", "operation": "eq"}
+    ran = client.post("/fine_tuning/alpha/graders/run",
+                      json={"grader": grader, "item": {"label": "yes"}, "model_sample": "yes"})
+    assert ran.status_code == 200 and ran.json()["reward"] == 1.0
+    assert not any(v for v in ran.json()["metadata"]["errors"].values())
+    assert client.post("/fine_tuning/alpha/graders/validate",
+                       json={"grader": grader}).json() == {"grader": grader}
+    message = refused(client.post("/fine_tuning/alpha/graders/run", json={
+        "grader": grader, "item": {"name": "x"}, "model_sample": "x"}), 400, "item.label")
+    assert "item.label" in message
+    refused(client.post("/fine_tuning/alpha/graders/validate", json={
+        "grader": {**grader, "type": "regex"}}), 400, "grader")
+    assert "sandbox" in refused(client.post("/fine_tuning/alpha/graders/validate", json={
+        "grader": {"type": "python", "name": "p", "source": "def grade(s, i): return 1"}}),
+        400, "grader.type")
+
+
+def test_a_served_judge_scores_in_range_and_its_requests_are_chat_requests(app_url):
+    url, tuned = app_url
+    client = http(url)
+    judge = {"type": "score_model", "name": "judge", "model": tuned, "range": [0, 10],
+             "input": [{"role": "system", "content": "Answer with a number from 0 to 10."},
+                       {"role": "user", "content": "Reference: {{item.label}}\n"
+                                                   "Answer: {{sample.output_text}}"}],
+             "sampling_params": {"max_completions_tokens": 4}}
+    before = scrape_metrics(url, "key-alice")
+    ran = client.post("/fine_tuning/alpha/graders/run", json={
+        "grader": judge, "item": {"label": "[1, 2]"}, "model_sample": "[1, 2]"}).json()
+    after = scrape_metrics(url, "key-alice")
+    assert 0 <= ran["reward"] <= 10
+    # The tiny model's answer is random text: a number in range, or a parse error at 0.
+    assert ran["metadata"]["errors"]["model_grader_parse_error"] or ran["reward"] > 0
+    usage = ran["model_grader_token_usage_per_model"][tuned]
+    assert usage["invocation_count"] == 1 and 0 < usage["completion_tokens"] <= 4
+    key = 'tuneserve_chat_requests_total{model_type="tuned",outcome="ok"}'
+    assert after[key] == before.get(key, 0) + 1
+    # Another tenant cannot judge with alice's model (nor learn that it exists).
+    refused(http(url, "key-bob").post("/fine_tuning/alpha/graders/run", json={
+        "grader": judge, "item": {"label": "x"}, "model_sample": "x"}), 404, "grader.model")
+
+
+def test_eval_objects_are_crud_and_per_tenant(app_url):
+    url, _ = app_url
+    alice, bob = http(url), http(url, "key-bob")
+    created = alice.post("/evals", json={**SORT_EVAL, "metadata": {"team": "a"}}).json()
+    assert created["object"] == "eval" and created["testing_criteria"] == [EXACT]
+    assert alice.get(f"/evals/{created['id']}").json() == created
+    assert created["id"] in [e["id"] for e in alice.get("/evals").json()["data"]]
+    assert created["id"] not in [e["id"] for e in bob.get("/evals").json()["data"]]
+    refused(bob.get(f"/evals/{created['id']}"), 404, "eval_id")
+    renamed = alice.post(f"/evals/{created['id']}", json={"name": "sorting"}).json()
+    assert renamed["name"] == "sorting" and renamed["metadata"] == {"team": "a"}
+    assert alice.delete(f"/evals/{created['id']}").json() == {
+        "object": "eval.deleted", "deleted": True, "eval_id": created["id"]}
+    refused(alice.get(f"/evals/{created['id']}"), 404, "eval_id")
+
+
+def test_a_run_grades_as_the_chat_path_does(app_url):
+    """Half the references are a tuned model's own greedy answers (from chat completions),
+    half the true sorted lists: the eval's pass rate must be what exact match over the chat
+    path gives, item by item, and what ``tuneserve eval`` reports on the same items."""
+    url, tuned = app_url
+    client, cli = http(url), Client(f"{url}/v1", "key-alice", timeout=120)
+    held = eval_tasks.heldout("sort", 8, seed=5)
+
+    def chat(prompt: str) -> str:
+        reply = client.post("/chat/completions", json={
+            "model": tuned, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": prompt}]}).json()
+        return reply["choices"][0]["message"]["content"]
+    items = [{"prompt": e.prompt, "reference": chat(e.prompt) if i % 2 else e.output}
+             for i, e in enumerate(held)]
+    eval_id = client.post("/evals", json=SORT_EVAL).json()["id"]
+    lines = "".join(json.dumps({"item": item}) + "\n" for item in items).encode()
+    file_id = client.post("/files", data={"purpose": "evals"},
+                          files={"file": ("items.jsonl", lines)}).json()["id"]
+    run = client.post(f"/evals/{eval_id}/runs", json={
+        "data_source": completions(tuned, {"type": "file_id", "id": file_id})})
+    assert run.status_code == 201 and run.json()["status"] == "queued"
+    run = finished(client, eval_id, run.json()["id"])
+    assert run["status"] == "completed", run
+    assert run["result_counts"] == {"total": 8, "passed": 4, "failed": 4, "errored": 0}
+    assert run["per_testing_criteria_results"] == [
+        {"testing_criteria": "exact match", "passed": 4, "failed": 4}]
+    assert run["per_model_usage"][0]["model_name"] == tuned
+    assert run["per_model_usage"][0]["invocation_count"] == 8
+    page = client.get(f"/evals/{eval_id}/runs/{run['id']}/output_items",
+                      params={"limit": 100}).json()
+    assert [o["status"] for o in page["data"]] == ["fail", "pass"] * 4
+    assert [o["datasource_item"] for o in page["data"]] == items
+    one = client.get(f"/evals/{eval_id}/runs/{run['id']}/output_items/{page['data'][1]['id']}")
+    assert one.json()["sample"]["output"][0]["content"] == items[1]["reference"]
+    passed = client.get(f"/evals/{eval_id}/runs/{run['id']}/output_items",
+                        params={"status": "pass"}).json()["data"]
+    assert [o["datasource_item_id"] for o in passed] == [1, 3, 5, 7]
+    # `tuneserve eval` (its ready-made sort eval) on the same items: the same rate; the base
+    # model on the true references: 0 %.
+    cases = [Case(i["prompt"], i["reference"]) for i in items]
+    assert summarize(tuned, "sort", run_cases(cli, tuned, "sort", cases, max_tokens=8),
+                     1.0)["exact_match"] == 0.5
+    truth = [Case(e.prompt, e.output) for e in held]
+    assert summarize(TINY, "sort", run_cases(cli, TINY, "sort", truth, max_tokens=8),
+                     1.0)["exact_match"] == 0.0
+    assert len(client.get(f"/evals/{eval_id}/runs").json()["data"]) == 1  # the CLI: its own
+    refused(client.post(f"/evals/{eval_id}/runs/{run['id']}"), 409, "run_id")  # finished
+
+
+def test_bad_input_is_a_4xx_naming_the_field(app_url):
+    url, tuned = app_url
+    alice, bob = http(url), http(url, "key-bob")
+    refused(alice.post("/evals", json={**SORT_EVAL, "testing_criteria": [
+        {**EXACT, "type": "regex_check"}]}), 400, "testing_criteria.0")
+    assert "item.answer" in refused(alice.post("/evals", json={**SORT_EVAL, "testing_criteria": [
+        {**EXACT, "reference": "{{item.answer}}"}]}), 400, "testing_criteria.0.reference")
+    assert "download" in refused(alice.post("/evals", json={**SORT_EVAL, "testing_criteria": [
+        {"type": "text_similarity", "name": "m", "input": "{{sample.output_text}}",
+         "reference": "{{item.reference}}", "evaluation_metric": "meteor",
+         "pass_threshold": 0.5}]}), 400, "testing_criteria.0.evaluation_metric")
+    eval_id = bob.post("/evals", json=SORT_EVAL).json()["id"]
+    good = [{"prompt": "Sort this list in ascending order: [2, 1]", "reference": "[1, 2]"}]
+    refused(bob.post(f"/evals/{eval_id}/runs", json={
+        "data_source": completions(tuned, inline(good))}), 404, "data_source.model")
+    assert "reference" in refused(bob.post(f"/evals/{eval_id}/runs", json={
+        "data_source": completions(TINY, inline([{"prompt": "x"}]))}), 400,
+        "data_source.source.item.reference")
+    assert "Item 1" in refused(bob.post(f"/evals/{eval_id}/runs", json={"data_source": {
+        **completions(TINY, inline(good)), "input_messages": {"type": "template", "template": [
+            {"role": "user", "content": "{{item.question}}"}]}}}), 400,
+        "data_source.input_messages")
+    refused(bob.post(f"/evals/{eval_id}/runs", json={"data_source": {
+        **completions(TINY, inline(good)), "type": "responses"}}), 400, "data_source.type")
+    refused(bob.post(f"/evals/{eval_id}/runs", json={"data_source": completions(
+        TINY, {"type": "file_id", "id": "file-" + "0" * 24})}), 404, "data_source.source.id")
+
+
+def test_a_run_goes_off_the_api_replica_under_serve(shared_service):
+    client = http(shared_service.url)
+    eval_id = client.post("/evals", json=SORT_EVAL).json()["id"]
+    items = [{"prompt": e.prompt, "reference": e.output}
+             for e in eval_tasks.heldout("sort", 6, seed=7)]
+    run = client.post(f"/evals/{eval_id}/runs", json={
+        "data_source": completions(TINY, inline(items), max_tokens=4)}).json()
+    run = finished(client, eval_id, run["id"], timeout=180)
+    assert run["status"] == "completed" and run["result_counts"]["total"] == 6
+    assert run["result_counts"]["passed"] == 0  # the random tiny model sorts nothing
