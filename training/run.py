@@ -90,7 +90,7 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return {**defaults, **{name: os.environ[name] for name in names if name in os.environ}}
 
 
-def train_worker(config: dict[str, Any]) -> None:
+def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """What each Ray Train worker runs: ``training.worker.train_loop_per_worker``, imported here.
 
     Ray pickles this function by reference, so the job driver, which builds the trainer, imports
@@ -98,7 +98,7 @@ def train_worker(config: dict[str, Any]) -> None:
     would otherwise delay every job's start in a process that never trains."""
     from training.worker import train_loop_per_worker
 
-    train_loop_per_worker(config)
+    return train_loop_per_worker(config)
 
 
 def build_trainer(spec: TrainSpec, storage_config: StorageConfig) -> TorchTrainer:
@@ -127,14 +127,14 @@ def run_training(spec: TrainSpec, storage_config: StorageConfig) -> dict[str, An
                 result = build_trainer(spec, storage_config).fit()
             except ray.train.TrainingFailedError as exc:
                 raise _user_error(exc) or exc
-            if not (result.metrics or {}).get("preempted"):
+            last_report = result.return_value or {}
+            if not last_report.get("preempted"):
                 break
             # Every worker stopped after a complete checkpoint at its last step: start again.
             log.warning("job %s: preempted at step %s; starting the run again", spec.job_id,
-                        result.metrics.get("step"))
+                        last_report.get("step"))
     storage = open_storage(storage_config)
     manifest = json.loads(storage.get(f"{adapter_prefix(spec.job_id)}/{MANIFEST}"))
-    last_report = result.metrics or {}
     return {**manifest["metrics"], "total_steps": last_report.get("total_steps"),
             "resumed_from_step": last_report.get("resumed_from_step"),
             "hyperparameters": manifest["hyperparameters"],

@@ -39,13 +39,18 @@ SIGTERM_RECEIVED = threading.Event()
 _ray_sigterm_handler: Any = None
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """``TorchTrainer``'s loop: ``config`` holds the job's ``spec`` (a ``TrainSpec``) and its
-    ``storage`` (a ``StorageConfig``), both as ``training.run.build_trainer`` passes them."""
+    ``storage`` (a ``StorageConfig``), both as ``training.run.build_trainer`` passes them.
+
+    Returns the last step's metrics and whether the run stopped on a preemption notice (Ray
+    Train hands rank 0's to the launcher as ``Result.return_value``: its ``Result.metrics`` are
+    those of reported checkpoints, and checkpoints are not reported to it)."""
     spec: TrainSpec = config["spec"]
     storage: StorageConfig = config["storage"]
     with job_logging(spec.job_id):  # every line of this worker names its job
-        run_recipe(spec, storage, RayTrainContext.current())
+        recipe = run_recipe(spec, storage, RayTrainContext.current())
+    return {**recipe.report_metrics(), "preempted": recipe.stopping}
 
 
 @dataclass
