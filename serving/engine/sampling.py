@@ -115,7 +115,9 @@ def sample_token(logits: torch.Tensor, params: SamplingParams,
     if params.temperature <= 0:
         return int(torch.argmax(logits))
     scaled = logits.float() / params.temperature
-    if not torch.isfinite(scaled).all():  # a temperature so small the logits overflow: greedy
+    # A temperature so small the logits overflow to +inf: greedy. (-inf is a token a grammar or
+    # a -100 bias ruled out: it just gets no probability.)
+    if bool(torch.isposinf(scaled).any() or torch.isnan(scaled).any()):
         return int(torch.argmax(logits))
     probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
