@@ -9,18 +9,20 @@ interval of steps, and end with exactly the losses of an uninterrupted run over 
 at that step, resumed from with nothing lost. A checkpoint left half-written (its files without
 the manifest that completes it, or a file cut short) is never loaded and is removed.
 
-CI runs the cases marked ``core``; the others are ``heavy`` (``-m heavy``).
+CI runs two cells, which between them cover every fault: one worker on local storage in a Ray of
+this process (SIGKILL, then SIGTERM), and one worker through the API of the shared service on S3
+(the API replica SIGKILLed before the worker). The other cells are ``heavy`` (``-m heavy``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -28,7 +30,7 @@ import pytest
 
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
-from tests.helpers import sorting_lines
+from tests.helpers import sorting_lines, wait_until
 from training import checkpoints, resumes
 from training.model import registry
 from training.run import run_training
@@ -40,16 +42,6 @@ STEPS = 40  # 160 examples / batch 4, one epoch
 SEED = int(os.environ.get("TUNESERVE_TEST_SEED", time.time_ns() % 10_000))
 
 
-@dataclass(frozen=True)
-class Case:
-    storage: str
-    workers: int
-
-    @property
-    def id(self) -> str:
-        return f"{self.storage}-{self.workers}w"
-
-
 def spec_for(job_id: str, workers: int) -> TrainSpec:
     return TrainSpec(job_id=job_id, base_model=registry.TINY_MODEL_ID,
                      training_files=((FILE, 1.0),), n_epochs=1, batch_size=4,
@@ -57,7 +49,7 @@ def spec_for(job_id: str, workers: int) -> TrainSpec:
                      checkpoint_every_seconds=0, max_failures=2, seed=7)
 
 
-def train_workers() -> list[psutil.Process]:
+def own_train_workers() -> list[psutil.Process]:
     """This test's Ray Train workers (descendants of this process: our local Ray)."""
     found = []
     for child in psutil.Process(os.getpid()).children(recursive=True):
@@ -82,67 +74,9 @@ def losses(evs: list[dict]) -> dict[int, list[float]]:
     return out
 
 
-def storage_config(kind: str, tmp_path: Path, s3_server) -> StorageConfig:
-    if kind == "local":
-        return StorageConfig(uri=str(tmp_path / "storage"))
-    return StorageConfig(uri=f"s3://{s3_server.bucket}/resume-{os.urandom(4).hex()}",
-                         endpoint_url=s3_server.endpoint_url)
-
-
-class Faults:
-    """Kills a worker of the run at a random step after two checkpoints (SIGKILL), then, once
-    it has resumed, stops one at a later step (SIGTERM); notes what storage held at each."""
-
-    def __init__(self, storage, job_id: str, rng: random.Random):
-        self.storage, self.job_id = storage, job_id
-        self.kill_after = rng.randint(2 * EVERY + 1, 3 * EVERY - 1)
-        self.term_after = rng.randint(5 * EVERY + 1, 6 * EVERY - 1)
-        self.seen: dict = {}
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _wait_for(self, step: int, resumed: int = 0) -> int:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            reached = resumes.last_reported_step(self.storage, self.job_id)
-            if reached >= step and resumes.read(self.storage, self.job_id).count >= resumed:
-                return reached
-            time.sleep(0.02)
-        raise TimeoutError(f"step {step} never came")
-
-    def _run(self) -> None:
-        self._wait_for(self.kill_after)
-        complete = checkpoints.scan(self.storage, self.job_id)[0]
-        workers = train_workers()
-        os.kill(workers[-1].pid, signal.SIGKILL)
-        self.seen["kill"] = {"complete": complete, "reached": resumes.last_reported_step(
-            self.storage, self.job_id)}
-        self._wait_for(self.term_after, resumed=1)
-        workers = train_workers()
-        os.kill(workers[-1].pid, signal.SIGTERM)
-        self.seen["term"] = {"reached": resumes.last_reported_step(self.storage, self.job_id)}
-
-
-@pytest.fixture(scope="module")
-def baselines(ray_local, tmp_path_factory) -> dict[int, dict[int, list[float]]]:
-    """Each world size's uninterrupted run: its losses by step. One worker's runs in this
-    process (the same numbers as in a Ray worker with one thread, seconds sooner)."""
-    config = StorageConfig(uri=str(tmp_path_factory.mktemp("baseline")))
-    storage = open_storage(config)
-    storage.put(f"files/{FILE}/content", sorting_lines(160, seed=2))
-    runs = {}
-    for workers in (1, 2):
-        job_id = f"ftjob-{'b' * 23}{workers}"
-        if workers == 1:
-            in_process(spec_for(job_id, 1), config)
-        else:
-            run_training(spec_for(job_id, workers), config)
-        runs[workers] = losses(events(storage, job_id))
-        assert sorted(runs[workers]) == list(range(1, STEPS + 1))
-    return runs
-
-
 def in_process(spec: TrainSpec, config: StorageConfig):
-    """Train ``spec`` as rank 0 of 1 in this process; the process keeps its thread count."""
+    """Train ``spec`` as rank 0 of 1 in this process (the same numbers as a Ray worker with one
+    thread, seconds sooner); the process keeps its thread count."""
     import torch
 
     from training.recipes import run_recipe
@@ -154,51 +88,186 @@ def in_process(spec: TrainSpec, config: StorageConfig):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("case", [Case("local", 1), Case("s3", 2)], ids=lambda c: c.id)
-def test_killed_worker_resumes_from_the_newest_complete_checkpoint(case, baselines, tmp_path,
-                                                                   s3_server, monkeypatch):
+def uninterrupted(spec: TrainSpec, config: StorageConfig) -> dict[int, list[float]]:
+    """The losses by step of ``spec`` run without a fault (under another job id)."""
+    baseline = dataclasses.replace(spec, job_id=f"ftjob-{os.urandom(12).hex()}")
+    if spec.num_workers == 1:
+        in_process(baseline, config)
+    else:
+        run_training(baseline, config)
+    found = losses(events(open_storage(config), baseline.job_id))
+    assert sorted(found) == list(range(1, STEPS + 1))
+    return found
+
+
+class Faults:
+    """SIGKILLs a worker of the run at a random step after two checkpoints and, with
+    ``sigterm``, SIGTERMs one at a later step once it has resumed; notes what storage held."""
+
+    def __init__(self, storage, job_id: str, workers, *, sigterm: bool, before=None):
+        rng = random.Random(SEED)
+        self.storage, self.job_id, self.workers = storage, job_id, workers
+        self.kill_after = rng.randint(2 * EVERY + 1, 3 * EVERY - 1)
+        self.term_after = rng.randint(5 * EVERY + 1, 6 * EVERY - 1) if sigterm else None
+        self.before = before
+        """Called once the run has made its first step (an API replica SIGKILLed there)."""
+        self.seen: dict = {}
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def note(self) -> str:
+        return f"seed={SEED} kill_after={self.kill_after} term_after={self.term_after}"
+
+    def _wait_for(self, step: int, resumed: int = 0) -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if (resumes.last_reported_step(self.storage, self.job_id) >= step
+                        and resumes.read(self.storage, self.job_id).count >= resumed):
+                    return
+            except Exception:  # noqa: BLE001 - an event being written: look again
+                pass
+            time.sleep(0.02)
+        raise TimeoutError(f"step {step} never came")
+
+    def _run(self) -> None:
+        if self.before is not None:
+            self._wait_for(1)
+            self.before()
+        self._wait_for(self.kill_after)
+        complete = checkpoints.scan(self.storage, self.job_id)[0]
+        os.kill(self.workers()[-1].pid, signal.SIGKILL)
+        self.seen["kill"] = {"complete": complete, "reached": resumes.last_reported_step(
+            self.storage, self.job_id)}
+        if self.term_after is not None:
+            self._wait_for(self.term_after, resumed=1)
+            os.kill(self.workers()[-1].pid, signal.SIGTERM)
+            self.seen["term"] = resumes.last_reported_step(self.storage, self.job_id)
+
+    def check(self, storage, job_id: str, want: dict[int, list[float]]) -> list[dict]:
+        """What every case must show; returns the resume events' data."""
+        self.thread.join(timeout=5)
+        evs, note = events(storage, job_id), self.note
+        resumed = [e["data"] for e in evs if "steps_lost" in (e.get("data") or {})]
+        assert len(resumed) == (2 if self.term_after else 1), (note, resumed)
+
+        # SIGKILL: resumed from the newest checkpoint complete at the kill (one may complete
+        # between our look and the kill, never an older one), losing at most one interval.
+        kill, first = self.seen["kill"], resumed[0]
+        assert len(kill["complete"]) >= 2, (note, kill)
+        assert kill["complete"][0] <= first["resumed_from_step"] <= kill["reached"], (note, first)
+        assert first["resumed_from_step"] % EVERY == 0
+        assert 0 <= first["steps_lost"] <= EVERY, (note, first)
+
+        if self.term_after:  # SIGTERM: the step finished, saved, stopped; resumed there
+            stopped = [e["data"]["preempted_at_step"] for e in evs
+                       if "preempted_at_step" in e["data"]]
+            assert len(stopped) == 1 and stopped[0] >= self.seen["term"], (note, stopped)
+            assert resumed[1] == {"resumed_from_step": stopped[0], "steps_lost": 0}, note
+
+        # The same losses as the uninterrupted run, step for step, the steps done again too.
+        got = losses(evs)
+        assert sorted(got) == list(range(1, STEPS + 1))
+        for step, values in got.items():
+            assert values == pytest.approx([want[step][0]] * len(values), rel=1e-5), (note, step)
+
+        # What is left: the newest complete checkpoints only, and what the job counts.
+        complete, incomplete = checkpoints.scan(storage, job_id)
+        assert incomplete == [] and complete[0] == STEPS and len(complete) <= checkpoints.KEEP
+        count = resumes.read(storage, job_id)
+        assert (count.count, count.steps_lost) == (len(resumed), first["steps_lost"])
+        return resumed
+
+
+def storage_config(kind: str, tmp_path: Path, s3_server) -> StorageConfig:
+    if kind == "local":
+        return StorageConfig(uri=str(tmp_path / "storage"))
+    return StorageConfig(uri=f"s3://{s3_server.bucket}/resume-{os.urandom(4).hex()}",
+                         endpoint_url=s3_server.endpoint_url)
+
+
+IN_PROCESS = [pytest.param("local", 1, id="local-1w"),
+              pytest.param("s3", 2, id="s3-2w", marks=pytest.mark.heavy),
+              pytest.param("s3", 1, id="s3-1w", marks=pytest.mark.heavy),
+              pytest.param("local", 2, id="local-2w", marks=pytest.mark.heavy)]
+
+
+@pytest.mark.parametrize(("kind", "workers"), IN_PROCESS)
+def test_killed_worker_resumes_from_the_newest_complete_checkpoint(kind, workers, ray_local,
+                                                                   tmp_path, s3_server,
+                                                                   monkeypatch):
+    """One Ray Train run (``run_training``, as a job's driver calls it): SIGKILL, then SIGTERM."""
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
-    config = storage_config(case.storage, tmp_path, s3_server)
+    config = storage_config(kind, tmp_path, s3_server)
     storage = open_storage(config)
     storage.put(f"files/{FILE}/content", sorting_lines(160, seed=2))
-    job_id = f"ftjob-{os.urandom(12).hex()}"
-    faults = Faults(storage, job_id, random.Random(SEED))
-    faults.thread.start()
-    result = run_training(spec_for(job_id, case.workers), config)
-    faults.thread.join(timeout=5)
-    evs = events(storage, job_id)
-    note = f"seed={SEED} kill_after={faults.kill_after} term_after={faults.term_after}"
-    resumed = [e["data"] for e in evs if "steps_lost" in (e.get("data") or {})]
-    assert len(resumed) == 2, (note, resumed)
-
-    # SIGKILL: resumed from the newest checkpoint complete at the kill (one may have completed
-    # between our look and the kill, never an older one), losing at most one interval.
-    kill = faults.seen["kill"]
-    assert len(kill["complete"]) >= 2, (note, kill)
-    first = resumed[0]
-    assert kill["complete"][0] <= first["resumed_from_step"] <= kill["reached"], (note, kill, first)
-    assert first["resumed_from_step"] % EVERY == 0
-    assert 0 <= first["steps_lost"] <= EVERY, (note, first)
-
-    # SIGTERM: the workers finished the step, saved it, stopped; the run resumed there.
-    stopped = [e["data"]["preempted_at_step"] for e in evs if "preempted_at_step" in e["data"]]
-    assert len(stopped) == 1 and stopped[0] >= faults.seen["term"]["reached"], (note, stopped)
-    assert resumed[1] == {"resumed_from_step": stopped[0], "steps_lost": 0}, (note, resumed)
-
-    # The same losses as the uninterrupted run, step for step, the ones done again included.
-    got, want = losses(evs), baselines[case.workers]
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step, values in got.items():
-        assert values == pytest.approx([want[step][0]] * len(values), rel=1e-5), (note, step)
-    assert result["train_loss"] == pytest.approx(want[STEPS][0], rel=1e-5)
+    spec = spec_for(f"ftjob-{os.urandom(12).hex()}", workers)
+    faults = Faults(storage, spec.job_id, own_train_workers, sigterm=True)
+    result = run_training(spec, config)
+    want = uninterrupted(spec, config)
+    faults.check(storage, spec.job_id, want)
     assert result["step"] == STEPS
+    assert result["train_loss"] == pytest.approx(want[STEPS][0], rel=1e-5)
 
-    # What is left: the newest complete checkpoints only, and what the job will count.
-    complete, incomplete = checkpoints.scan(storage, job_id)
-    assert incomplete == [] and complete[0] == STEPS and len(complete) <= checkpoints.KEEP
-    count = resumes.read(storage, job_id)
-    assert (count.count, count.steps_lost) == (2, first["steps_lost"])
+
+@pytest.mark.parametrize("workers", [pytest.param(1, id="s3-1w"),
+                                     pytest.param(2, id="s3-2w", marks=pytest.mark.heavy)])
+def test_api_replica_and_worker_killed_the_job_resumes_and_says_so(workers, shared_service,
+                                                                    shared_storage, request):
+    """Through the API of the shared ``tuneserve up`` (S3): the API replica SIGKILLed after the
+    first step, then a worker after two checkpoints. The job resumes from the newest complete
+    checkpoint, ends as an uninterrupted run would, and shows the resume on the job object,
+    in its events and in ``/metrics``. (Before: it restarted from step 1.)"""
+    import httpx
+    import openai
+
+    from service.jobs.store import JobStore
+
+    if workers > 1:
+        request.getfixturevalue("ray_local")  # the uninterrupted run's Ray
+    client = openai.OpenAI(base_url=f"{shared_service.url}/v1", api_key="local", max_retries=5,
+                           timeout=60)
+    file_id = client.files.create(file=("train.jsonl", sorting_lines(160, seed=2)),
+                                  purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(
+        model=registry.TINY_MODEL_ID, training_file=file_id, seed=7,
+        hyperparameters={"n_epochs": 1, "batch_size": 4},
+        extra_body={"checkpoint_every_steps": EVERY, "num_workers": workers})
+
+    def kill_api() -> None:
+        for proc in shared_service.processes("ServeReplica:tuneserve:Api"):
+            proc.send_signal(signal.SIGKILL)
+
+    faults = Faults(shared_storage, job.id, lambda: shared_service.processes("RayTrainWorker"),
+                    sigterm=False, before=kill_api)
+
+    def final():
+        try:
+            done = client.fine_tuning.jobs.retrieve(job.id)
+        except (openai.APIConnectionError, openai.InternalServerError):
+            return None  # the API replica coming back
+        return done if done.status in ("succeeded", "failed", "cancelled") else None
+    done = wait_until(final, 400, interval=1, what=f"job {job.id} to finish")
+    assert done.status == "succeeded", done.error
+    spec = JobStore(shared_storage).get(job.id).spec
+    want = uninterrupted(spec, shared_service.storage_config())
+    (resumed,) = faults.check(shared_storage, job.id, want)
+
+    body = client.fine_tuning.jobs.retrieve(job.id).model_dump()
+    assert (body["attempts"], body["resumed_from_step"], body["steps_lost"]) == (
+        2, resumed["resumed_from_step"], resumed["steps_lost"]), body
+    assert body["checkpoint_every_steps"] == EVERY
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert (f"Resumed from the checkpoint at step {resumed['resumed_from_step']}; "
+            f"{resumed['steps_lost']} steps lost") in messages
+
+    def resumes_metric() -> float:
+        text = httpx.get(f"{shared_service.url}/metrics", timeout=30).text
+        line = next(l for l in text.splitlines() if l.startswith("tuneserve_training_resumes"))
+        return float(line.split()[-1])
+    wait_until(lambda: resumes_metric() >= 1, 30, what="the resume in /metrics")
 
 
 def test_a_half_written_checkpoint_is_never_loaded(tmp_path):
