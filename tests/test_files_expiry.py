@@ -16,6 +16,7 @@ from service.api.routes.files import FileTokenizer
 from service.core.names import file_expiry_key, file_record_key
 from service.core.settings import Settings
 from service.files.store import sweep_expired
+from tests.helpers import wait_until
 from tests.openapi_contract import assert_body
 
 ROWS = b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}\n'
@@ -107,3 +108,16 @@ def test_expires_after_outside_the_spec_is_refused_naming_it(client, app, form, 
     assert r.json()["error"]["param"] == param
     assert_body("post", "/files", 400, r.json())
     assert keys(app) == set()  # nothing of the refused upload stays
+
+
+def test_the_periodic_sweep_deletes_what_nobody_reads(client, app):
+    from service.files.expiry import ExpirySweeper
+
+    file = upload(client, **EXPIRES).json()
+    backdate(app, file["id"], 1)
+    sweeper = ExpirySweeper(app.state.storage, interval_s=0.1).start()
+    try:
+        wait_until(lambda: not [k for k in keys(app) if file["id"] in k], 10,
+                   what="the sweep to delete the expired file")
+    finally:
+        sweeper.close()

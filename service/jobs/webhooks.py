@@ -57,6 +57,9 @@ RETRY_WINDOW_S = 24 * 3600
 """How long after the event a delivery is still tried."""
 MAX_BACKOFF_S = 3600.0
 POLL_S = 1.0
+"""Between looks for deliveries that are due."""
+JOB_SCAN_S = 5.0
+"""Between looks for jobs that ended: listing ``jobs/`` lists every run's files too."""
 SENDERS = 8
 """Deliveries in flight at once per replica (each waits at most ``webhook_timeout_s``)."""
 USER_AGENT = "tuneserve-webhooks/1"
@@ -208,9 +211,12 @@ class Dispatcher:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _loop(self) -> None:
+        scanned = 0.0
         while not self._stop.is_set():
             try:
-                self.find_finished_jobs()
+                if time.monotonic() - scanned >= JOB_SCAN_S:
+                    scanned = time.monotonic()
+                    self.find_finished_jobs()
                 self.send_due()
             except Exception:  # the loop must outlive a storage hiccup
                 log.exception("webhook pass failed")
@@ -293,10 +299,13 @@ class Dispatcher:
         ok = status is not None and 200 <= status < 300
         if ok:
             update: dict[str, Any] = {"state": "delivered", "delivered_at": now}
+            outcome = "delivered"
         else:
             wait = backoff(delivery.attempts, self.settings.webhook_retry_s)
             expired = now + wait > delivery.created_at + RETRY_WINDOW_S
             update = {"state": "failed" if expired else "pending", "next_attempt_at": now + wait}
+            outcome = (f"given up ({status or error})" if expired
+                       else f"retry in {wait:.0f} s ({status or error})")
         update.update(last_status=status, last_error=error if not ok else None, lease_until=0.0)
         key = names.webhook_delivery_key(delivery.event_id, delivery.endpoint)
         for _ in range(20):
@@ -313,6 +322,5 @@ class Dispatcher:
                 time.sleep(0.05)
         if update["state"] != "pending":
             self.storage.delete(marker)
-        log.info("webhook %s to endpoint %s: attempt %d → %s", delivery.event_id,
-                 delivery.endpoint, delivery.attempts, update["state"] if ok or
-                 update["state"] == "failed" else f"retry in {wait:.0f} s ({status or error})")
+        log.info("webhook %s to endpoint %s: attempt %d %s", delivery.event_id,
+                 delivery.endpoint, delivery.attempts, outcome)

@@ -156,7 +156,9 @@ def get_file_record(file_id: str, tenant: Tenant, storage: Store) -> dict[str, A
 FileRecord = Annotated[dict[str, Any], Depends(get_file_record)]
 
 _UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file", "purpose"], "properties": {
+    "type": "object", "required": ["file", "purpose"],
+    "dependentRequired": {EXPIRES_ANCHOR: [EXPIRES_SECONDS], EXPIRES_SECONDS: [EXPIRES_ANCHOR]},
+    "properties": {
         "file": {"type": "string", "format": "binary", "description": "JSONL training data"},
         "purpose": {"type": "string", "enum": [file_store.FINE_TUNE, "evals"]},
         "format": {"type": "string", "enum": list(FORMATS),
