@@ -23,6 +23,7 @@ from safetensors.torch import load as load_safetensors
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
 from tests.test_dpo_loss import load_make_preferences
+from training import checkpoints
 from training.model import registry as models
 from training.spec import TrainSpec
 from training.run import run_training
@@ -59,12 +60,9 @@ def train_workers() -> list[psutil.Process]:
 
 
 def registered_checkpoint(storage, job_id: str) -> int:
-    """The newest checkpoint step Ray Train's controller registered (what a restart resumes)."""
-    key = f"jobs/{job_id}/run/{job_id}/checkpoint_manager_snapshot.json"
-    if not storage.exists(key):
-        return 0
-    latest = json.loads(storage.get(key)).get("latest_checkpoint_result") or {}
-    return int(latest.get("checkpoint_dir_name", "checkpoint-step-0").rsplit("-", 1)[1])
+    """The newest complete checkpoint in the run's storage (what a restart resumes from), or 0."""
+    complete = checkpoints.scan(storage, job_id)[0]
+    return complete[0] if complete else 0
 
 
 def kill_one_worker_after(storage, job_id: str, step: int, killed: dict) -> None:

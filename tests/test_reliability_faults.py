@@ -22,6 +22,7 @@ import pytest
 
 from service.jobs.store import JobRecord, JobStore
 from tests.helpers import wait_until
+from training import checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -76,13 +77,9 @@ def resumed_steps(storage, job_id: str) -> list[int]:
 
 
 def registered_checkpoint(storage, job_id: str) -> int:
-    """The newest checkpoint Ray Train's controller registered (what a restart resumes from)."""
-    key = f"jobs/{job_id}/run/{job_id}/checkpoint_manager_snapshot.json"
-    try:
-        latest = json.loads(storage.get(key)).get("latest_checkpoint_result") or {}
-    except Exception:  # noqa: BLE001 - absent, or being rewritten
-        return 0
-    return int(latest.get("checkpoint_dir_name", "checkpoint-step-0").rsplit("-", 1)[1])
+    """The newest complete checkpoint in the run's storage (what a restart resumes from), or 0."""
+    complete = checkpoints.scan(storage, job_id)[0]
+    return complete[0] if complete else 0
 
 
 def assert_whole(client, storage, job) -> None:

@@ -21,6 +21,7 @@ from peft import PeftModel
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
 from tests.helpers import REPO, sorting_lines
+from training import checkpoints
 from training.model import registry
 from training.spec import TrainSpec
 from training.run import run_training
@@ -48,13 +49,9 @@ def train_workers() -> list[psutil.Process]:
 
 
 def registered_checkpoint(storage) -> int:
-    """The step of the newest checkpoint Ray Train's controller has registered (what a restart
-    resumes from), read from the controller's snapshot in the run's storage."""
-    key = f"jobs/{JOB}/run/{JOB}/checkpoint_manager_snapshot.json"
-    if not storage.exists(key):
-        return 0
-    latest = json.loads(storage.get(key)).get("latest_checkpoint_result") or {}
-    return int(latest.get("checkpoint_dir_name", "checkpoint-step-0").rsplit("-", 1)[1])
+    """The newest complete checkpoint in the run's storage (what a restart resumes from), or 0."""
+    complete = checkpoints.scan(storage, JOB)[0]
+    return complete[0] if complete else 0
 
 
 def kill_one_worker_after(storage, step: int, killed: dict) -> None:
