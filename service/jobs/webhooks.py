@@ -281,7 +281,8 @@ class Dispatcher:
         if secret is None:
             return None, "no webhook secret is configured for the tenant"
         try:
-            # Again at each attempt: the name may resolve elsewhere now than when it was given.
+            # A job's URL is checked again at each attempt (the name may resolve elsewhere now);
+            # the tenant's own endpoint is the operator's setting, trusted as given.
             if delivery.url != self.settings.webhook_urls.get(delivery.tenant):
                 check_url(delivery.url, self.settings.webhook_allow_private)
             headers = sign(secret, delivery.event_id, delivery.body, time.time())
