@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -297,3 +298,44 @@ def test_a_half_written_checkpoint_is_never_loaded(tmp_path):
     assert resumed == [{"resumed_from_step": 12, "steps_lost": 0}]
     assert again.resumed_from == 12
     assert checkpoints.scan(storage, job_id) == ([12, 10], [])
+
+
+def test_checkpoint_intervals_are_job_extensions(tmp_path):
+    """``checkpoint_every_steps`` / ``checkpoint_every_seconds`` reach the run's spec; out of
+    range they are a 400 naming the field; the job object carries our resume fields, which
+    OpenAI's ``FineTuningJob`` allows (it does not forbid extra properties)."""
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.core.settings import Settings
+    from service.jobs.store import JobStore
+
+    app = create_app(Settings(storage=str(tmp_path / "store"), api_keys={"key": "tenant"},
+                              builtin_models=False))
+    with TestClient(app) as client:
+        client.headers["Authorization"] = "Bearer key"
+        file_id = client.post("/v1/files", files={"file": ("t.jsonl", sorting_lines(8, 1))},
+                              data={"purpose": "fine-tune"}).json()["id"]
+        body = {"model": registry.TINY_MODEL_ID, "training_file": file_id}
+        for field, value in [("checkpoint_every_steps", 0), ("checkpoint_every_seconds", 5),
+                             ("checkpoint_every_seconds", 10**6)]:
+            r = client.post("/v1/fine_tuning/jobs", json={**body, field: value})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        r = client.post("/v1/fine_tuning/jobs", json={
+            **body, "checkpoint_every_steps": 20, "checkpoint_every_seconds": 60})
+        assert r.status_code == 200, r.text
+        job = r.json()
+        spec = JobStore(app.state.storage).get(job["id"]).spec
+        assert (spec.checkpoint_every_steps, spec.checkpoint_every_seconds) == (20, 60)
+        assert (job["checkpoint_every_steps"], job["checkpoint_every_seconds"]) == (20, 60)
+        assert (job["attempts"], job["resumed_from_step"], job["steps_lost"]) == (0, None, 0)
+        default = client.post("/v1/fine_tuning/jobs", json=body).json()
+        spec = JobStore(app.state.storage).get(default["id"]).spec
+        assert (spec.checkpoint_every_steps, spec.checkpoint_every_seconds) == (50, 300)
+    # The spec's schema, read as text (parsing all of it takes seconds): its own block.
+    spec_text = (Path(__file__).resolve().parents[2] / "shared" / "specs" /
+                 "openai-openapi.yaml").read_text()
+    block = re.search(r"\n    FineTuningJob:\n(.*?)\n    \S", spec_text, re.S).group(1)
+    assert "additionalProperties: false" not in block and "\n      properties:\n" in block
+    assert not any(f"\n        {name}:" in block
+                   for name in ("attempts", "resumed_from_step", "steps_lost"))
