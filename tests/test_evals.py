@@ -223,3 +223,59 @@ def test_a_run_goes_off_the_api_replica_under_serve(shared_service):
     run = finished(client, eval_id, run["id"], timeout=180)
     assert run["status"] == "completed" and run["result_counts"]["total"] == 6
     assert run["result_counts"]["passed"] == 0  # the random tiny model sorts nothing
+
+
+def test_a_job_reports_its_eval_before_and_after_and_reuses_the_before(shared_service):
+    from tests.helpers import sorting_lines, wait_until
+
+    client = http(shared_service.url)
+    eval_id = client.post("/evals", json=SORT_EVAL).json()["id"]
+    items = [{"prompt": e.prompt, "reference": e.output}
+             for e in eval_tasks.heldout("sort", 3, seed=9)]
+    source = {k: v for k, v in completions(TINY, inline(items), max_tokens=4).items()
+              if k not in ("type", "model")}
+    file_id = client.post("/files", data={"purpose": "fine-tune"}, files={
+        "file": ("train.jsonl", sorting_lines(8, seed=2))}).json()["id"]
+    refused(client.post("/fine_tuning/jobs", json={
+        "model": TINY, "training_file": file_id, "eval": {"id": "eval_" + "0" * 24}}),
+        404, "eval.id")
+
+    def job() -> dict:
+        created = client.post("/fine_tuning/jobs", json={
+            "model": TINY, "training_file": file_id, "suffix": "evald",
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {
+                "n_epochs": 1, "batch_size": 8}}},
+            "eval": {"id": eval_id, "data_source": source}})
+        assert created.status_code == 200, created.text
+        job_id = created.json()["id"]
+        done = wait_until(lambda: (j := client.get(f"/fine_tuning/jobs/{job_id}").json())[
+            "status"] in ("succeeded", "failed", "cancelled") and j, 300, interval=1,
+            what=f"job {job_id}")
+        assert done["status"] == "succeeded", done
+
+        def evals() -> dict:  # "after" runs once the tuned model is out, so it comes later
+            events = client.get(f"/fine_tuning/jobs/{job_id}/events",
+                                params={"limit": 1000}).json()["data"]
+            found = {e["data"]["eval"]["phase"]: e["data"]["eval"] for e in events
+                     if "eval" in (e.get("data") or {})}
+            return found if set(found) == {"before", "after"} else None
+        found = wait_until(evals, 120, interval=1, what=f"job {job_id}'s eval after training")
+        done = client.get(f"/fine_tuning/jobs/{job_id}").json()
+        return {**done, "evals": found}
+
+    first = job()
+    before, after = first["evals"]["before"], first["evals"]["after"]
+    assert (before["model"], before["cached"]) == (TINY, False)
+    assert after["model"] == first["fine_tuned_model"]
+    for run in (before, after):
+        assert run["status"] == "completed" and run["result_counts"]["total"] == 3
+    report_id = first["result_files"][-1]
+    report = json.loads(client.get(f"/files/{report_id}/content").content)
+    assert report["before"]["run_id"] == before["run_id"]
+    assert report["after"]["run_id"] == after["run_id"]
+    second = job()
+    assert second["evals"]["before"]["cached"] is True
+    assert second["evals"]["before"]["run_id"] == before["run_id"]  # not sampled again
+    assert second["evals"]["after"]["run_id"] != after["run_id"]
+    runs = client.get(f"/evals/{eval_id}/runs", params={"limit": 100}).json()["data"]
+    assert len(runs) == 3  # one before, two afters

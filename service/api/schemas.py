@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.core import limits
+from service.evals.jobs import JobEval
 
 Auto = Literal["auto"]
 _SUFFIX = re.compile(r"^[A-Za-z0-9._-]*$")
@@ -118,6 +119,8 @@ class CreateJobRequest(Strict):
     steps, 300 s): a lost worker costs at most the work since the last one."""
     webhook_url: str | None = Field(default=None, max_length=2048)
     """Also announce this job's end here: a signed webhook (``service.jobs.webhooks``)."""
+    evaluation: JobEval | None = Field(default=None, alias="eval")
+    """An eval run before training and after it (``service.evals.jobs``)."""
 
     @field_validator("suffix")
     @classmethod

@@ -350,10 +350,9 @@ def eval_items_key(eval_id: str, run_id: str, first: int) -> str:
     return f"{eval_items_prefix(eval_id, run_id)}{first:08d}.jsonl"
 
 
-def eval_baseline_key(eval_id: str, model: str) -> str:
-    """``cache/eval-before/<eval_id>/<sha256 of the model name>.json``: the run id of the
-    "before" run of a job's eval on a base model, reused by later jobs."""
-    import hashlib
-
-    return join_key("cache", "eval-before", eval_id,
-                    hashlib.sha256(model.encode()).hexdigest() + ".json")
+def eval_baseline_key(eval_id: str, digest: str) -> str:
+    """``cache/eval-before/<eval_id>/<digest>.json``: the "before" run of a job's eval on a
+    model, reused by later jobs; ``digest``: a hex sha256 of the model and data source."""
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ValueError(f"not a sha256 hex digest: {digest!r}")
+    return join_key("cache", "eval-before", eval_id, f"{digest}.json")

@@ -23,6 +23,7 @@ from serving.protocol import ChatCall
 from service.core.errors import TuneserveError
 from service.core import names
 from service.evals import datasource
+from service.evals.jobs import serve_app_name
 from service.evals.judge import ChatJudge
 from service.evals.store import EvalRecord, EvalStore, RunRecord
 from service.files import store as file_store
@@ -207,7 +208,7 @@ def _flush(store: EvalStore, eval_id: str, run_id: str, chunk: int,
 def start(app, eval_id: str, run_id: str) -> None:
     """Run it in a detached actor under Serve; beside the app otherwise (no Serve here)."""
     settings = app.state.settings
-    app_name = _serve_app_name()
+    app_name = serve_app_name()
     if app_name is None:
         task = asyncio.get_running_loop().create_task(execute(
             EvalStore(app.state.storage), app.state.chat, eval_id, run_id,
@@ -225,12 +226,3 @@ def start(app, eval_id: str, run_id: str) -> None:
         eval_id, run_id, settings.model_copy(update={"api_keys": {}}), app_name)
     driver.run.remote()
     driver.exit.remote()  # queued behind run(): the actor leaves when the run is over
-
-
-def _serve_app_name() -> str | None:
-    try:
-        from ray import serve
-
-        return serve.get_replica_context().app_name
-    except Exception:  # noqa: BLE001 - not in a Serve replica (or no Ray at all)
-        return None

@@ -17,6 +17,7 @@ import traceback
 import ray
 
 from service.core import names
+from service.evals.job_runs import JobEvalRuns
 from service.jobs.store import JobRecord, JobStore
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
@@ -45,6 +46,8 @@ class JobDriver:
                 raise RuntimeError(f"the record of {self.job_id} holds no training spec")
             events.add("Fine-tuning job started" if record.attempts <= 1
                        else f"Fine-tuning job resumed (attempt {record.attempts})")
+            if (job_eval := JobEvalRuns.of(self.storage, record, events)) is not None:
+                job_eval.before()  # the eval extension; never raises
             with ResumeCounter(self.storage, store, self.job_id):
                 result = run_training(record.spec, self.storage_config)
         except Exception as exc:  # the job, not the actor, carries the failure
@@ -76,6 +79,8 @@ class JobDriver:
         final = store.update(self.job_id, change)
         if final.status == "succeeded":
             events.add("The job has successfully completed", data={"fine_tuned_model": name})
+            if (job_eval := JobEvalRuns.of(self.storage, record, events)) is not None:
+                job_eval.after(name, store)
 
     def _fail(self, store: JobStore, events, exc: Exception) -> None:
         from service.core.errors import TuneserveError

@@ -47,6 +47,8 @@ def create_job(request: Request, body: CreateJobRequest, tenant: Tenant, store: 
     storage: Storage = request.app.state.storage
     _check_request(request, body, tenant)
     record = _new_record(storage, body, tenant)  # a spec that cannot run is a 400 here
+    if body.evaluation is not None:
+        record.extensions["eval"] = request.state.job_eval
     created: JobRecord | None = None
 
     def create() -> str:
@@ -188,6 +190,10 @@ def _check_request(request: Request, body: CreateJobRequest, tenant: str) -> Non
                                  "configured (TUNESERVE_WEBHOOK_SECRETS).", param="webhook_url",
                                  code="webhooks_not_configured")
         webhooks.check_url(body.webhook_url, settings.webhook_allow_private)
+    if body.evaluation is not None:
+        from service.evals.jobs import check as check_eval
+
+        request.state.job_eval = check_eval(storage, tenant, body.evaluation)
     method = body.resolved_method()["type"]
     files = [("training_file", body.training_file)]
     files += [(f"training_files[{i}].file", f.file) for i, f in enumerate(body.training_files or [])]
