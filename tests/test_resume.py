@@ -108,7 +108,10 @@ class Faults:
     def __init__(self, storage, job_id: str, workers, *, sigterm: bool, before=None):
         rng = random.Random(SEED)
         self.storage, self.job_id, self.workers = storage, job_id, workers
-        self.kill_after = rng.randint(2 * EVERY + 1, 3 * EVERY - 1)
+        # Inside the third interval, a step short of its end: the kill lands a step or so after
+        # we look, before the next checkpoint is saved (were it mid-upload, the previous
+        # one is the newest complete: up to the upload's few steps more would be lost).
+        self.kill_after = rng.randint(2 * EVERY + 1, 3 * EVERY - 2)
         self.term_after = rng.randint(5 * EVERY + 1, 6 * EVERY - 1) if sigterm else None
         self.before = before
         """Called once the run has made its first step (an API replica SIGKILLed there)."""
