@@ -82,6 +82,10 @@ class ChatServer:
                                    call.tools if call.calls_tools else None)
         except ExampleError as exc:
             raise InvalidRequest(str(exc), param="messages") from exc
+        vocab = int(self.engine.model.config.vocab_size)
+        if any(token >= vocab for token, _ in call.logit_bias):
+            raise InvalidRequest(f"logit_bias names a token id beyond this model's vocabulary "
+                                 f"(ids 0 to {vocab - 1}).", param="logit_bias")
         params = SamplingParams(max_tokens=call.max_tokens, temperature=call.temperature,
                                 top_p=call.top_p, seed=call.seed, stop=tuple(call.stop),
                                 logprobs=call.logprobs, frequency_penalty=call.frequency_penalty,

@@ -56,9 +56,7 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, answer: list[int
     ``answer`` is the tokens generated so far (OpenAI penalises the answer, not the prompt)."""
     if params.logit_bias:
         ids, biases = zip(*params.logit_bias, strict=True)
-        index = torch.tensor(ids)
-        keep = index < logits.shape[0]  # a bias for an id past the vocabulary has no token
-        logits[index[keep]] += torch.tensor(biases, dtype=logits.dtype)[keep]
+        logits[torch.tensor(ids)] += torch.tensor(biases, dtype=logits.dtype)
     if answer and (params.frequency_penalty or params.presence_penalty):
         counts = torch.bincount(torch.tensor(answer), minlength=logits.shape[0])[:logits.shape[0]]
         logits -= counts.to(logits.dtype) * params.frequency_penalty
