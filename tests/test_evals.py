@@ -48,7 +48,7 @@ def app_url(tmp_path_factory):
     app = create_app(settings, chat=backend)
     tuned = add_tuned_model(app.state.storage, "alice", seed=3)
     with serve(app) as url:
-        yield url, tuned
+        yield url, tuned, app.state.storage
     backend.close()
 
 
@@ -75,7 +75,7 @@ def refused(response: httpx.Response, status: int, param: str) -> str:
 
 
 def test_grader_endpoints_run_and_validate(app_url):
-    url, _ = app_url
+    url, *_ = app_url
     client = http(url)
     grader = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
               "reference": "{{item.label}}", "operation": "eq"}
@@ -89,14 +89,14 @@ def test_grader_endpoints_run_and_validate(app_url):
         "grader": grader, "item": {"name": "x"}, "model_sample": "x"}), 400, "item.label")
     assert "item.label" in message
     refused(client.post("/fine_tuning/alpha/graders/validate", json={
-        "grader": {**grader, "type": "regex"}}), 400, "grader")
+        "grader": {**grader, "type": "regex"}}), 400, "grader.type")
     assert "sandbox" in refused(client.post("/fine_tuning/alpha/graders/validate", json={
         "grader": {"type": "python", "name": "p", "source": "def grade(s, i): return 1"}}),
         400, "grader.type")
 
 
 def test_a_served_judge_scores_in_range_and_its_requests_are_chat_requests(app_url):
-    url, tuned = app_url
+    url, tuned, _ = app_url
     client = http(url)
     judge = {"type": "score_model", "name": "judge", "model": tuned, "range": [0, 10],
              "input": [{"role": "system", "content": "Answer with a number from 0 to 10."},
@@ -120,7 +120,7 @@ def test_a_served_judge_scores_in_range_and_its_requests_are_chat_requests(app_u
 
 
 def test_eval_objects_are_crud_and_per_tenant(app_url):
-    url, _ = app_url
+    url, *_ = app_url
     alice, bob = http(url), http(url, "key-bob")
     created = alice.post("/evals", json={**SORT_EVAL, "metadata": {"team": "a"}}).json()
     assert created["object"] == "eval" and created["testing_criteria"] == [EXACT]
@@ -133,13 +133,23 @@ def test_eval_objects_are_crud_and_per_tenant(app_url):
     assert alice.delete(f"/evals/{created['id']}").json() == {
         "object": "eval.deleted", "deleted": True, "eval_id": created["id"]}
     refused(alice.get(f"/evals/{created['id']}"), 404, "eval_id")
+    # The official client reads these shapes.
+    import openai
+
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="key-alice", max_retries=0)
+    made = sdk.evals.create(name="sdk", testing_criteria=[EXACT],
+                            data_source_config=SORT_EVAL["data_source_config"])
+    assert sdk.evals.retrieve(made.id).testing_criteria[0].type == "string_check"
+    assert sdk.fine_tuning.alpha.graders.run(grader=EXACT, item={"reference": "a"},
+                                             model_sample="a").reward == 1.0
+    assert sdk.evals.delete(made.id).deleted
 
 
 def test_a_run_grades_as_the_chat_path_does(app_url):
     """Half the references are a tuned model's own greedy answers (from chat completions),
     half the true sorted lists: the eval's pass rate must be what exact match over the chat
     path gives, item by item, and what ``tuneserve eval`` reports on the same items."""
-    url, tuned = app_url
+    url, tuned, _ = app_url
     client, cli = http(url), Client(f"{url}/v1", "key-alice", timeout=120)
     held = eval_tasks.heldout("sort", 8, seed=5)
 
@@ -186,10 +196,10 @@ def test_a_run_grades_as_the_chat_path_does(app_url):
 
 
 def test_bad_input_is_a_4xx_naming_the_field(app_url):
-    url, tuned = app_url
+    url, tuned, _ = app_url
     alice, bob = http(url), http(url, "key-bob")
     refused(alice.post("/evals", json={**SORT_EVAL, "testing_criteria": [
-        {**EXACT, "type": "regex_check"}]}), 400, "testing_criteria.0")
+        {**EXACT, "type": "regex_check"}]}), 400, "testing_criteria.0.type")
     assert "item.answer" in refused(alice.post("/evals", json={**SORT_EVAL, "testing_criteria": [
         {**EXACT, "reference": "{{item.answer}}"}]}), 400, "testing_criteria.0.reference")
     assert "download" in refused(alice.post("/evals", json={**SORT_EVAL, "testing_criteria": [
@@ -273,9 +283,77 @@ def test_a_job_reports_its_eval_before_and_after_and_reuses_the_before(shared_se
     report = json.loads(client.get(f"/files/{report_id}/content").content)
     assert report["before"]["run_id"] == before["run_id"]
     assert report["after"]["run_id"] == after["run_id"]
+    page = httpx.get(f"{shared_service.url}/ui/jobs/{first['id']}",
+                     headers={"Authorization": "Bearer local"}, timeout=30).text
+    side_by_side = page[page.index('<table id="eval">'):]
+    side_by_side = side_by_side[:side_by_side.index("</table>")]
+    assert f"before: <code>{TINY}</code>" in side_by_side
+    assert f"after: <code>{first['fine_tuned_model']}</code>" in side_by_side
+    assert "exact match" in side_by_side and side_by_side.count("of 3") == 2
     second = job()
     assert second["evals"]["before"]["cached"] is True
     assert second["evals"]["before"]["run_id"] == before["run_id"]  # not sampled again
     assert second["evals"]["after"]["run_id"] != after["run_id"]
     runs = client.get(f"/evals/{eval_id}/runs", params={"limit": 100}).json()["data"]
     assert len(runs) == 3  # one before, two afters
+
+
+def test_the_job_page_shows_before_after_and_the_items_that_changed(app_url):
+    from service.ui.evals import eval_view
+
+    url, tuned, storage = app_url
+    client = http(url)
+    eval_id = client.post("/evals", json=SORT_EVAL).json()["id"]
+    prompts = [e.prompt for e in eval_tasks.heldout("sort", 3, seed=11)]
+    answers = [client.post("/chat/completions", json={
+        "model": tuned, "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "user", "content": p}]}).json()["choices"][0]["message"]["content"]
+        for p in prompts]
+    items = [{"prompt": p, "reference": a} for p, a in zip(prompts, answers, strict=True)]
+    phases = {}
+    for phase, model in (("before", TINY), ("after", tuned)):
+        run = client.post(f"/evals/{eval_id}/runs", json={
+            "data_source": completions(model, inline(items))}).json()
+        run = finished(client, eval_id, run["id"])
+        phases[phase] = {"phase": phase, "eval_id": eval_id, "run_id": run["id"],
+                         "model": model, "pass_rate": 0.0, "cached": False,
+                         "result_counts": run["result_counts"],
+                         "per_testing_criteria_results": run["per_testing_criteria_results"]}
+    view = eval_view(storage, [{"data": {"eval": p}} for p in phases.values()], "alice")
+    assert view["criteria"] == [{"name": "exact match", "before": "0.0%", "after": "100.0%"}]
+    assert [(r["id"], r["before"], r["after"]) for r in view["changed"]] == [
+        (0, "fail", "pass"), (1, "fail", "pass"), (2, "fail", "pass")]
+    assert [r["after_output"] for r in view["changed"]] == answers
+    assert eval_view(storage, [{"data": {"eval": p}} for p in phases.values()], "bob")[
+        "changed"] == []  # another tenant's runs are not read
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+@pytest.mark.timeout(3600)
+def test_sort_eval_on_smollm2_base_and_a_sort_adapter_matches_tuneserve_eval(tmp_path):
+    """Heavy (~10 min: a SmolLM2 sort job as bench/quality trains it): a string_check eval of
+    the held-out sort items gives the base model 0 % and the sort adapter the exact match that
+    ``tuneserve eval`` (the demo's figure) reports on the same items."""
+    from bench.quality import demo
+    from service.core.names import BUILTIN_MODEL_ID
+    from tests.helpers import Service
+
+    n_eval, seed = 100, 0
+    with Service(str(tmp_path / "storage"), env={"TUNESERVE_TINY_MODEL": "false"}) as service:
+        results = tmp_path / "results"
+        assert demo.main(["--n-eval", str(n_eval), "--seed", str(seed), "--quiet",
+                          "--base-url", f"{service.url}/v1", "--results", str(results)]) == 0
+        rows = json.loads((results / "quality.json").read_text())["rows"]
+        client = http(service.url, "local")
+        eval_id = client.post("/evals", json=SORT_EVAL).json()["id"]
+        items = [{"prompt": e.prompt, "reference": e.output}
+                 for e in eval_tasks.heldout("sort", n_eval, seed)]
+        rates = {}
+        for name, model in (("base", BUILTIN_MODEL_ID), ("tuned", rows["tuned"]["model"])):
+            run = client.post(f"/evals/{eval_id}/runs", json={
+                "data_source": completions(model, inline(items), max_tokens=64)}).json()
+            run = finished(client, eval_id, run["id"], timeout=900)
+            rates[name] = run["result_counts"]["passed"] / run["result_counts"]["total"]
+        assert rates["base"] == 0.0 == rows["base"]["exact_match"]
+        assert rates["tuned"] == rows["tuned"]["exact_match"] > 0.5

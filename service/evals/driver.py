@@ -25,7 +25,8 @@ class EvalDriver:
         store = EvalStore(open_storage(self.settings.storage_config()))
         chat = ServeChatBackend(self.settings, app_name=self.app_name)
         run = asyncio.run(execute(store, chat, self.eval_id, self.run_id,
-                                  max_tokens_cap=self.settings.max_tokens_cap))
+                                  max_tokens_cap=self.settings.max_tokens_cap,
+                                  concurrency=self.settings.chat_max_concurrency))
         return run.status
 
     def exit(self) -> None:

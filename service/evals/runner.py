@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Any
 
 from serving.protocol import ChatCall
-from service.core.errors import TuneserveError
+from service.core.errors import RateLimited, TuneserveError
 from service.core import names
 from service.evals import datasource
 from service.evals.jobs import serve_app_name
@@ -33,9 +33,13 @@ from training.graders import Sample, TemplateError
 log = logging.getLogger(__name__)
 
 NAMESPACE = "tuneserve-evals"
-CONCURRENCY = 64
-"""Items in flight at once: enough to fill the chat engine's batch (its max_batch is 16 a
-replica; Serve queues the rest at the replica, so the batch never waits for the runner)."""
+CONCURRENCY = 32
+"""Items in flight at once by default: the chat engine's own bound on requests in flight
+(``TUNESERVE_CHAT_MAX_CONCURRENCY``), twice its batch, so the batch never waits for the runner;
+more would only be refused by the engine (429). Callers pass the deployment's setting."""
+BUSY_RETRY_S = (0.05, 2.0)
+"""Back-off (first, most) when the engine is at capacity (other callers share it)."""
+BUSY_GIVE_UP_S = 600.0
 FLUSH_S = 2.0
 DEFAULT_MAX_TOKENS = 256
 """An answer's cap when the run's sampling_params name none."""
@@ -96,7 +100,7 @@ async def _execute(store: EvalStore, chat, record: EvalRecord, run: RunRecord,
         try:
             messages = datasource.prompt(source, item)
             out["sample"]["input"] = messages
-            answer = await chat.complete(ChatCall(
+            answer = await _complete(chat, ChatCall(
                 base_model=target.base_model, adapter_id=target.adapter_id, messages=messages,
                 max_tokens=limit, temperature=call_temperature, top_p=params.top_p or 1.0,
                 seed=call_seed))
@@ -141,6 +145,19 @@ async def _execute(store: EvalStore, chat, record: EvalRecord, run: RunRecord,
             task.cancel()
     return store.update_run(record.id, run.id, lambda r: r.model_copy(update={
         "status": "completed", "finished_at": int(time.time()), **tally.fields()}))
+
+
+async def _complete(chat, call: ChatCall):
+    """One completion; at capacity (429, others share the engine) wait and send it again."""
+    wait, deadline = BUSY_RETRY_S[0], time.monotonic() + BUSY_GIVE_UP_S
+    while True:
+        try:
+            return await chat.complete(call)
+        except RateLimited:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, BUSY_RETRY_S[1])
 
 
 def _grader_sample(result: graders.Result) -> dict[str, Any] | None:
@@ -212,7 +229,8 @@ def start(app, eval_id: str, run_id: str) -> None:
     if app_name is None:
         task = asyncio.get_running_loop().create_task(execute(
             EvalStore(app.state.storage), app.state.chat, eval_id, run_id,
-            max_tokens_cap=settings.max_tokens_cap))
+            max_tokens_cap=settings.max_tokens_cap,
+            concurrency=settings.chat_max_concurrency))
         app.state.__dict__.setdefault("eval_tasks", set()).add(task)
         task.add_done_callback(app.state.eval_tasks.discard)
         return

@@ -22,6 +22,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.ui import charts
+from service.ui.evals import eval_view
 from service.api.auth import COOKIE, get_tenant, tenant_for_key
 from service.ui.templates import TEMPLATES
 from service.core.errors import NotFound, Unauthorized
@@ -181,6 +182,7 @@ def _job_view(request: Request, job_id: str, tenant: str) -> dict[str, Any]:
         "checkpoints": read_checkpoints(storage, job),
         "events": [{**e, "time": _time(e["created_at"])} for e in reversed(events[-MAX_EVENTS:])],
         "refresh": REFRESH_S if job.status in ACTIVE else None, "fmt": _fmt,
+        "evaluation": eval_view(storage, events, tenant),
     }
 
 

@@ -83,6 +83,19 @@ JOB = """{% extends "base" %}{% block main %}
 <h2>Curves</h2>
 {% if charts %}<div class="charts">{% for chart in charts %}{{ chart }}{% endfor %}</div>
 {% else %}<p>No metrics reported yet.</p>{% endif %}
+{% if evaluation %}<h2>Eval before and after training</h2>
+<table id="eval"><thead><tr><th></th><th>before: <code>{{ evaluation.before.model if evaluation.before else "–" }}</code></th>
+<th>after: <code>{{ evaluation.after.model if evaluation.after else "–" }}</code></th></tr></thead><tbody>
+<tr><td>passed</td>{% for p in (evaluation.before, evaluation.after) %}<td>{% if p %}{{ "%.1f%%"|format(100 * p.pass_rate) }}
+  ({{ p.result_counts.passed }} of {{ p.result_counts.total }}){% if p.cached %} · cached{% endif %}{% else %}not yet{% endif %}</td>{% endfor %}</tr>
+{% for c in evaluation.criteria %}<tr><td>{{ c.name }}</td><td>{{ c.before }}</td><td>{{ c.after }}</td></tr>{% endfor %}
+</tbody></table>
+{% if evaluation.changed %}<h3>Items that changed</h3>
+<table id="eval-changed"><thead><tr><th>#</th><th>Item</th><th>Before</th><th>After</th></tr></thead><tbody>
+{% for r in evaluation.changed %}<tr><td>{{ r.id }}</td><td><code>{{ r.item|tojson }}</code></td>
+<td class="{{ r.before }}">{{ r.before }}: <code>{{ r.before_output }}</code></td>
+<td class="{{ r.after }}">{{ r.after }}: <code>{{ r.after_output }}</code></td></tr>{% endfor %}
+</tbody></table>{% endif %}{% endif %}
 <h2>Checkpoints</h2>
 {% if checkpoints %}<table id="checkpoints"><thead><tr><th>Step</th><th>Model</th>
 <th>Train loss</th><th>Valid loss</th></tr></thead><tbody>

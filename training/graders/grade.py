@@ -106,7 +106,10 @@ def parse(raw: Any, param: str = "grader") -> Grader:
         grader = GRADER.validate_python(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
+        parts = [str(p) for p in first["loc"]]
+        if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            parts.append("type")  # the discriminator itself is the field at fault
+        loc = ".".join(parts)
         raise GraderInvalid(f"Invalid grader: {first['msg']} at {param}.{loc}".rstrip("."),
                             f"{param}.{loc}".rstrip(".")) from None
     validate(grader, param)
