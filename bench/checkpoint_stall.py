@@ -28,20 +28,20 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO))
 
-from service.core.storage import open_storage  # noqa: E402
-from service.core.storage.config import StorageConfig  # noqa: E402
-from tests.helpers import sorting_lines  # noqa: E402
-from training.model import registry  # noqa: E402
-from training.recipes import checkpointing, run_recipe  # noqa: E402
-from training.recipes.base import Recipe  # noqa: E402
-from training.spec import TrainSpec  # noqa: E402
+from service.core.storage import open_storage
+from service.core.storage.config import StorageConfig
+from tests.helpers import sorting_lines
+from training.model import registry
+from training.recipes import checkpointing, run_recipe
+from training.recipes.base import Recipe
+from training.spec import TrainSpec
 
 FILE = "file-" + "b" * 24
 MODELS = {"tiny": registry.TINY_MODEL_ID, "SmolLM2-135M": registry.BUILTIN_MODEL_ID}
 
 
 def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     return next((line.split(":", 1)[1].strip() for line in out.splitlines()
                  if line.startswith("Model name")), "unknown")
 
@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "checkpoint_stall.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Checkpoint stall ({report['date']}, {report['cpu']}, 1 torch thread)", "",
-             "Per checkpoint, medians over a run of "
-             f"{args.steps} steps of 4 examples with a checkpoint every {args.every}: the "
-             "training thread's stall, the upload (background: in its own thread), one step.",
+             (f"Per checkpoint, medians over a run of {args.steps} steps of 4 examples with a "
+              f"checkpoint every {args.every}: the training thread's stall, the upload "
+              "(background: in its own thread), one step."),
              "", "| model | storage | upload | stall | upload time | step |",
              "|---|---|---|---|---|---|"]
     for r in rows:
