@@ -226,7 +226,8 @@ def test_sdk_stream_of_n_choices_with_logprobs_tools_and_usage(shared_service):
     assert len(entries) == chunks[-1]["usage"]["completion_tokens"] == 10
     tools = _stream(shared_service.url, {"model": TINY, "messages": HI, "stream": True,
                                          "max_tokens": 60, "tools": WEATHER,
-                                         "tool_choice": "required"})
+                                         "tool_choice": "required",
+                                         "parallel_tool_calls": False})
     calls = [d["tool_calls"] for c in tools if (d := c["choices"][0]["delta"]).get("tool_calls")]
     assert calls and calls[0][0]["function"]["name"] in ("get_weather", "get_time")
     assert tools[-1]["choices"][0]["finish_reason"] == "tool_calls"
