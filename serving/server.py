@@ -16,8 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-
-from serving.protocol import ChatCall, ChatOutput
 from service.core import limits
 from service.core.errors import InvalidRequest
 from service.core.settings import Settings
@@ -27,6 +25,7 @@ from serving.adapters import fetch_adapter
 from serving.engine.grammar import json_object_grammar, json_schema_grammar
 from serving.engine.native import Chunk, Engine, Generation, pick_dtype
 from serving.engine.sampling import SamplingParams
+from serving.protocol import ChatCall, ChatOutput
 
 log = logging.getLogger(__name__)
 

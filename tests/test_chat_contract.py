@@ -15,10 +15,10 @@ import openai
 import pytest
 import torch
 
+from service.core import limits
 from serving.engine.grammar import json_schema_grammar
 from serving.engine.native import Engine
 from serving.engine.sampling import SamplingParams
-from service.core import limits
 from tests.openapi_contract import assert_schema
 from training.model import chat, registry
 
@@ -185,7 +185,7 @@ def test_sdk_n_logprobs_json_schema_and_tools(client):
     if all(c.finish_reason == "length" for c in reply.choices):
         assert reply.usage.completion_tokens == 18  # the usage of all three
 
-    reply, body = _create(client, max_tokens=5, temperature=0, logprobs=True, top_logprobs=5)
+    reply, _ = _create(client, max_tokens=5, temperature=0, logprobs=True, top_logprobs=5)
     content = reply.choices[0].logprobs.content
     assert len(content) == reply.usage.completion_tokens
     assert all(len(t.top_logprobs) == 5 and t.top_logprobs[0].token == t.token for t in content)

@@ -7,21 +7,20 @@ one forward pass. Rows are kept sorted by adapter slot so that ``LoraLinear`` ap
 adapter to a contiguous slice of the batch. Finished or cancelled rows leave the batch at once,
 freeing their place for the next waiting request.
 
-Requests reach the engine through ``submit``, which returns a ``Generation``: a stream of
-``Chunk``s that can be read from plain threads or from an asyncio event loop.
+Requests reach the engine through ``submit``, which returns a ``Generation``
+(``serving.engine.generation``): a stream of ``Chunk``s that can be read from plain threads or
+from an asyncio event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import queue
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,91 +29,30 @@ from transformers.cache_utils import DynamicLayer
 
 from service.core import limits
 from service.core.errors import InvalidRequest, RateLimited
-from serving.engine import packed_linear
 from serving.adapters import LoadedAdapter, read_adapter
+from serving.engine import packed_linear
 from serving.engine.batch import Row, RunningBatch, left_pad, segments_of
+from serving.engine.generation import END, Chunk, FinishReason, Generation
+from serving.engine.grammar import Grammars
 from serving.engine.lora import MixedPlan, attach_lora, drop_factors, set_factors
 from serving.engine.prefix_cache import LayerKV, PrefixCache
-from serving.engine.grammar import Grammars
-from serving.engine.sampling import (IncrementalText, SamplingParams, StopText, TokenBytes,
-                                     adjust_logits, logprob_entry, make_generator, sample_token)
+from serving.engine.sampling import (
+    IncrementalText,
+    SamplingParams,
+    StopText,
+    TokenBytes,
+    adjust_logits,
+    logprob_entry,
+    make_generator,
+    sample_token,
+)
 
 log = logging.getLogger(__name__)
-
-FinishReason = Literal["stop", "length"]
-_END = object()
+__all__ = ["AdapterNotLoaded", "Chunk", "Engine", "Generation", "pick_dtype"]
 
 
 class AdapterNotLoaded(KeyError):
     """``submit`` named an adapter that is not (or no longer) loaded in this engine."""
-
-
-@dataclass
-class Chunk:
-    """A piece of an answer; the last one of a request carries ``finish_reason`` and usage."""
-
-    text: str
-    finish_reason: FinishReason | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    index: int = 0
-    """The choice (of the request's ``n``) this piece belongs to."""
-    logprobs: list[dict] | None = None
-    """With ``SamplingParams.logprobs``: entries of the tokens whose text this piece settles."""
-
-
-class Generation:
-    """The stream of one request's ``Chunk``s (its ``n`` choices interleaved, each ending with
-    a ``finish_reason``). Iterate it (sync or async) or ``cancel`` it."""
-
-    def __init__(self, prompt_tokens: int, choices: int = 1):
-        self.prompt_tokens = prompt_tokens
-        self.choices = choices
-        self.cancelled = False
-        try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-            self._async_queue: asyncio.Queue[Any] = asyncio.Queue()
-        except RuntimeError:
-            self._loop = None
-        self._queue: queue.Queue[Any] = queue.Queue()
-
-    def cancel(self) -> None:
-        """Stop generating; the engine frees the request's batch row at its next step."""
-        self.cancelled = True
-
-    def _put(self, item: Chunk | BaseException | object) -> None:
-        if self._loop is None:
-            self._queue.put(item)
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._async_queue.put_nowait, item)
-        except RuntimeError:  # the consumer's event loop is gone
-            self.cancelled = True
-
-    def __iter__(self) -> Iterator[Chunk]:
-        left = self.choices
-        while left:
-            item = self._queue.get()
-            if item is _END:
-                left -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-
-    async def __aiter__(self) -> AsyncIterator[Chunk]:
-        left = self.choices
-        try:
-            while left:
-                item = await self._async_queue.get()
-                if item is _END:
-                    left -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            self.cancel()  # a consumer that stops listening frees the row (no-op when done)
 
 
 @dataclass
@@ -170,8 +108,7 @@ class Engine:
                        overrides: dict[str, str] | None = None, dtype: str = "auto",
                        **kwargs: Any) -> Engine:
         """Load ``base_model`` with the same loader and chat template as training."""
-        from training.model import chat
-        from training.model import registry
+        from training.model import chat, registry
 
         path = registry.resolve_model(base_model, storage, overrides)
         tokenizer = registry.load_tokenizer(path)
@@ -482,7 +419,7 @@ class Engine:
             row.generation._put(Chunk(delta, reason, len(row.prompt),
                                       completion_tokens or len(row.tokens), index=row.index,
                                       logprobs=self._sent_logprobs(row)))
-        row.generation._put(_END)
+        row.generation._put(END)
 
 
 def _fill_cache(cache: DynamicCache, prefixes: list[list[LayerKV] | None], length: int) -> None:

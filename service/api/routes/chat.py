@@ -14,10 +14,10 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import get_tenant
 from service.api.chat_schemas import ChatCompletionRequest
-from service.chat.backends import ChatBackend, ChatUnavailable
-from serving.protocol import ChatCall, ChatOutput
-from service.core.errors import TuneserveError
 from service.api.routes.models import resolve_model
+from service.chat.backends import ChatBackend, ChatUnavailable
+from service.core.errors import TuneserveError
+from serving.protocol import ChatCall, ChatOutput
 
 log = logging.getLogger(__name__)
 
