@@ -285,6 +285,7 @@ def test_a_job_reports_its_eval_before_and_after_and_reuses_the_before(shared_se
     assert report["after"]["run_id"] == after["run_id"]
     page = httpx.get(f"{shared_service.url}/ui/jobs/{first['id']}",
                      headers={"Authorization": "Bearer local"}, timeout=30).text
+    assert '<table id="eval">' in page, page[:3000]
     side_by_side = page[page.index('<table id="eval">'):]
     side_by_side = side_by_side[:side_by_side.index("</table>")]
     assert f"before: <code>{TINY}</code>" in side_by_side

@@ -100,7 +100,7 @@ JOB = """{% extends "base" %}{% block main %}
 {% if checkpoints %}<table id="checkpoints"><thead><tr><th>Step</th><th>Model</th>
 <th>Train loss</th><th>Valid loss</th></tr></thead><tbody>
 {% for c in checkpoints %}<tr><td>{{ c.step_number }}</td><td><code>{{ c.fine_tuned_model_checkpoint }}</code></td>
-<td>{{ fmt(c.metrics.train_loss) }}</td><td>{{ fmt(c.metrics.valid_loss) }}</td></tr>{% endfor %}
+<td>{{ fmt(c.metrics.get("train_loss")) }}</td><td>{{ fmt(c.metrics.get("valid_loss")) }}</td></tr>{% endfor %}
 </tbody></table>{% else %}<p>No checkpoints yet.</p>{% endif %}
 <h2>Events</h2>
 <table id="events"><thead><tr><th>Time</th><th>Level</th><th>Message</th></tr></thead><tbody>
