@@ -6,11 +6,11 @@ the message index), so the files API can say exactly what is wrong on which line
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 from training.data.jsonl import LineProblem
+from training.model import chat
 
 Message = dict[str, Any]
 ROLES = ("system", "user", "assistant", "tool")
@@ -99,16 +99,15 @@ def _content(raw: dict, where: str, *, optional: bool) -> str:
 
 
 def tool_calls_text(tool_calls: list, where: str) -> str:
-    """Tool calls as the text the model learns to write: chat templates without tool support
-    (SmolLM2's among them) would otherwise render an empty turn."""
-    calls = []
+    """Tool calls as the text the model learns to write (chat templates without tool support,
+    SmolLM2's among them, would otherwise render an empty turn): checked here, written by
+    ``training.model.chat`` so that what is trained is what the chat endpoint parses."""
     for i, call in enumerate(tool_calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise LineProblem("invalid_type", f"'{where}tool_calls[{i}]' must be an object with "
                               "'function': {\"name\", \"arguments\"}")
-        calls.append({"name": function["name"], "arguments": function.get("arguments", "")})
-    return json.dumps(calls, ensure_ascii=False)
+    return chat.tool_calls_text(tool_calls)
 
 
 def _weight(value: object, where: str, role: str) -> int:
