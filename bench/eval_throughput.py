@@ -46,7 +46,7 @@ read on the same CPUs)."""
 
 
 def cpu_name() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
         if line.startswith("Model name:"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
@@ -135,23 +135,23 @@ async def main_async(args: argparse.Namespace) -> dict:
 def write(result: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "eval_throughput.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = [f"## Eval throughput: {result['n']} `sort` items, `string_check`, "
-          f"{result['model']}",
-          "",
-          f"Greedy, at most {result['max_tokens']} tokens per answer; one in-process chat back "
-          f"end; {len(result['rounds'])} rounds, sides alternating; medians.",
-          "",
-          "| side | items/s |", "|---|---|",
-          f"| chat engine, at its capacity in flight (`complete` straight on the back end) | "
-          f"{result['engine_items_per_s']} |",
-          f"| eval run (`POST /v1/evals/{{id}}/runs`, to `completed`) | "
-          f"{result['eval_items_per_s']} |",
-          "",
-          f"**eval / engine: {result['ratio']}** (the bar: ≥ 0.8)",
-          "",
-          f"CPU: {result['cpu']} ({result['cpus']} CPUs); measured {result['measured']}.",
-          "",
-          "Reproduce: `.venv/bin/python -m bench.eval_throughput`", ""]
+    md = [
+        f"## Eval throughput: {result['n']} `sort` items, `string_check`, {result['model']}",
+        "",
+        (f"Greedy, at most {result['max_tokens']} tokens per answer; one in-process chat back "
+         f"end; {len(result['rounds'])} rounds, sides alternating; medians."),
+        "",
+        "| side | items/s |", "|---|---|",
+        ("| chat engine, at its capacity in flight (`complete` straight on the back end) | "
+         f"{result['engine_items_per_s']} |"),
+        ("| eval run (`POST /v1/evals/{id}/runs`, to `completed`) | "
+         f"{result['eval_items_per_s']} |"),
+        "",
+        f"**eval / engine: {result['ratio']}** (the bar: ≥ 0.8)",
+        "",
+        f"CPU: {result['cpu']} ({result['cpus']} CPUs); measured {result['measured']}.",
+        "",
+        "Reproduce: `.venv/bin/python -m bench.eval_throughput`", ""]
     (RESULTS / "eval_throughput.md").write_text("\n".join(md))
 
 

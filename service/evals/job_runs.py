@@ -74,7 +74,7 @@ class JobEvalRuns:
                                          json.dumps(report, indent=1).encode())
             jobs.update(self.job.id, lambda job: job.model_copy(
                 update={"result_files": [*job.result_files, file_id]}))
-        except Exception as exc:  # noqa: BLE001 - the job has succeeded; say what is missing
+        except Exception as exc:
             log.warning("job %s: eval report failed", self.job.id, exc_info=True)
             self.events.add(f"The eval report file could not be written: {exc}"[:500],
                             level="warn")
@@ -126,7 +126,7 @@ class JobEvalRuns:
             chat = ServeChatBackend(Settings.model_construct(), app_name=self.spec["app"])
             run = asyncio.run(runner.execute(self.store, chat, eval_id, run.id,
                                              max_tokens_cap=runner.DEFAULT_MAX_TOKENS))
-        except Exception as exc:  # noqa: BLE001 - an eval never fails the job
+        except Exception as exc:
             log.warning("job %s: eval %s %s failed", self.job.id, eval_id, phase, exc_info=True)
             self.events.add(f"Eval {phase} training could not run: {exc}"[:500],
                             level="warn")

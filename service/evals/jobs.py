@@ -45,8 +45,9 @@ def check(storage, tenant: str, spec: JobEval) -> dict[str, Any]:
                                  param="eval.data_source", code="missing_data_source")
         source = runs[-1].data_source
     source = {**source, "type": "completions", "model": "-"}
-    from service.evals.datasource import CompletionsSource
     from pydantic import ValidationError
+
+    from service.evals.datasource import CompletionsSource
 
     try:
         CompletionsSource.model_validate(source)

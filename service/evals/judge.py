@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from serving.protocol import ChatCall
 from service.core.errors import NotFound
 from service.evals.store import Target
+from serving.protocol import ChatCall
 from training.graders import JudgeAnswer, SamplingParams
 
 

@@ -19,14 +19,14 @@ import traceback
 from collections import Counter
 from typing import Any
 
-from serving.protocol import ChatCall
-from service.core.errors import RateLimited, TuneserveError
 from service.core import names
+from service.core.errors import RateLimited, TuneserveError
 from service.evals import datasource
 from service.evals.jobs import serve_app_name
 from service.evals.judge import ChatJudge
 from service.evals.store import EvalRecord, EvalStore, RunRecord
 from service.files import store as file_store
+from serving.protocol import ChatCall
 from training import graders
 from training.graders import Sample, TemplateError
 
@@ -60,7 +60,7 @@ async def execute(store: EvalStore, chat, eval_id: str, run_id: str, *, max_toke
         record = store.get(eval_id, run.tenant)
         items = await asyncio.to_thread(load_items, store.storage, run)
         return await _execute(store, chat, record, run, items, max_tokens_cap, concurrency)
-    except Exception as exc:  # the run, not the caller, carries the failure
+    except Exception as exc:  # noqa: BLE001 - the run, not the caller, carries the failure
         log.error("eval run %s failed: %s", run_id, traceback.format_exc())
         message = exc.message if isinstance(exc, TuneserveError) else \
             f"{type(exc).__name__}: {exc}"

@@ -20,8 +20,16 @@ from typing import Any, Protocol
 from pydantic import TypeAdapter
 
 from training.graders import multi, templates, text
-from training.graders.specs import (Grader, LabelModel, Message, Multi, SamplingParams,
-                                    ScoreModel, StringCheck, TextSimilarity)
+from training.graders.specs import (
+    Grader,
+    LabelModel,
+    Message,
+    Multi,
+    SamplingParams,
+    ScoreModel,
+    StringCheck,
+    TextSimilarity,
+)
 
 GRADER = TypeAdapter(Grader)
 PYTHON_REFUSED = (
@@ -212,7 +220,7 @@ async def _model_grade(grader: ScoreModel | LabelModel, space: dict[str, Any],
     result = Result(grader.name, grader.type, low, False)
     try:
         answer = await judge(grader.model, messages, params)
-    except Exception as exc:  # noqa: BLE001 - the judge's failure is this grade's error
+    except Exception as exc:
         if isinstance(exc, GraderInvalid) or getattr(exc, "status", 500) < 500:
             raise  # the caller's mistake (a model it may not use): its 4xx, not a score
         result.errors.update(model_grader_server_error=True,

@@ -7,7 +7,7 @@ accepted on every scoring grader so one shape serves the grader endpoints and ev
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -30,7 +30,7 @@ class InputImage(_Shape):
     detail: str | None = None
 
 
-Part = Annotated[Union[InputText, InputImage], Field(discriminator="type")]
+Part = Annotated[InputText | InputImage, Field(discriminator="type")]
 
 
 class Message(_Shape):
@@ -141,9 +141,9 @@ class Multi(_Grader):
         return variables(self.graders)
 
 
-SubGrader = Annotated[Union[StringCheck, TextSimilarity, Python, ScoreModel, LabelModel],
+SubGrader = Annotated[StringCheck | TextSimilarity | Python | ScoreModel | LabelModel,
                       Field(discriminator="type")]
-Grader = Annotated[Union[StringCheck, TextSimilarity, Python, ScoreModel, LabelModel, Multi],
+Grader = Annotated[StringCheck | TextSimilarity | Python | ScoreModel | LabelModel | Multi,
                    Field(discriminator="type")]
 """Any grader; ``label_model`` is an eval criterion in the spec, allowed here everywhere."""
 Multi.model_rebuild()
