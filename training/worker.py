@@ -17,6 +17,7 @@ had registered.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 SIGTERM_RECEIVED = threading.Event()
 """Set by this worker process's SIGTERM handler (``_on_sigterm``)."""
+TRAINING = threading.Event()
+"""Set while this process runs a training loop: outside one, SIGTERM ends the worker as Ray's
+handler does (a worker kept after its run must not outlive Ray's shutdown)."""
 _ray_sigterm_handler: Any = None
 
 
@@ -48,8 +52,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     those of reported checkpoints, and checkpoints are not reported to it)."""
     spec: TrainSpec = config["spec"]
     storage: StorageConfig = config["storage"]
-    with job_logging(spec.job_id):  # every line of this worker names its job
-        recipe = run_recipe(spec, storage, RayTrainContext.current())
+    TRAINING.set()
+    try:
+        with job_logging(spec.job_id):  # every line of this worker names its job
+            recipe = run_recipe(spec, storage, RayTrainContext.current())
+    finally:
+        TRAINING.clear()
     return {**recipe.report_metrics(), "preempted": recipe.stopping}
 
 
@@ -109,8 +117,10 @@ def _install_sigterm_handler() -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    if SIGTERM_RECEIVED.is_set() and callable(_ray_sigterm_handler):
-        _ray_sigterm_handler(signum, frame)
+    if SIGTERM_RECEIVED.is_set() or not TRAINING.is_set():
+        # A second SIGTERM, or one outside a run: what Ray (or the default) would have done.
+        signal.signal(signal.SIGTERM, _ray_sigterm_handler or signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
         return
     log.warning("SIGTERM: stopping after this step and a checkpoint")
     SIGTERM_RECEIVED.set()
