@@ -169,3 +169,18 @@ def sorting_lines(n: int, seed: int) -> bytes:
             {"role": "user", "content": f"Sort: {' '.join(map(str, xs))}"},
             {"role": "assistant", "content": " ".join(map(str, sorted(xs)))}]}))
     return ("\n".join(lines) + "\n").encode()
+
+
+def own_train_workers() -> list:
+    """This test process's Ray Train workers (descendants of it: our local Ray), so training
+    workers of anyone else on the machine are never touched."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found

@@ -15,18 +15,18 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
+from tests.helpers import own_train_workers
 from tests.test_dpo_loss import load_make_preferences
 from training import checkpoints
 from training.model import registry as models
-from training.spec import TrainSpec
 from training.run import run_training
+from training.spec import TrainSpec
 
 pytestmark = pytest.mark.slow
 
@@ -47,16 +47,6 @@ def cache_events(evs: list[dict]) -> list[tuple[str, str]]:
             if "reference_cache" in e.get("data", {})]
 
 
-def train_workers() -> list[psutil.Process]:
-    """This test's Ray Train workers: descendants of this process (our local Ray) only."""
-    found = []
-    for child in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(child.cmdline()):
-                found.append(child)
-        except psutil.Error:
-            pass
-    return found
 
 
 def registered_checkpoint(storage, job_id: str) -> int:
@@ -69,7 +59,7 @@ def kill_one_worker_after(storage, job_id: str, step: int, killed: dict) -> None
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         registered = registered_checkpoint(storage, job_id)
-        workers = train_workers()
+        workers = own_train_workers()
         if registered >= step and workers:
             killed["registered_at_kill"] = registered
             os.kill(workers[-1].pid, signal.SIGKILL)

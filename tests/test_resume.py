@@ -26,12 +26,11 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
-from tests.helpers import sorting_lines, wait_until
+from tests.helpers import own_train_workers, sorting_lines, wait_until
 from training import checkpoints, resumes
 from training.model import registry
 from training.run import run_training
@@ -50,16 +49,6 @@ def spec_for(job_id: str, workers: int) -> TrainSpec:
                      checkpoint_every_seconds=0, max_failures=2, seed=7)
 
 
-def own_train_workers() -> list[psutil.Process]:
-    """This test's Ray Train workers (descendants of this process: our local Ray)."""
-    found = []
-    for child in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(child.cmdline()):
-                found.append(child)
-        except psutil.Error:
-            pass
-    return found
 
 
 def events(storage, job_id: str) -> list[dict]:

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 
-import psutil
 import pytest
 import safetensors.torch
 import torch
@@ -20,11 +19,11 @@ from peft import PeftModel
 
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
-from tests.helpers import REPO, sorting_lines
+from tests.helpers import REPO, own_train_workers, sorting_lines
 from training import checkpoints
 from training.model import registry
-from training.spec import TrainSpec
 from training.run import run_training
+from training.spec import TrainSpec
 
 JOB = "ftjob-" + "d" * 24
 FILE = "file-" + "e" * 24
@@ -35,17 +34,6 @@ def events(storage) -> list[dict]:
     return [json.loads(storage.get(info.key)) for info in storage.iter(f"jobs/{JOB}/events/")]
 
 
-def train_workers() -> list[psutil.Process]:
-    """This test's Ray Train workers: descendants of this process (our local Ray), so training
-    workers of anyone else on the machine are never touched."""
-    found = []
-    for child in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(child.cmdline()):
-                found.append(child)
-        except psutil.Error:
-            pass
-    return found
 
 
 def registered_checkpoint(storage) -> int:
@@ -58,7 +46,7 @@ def kill_one_worker_after(storage, step: int, killed: dict) -> None:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         registered = registered_checkpoint(storage)
-        workers = train_workers()
+        workers = own_train_workers()
         if registered >= step and workers:
             killed["registered_at_kill"] = registered
             killed["pid"] = workers[-1].pid
