@@ -110,8 +110,8 @@ class FixedJudge:
     def __init__(self, text: str):
         self.text, self.calls = text, []
 
-    async def __call__(self, model, messages, params):
-        self.calls.append((model, messages, params))
+    async def __call__(self, model, messages, params, response_format=None):
+        self.calls.append((model, messages, params, response_format))
         return JudgeAnswer(self.text, prompt_tokens=10, completion_tokens=2)
 
 
@@ -131,8 +131,8 @@ def test_score_model_reads_the_judges_number_in_range(answer, expected, passed, 
     result = score(SCORE_MODEL, "a cat on a mat", judge=judge)
     assert (result.score, result.passed) == (expected, passed)
     assert result.errors["model_grader_parse_error"] is parse_error
-    model, messages, params = judge.calls[0]
-    assert model == "tuneserve/tiny-llama"
+    model, messages, params, response_format = judge.calls[0]
+    assert model == "tuneserve/tiny-llama" and response_format is None  # the judge's own words
     assert messages == [{"role": "user", "content": f"Reference: {ITEM['label']}\n"
                                                     "Answer: a cat on a mat\nScore 0 to 10."}]
     assert params.temperature == 0.0  # a judge is greedy unless told otherwise
@@ -142,6 +142,7 @@ def test_score_model_reads_the_judges_number_in_range(answer, expected, passed, 
 @pytest.mark.parametrize(("answer", "label_score", "parse_error"), [
     ("positive", 1.0, False), ("Negative.", 0.0, False),
     ("It is neutral, not positive", 0.0, False), ("unsure", 0.0, True),
+    ('"positive"', 1.0, False),  # what the constrained judge writes: a JSON string
 ])
 def test_label_model_maps_the_judges_label(answer, label_score, parse_error):
     grader = {"type": "label_model", "name": "sentiment", "model": "m",
@@ -151,6 +152,9 @@ def test_label_model_maps_the_judges_label(answer, label_score, parse_error):
     result = score(grader, "x", judge=judge)
     assert (result.score, result.errors["model_grader_parse_error"]) == (label_score, parse_error)
     assert judge.calls[0][1][0]["role"] == "system"  # developer is the system message
+    # The judge is held to the labels by a JSON schema (the engine's constrained decoding).
+    assert judge.calls[0][3] == {"type": "json_schema", "schema": {
+        "type": "string", "enum": ["positive", "neutral", "negative"]}}
 
 
 def test_label_model_passing_labels_must_be_labels():

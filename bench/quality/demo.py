@@ -163,8 +163,11 @@ def evaluate(client: Client, args: argparse.Namespace, model: str) -> dict[str, 
     cases = [cli_eval.Case(e.prompt, e.output)
              for e in eval_tasks.heldout(args.task, args.n_eval, args.seed)]
     started = time.monotonic()
-    answers = cli_eval.run_cases(client, model, args.task, cases, max_tokens=args.max_tokens)
-    report = cli_eval.summarize(model, args.task, answers, time.monotonic() - started)
+    run = cli_eval.EvalRun(client, args.task)
+    answers = run.answers(model, cases, max_tokens=args.max_tokens)
+    # The eval run's id and the grader's pass rate beside the exact match computed from its items.
+    report = {**cli_eval.summarize(model, args.task, answers, time.monotonic() - started),
+              **run.summary}
     report["examples"] = [{"prompt": a.prompt, "answer": a.answer, "finish_reason":
                            a.finish_reason} for a in answers[:3]]
     say(args, f"  {model}: exact match {report['exact_match']:.1%}, end of turn "

@@ -13,6 +13,11 @@ The request and chat figures are per process: under Ray Serve each API replica k
 registry, and a scrape through the Serve proxy reaches one replica. That is exact with one API
 replica (the default); with several, scrape each replica or sum what they report.
 
+- Eval runs by status, and the requests and tokens of their model graders (judges):
+  ``EvalsCollector``, from the run records (under Serve a run's driver is an actor of its own,
+  whose chat calls never pass this process; without Serve a judge's calls also count as chat
+  requests above).
+
 - Adapters loaded per chat replica and adapter hot-load time: the chat replicas are processes
   of their own (Ray Serve actors), so counters kept there would never reach this ``/metrics``
   (``ray.util.metrics`` goes to Ray's metrics agent, another scrape target). Instead every chat
@@ -43,6 +48,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from service.evals.store import FINISHED, EvalStore, RunRecord, RunStatus
 from service.jobs.store import JobStore, Status
 from service.jobs.progress import latest_metrics
 from service.core.storage import Storage
@@ -51,6 +57,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["metrics"])
 
 STATUSES: tuple[str, ...] = Status.__args__  # type: ignore[attr-defined]
+RUN_STATUSES: tuple[str, ...] = RunStatus.__args__  # type: ignore[attr-defined]
 SCAN_TTL_S = 5.0
 """Job figures come from storage; scrapes within this many seconds reuse the last read."""
 
@@ -92,6 +99,7 @@ class Metrics:
         r.register(self.adapters)
         self.jobs = JobsCollector(storage)
         r.register(self.jobs)
+        r.register(EvalsCollector(storage))
 
 
 def init_metrics(app) -> Metrics:
@@ -110,15 +118,15 @@ def metrics(request: Request) -> Response:
 # --- jobs, from storage ---------------------------------------------------------------------
 
 
-class JobsCollector:
-    """Jobs by status and training progress, computed from storage at scrape time."""
+class StorageCollector:
+    """Figures computed from storage at scrape time, the last read reused for ``SCAN_TTL_S``."""
+
+    what = "records"
 
     def __init__(self, storage: Storage):
         self.storage = storage
         self._lock = threading.Lock()
         self._cached: tuple[float, list] | None = None
-        self._final_steps: dict[str, int] = {}
-        """Last step of finished jobs: it never changes, so it is read once per process."""
 
     def describe(self) -> list:
         return []  # no scan at registration time
@@ -129,9 +137,23 @@ class JobsCollector:
                 try:
                     self._cached = (time.monotonic(), self._scan())
                 except Exception:  # noqa: BLE001 - a storage outage must not break the scrape
-                    log.warning("could not read jobs for /metrics", exc_info=True)
+                    log.warning("could not read %s for /metrics", self.what, exc_info=True)
                     self._cached = (time.monotonic(), [])
             return iter(self._cached[1])
+
+    def _scan(self) -> list:
+        raise NotImplementedError
+
+
+class JobsCollector(StorageCollector):
+    """Jobs by status and training progress."""
+
+    what = "jobs"
+
+    def __init__(self, storage: Storage):
+        super().__init__(storage)
+        self._final_steps: dict[str, int] = {}
+        """Last step of finished jobs: it never changes, so it is read once per process."""
 
     def _scan(self) -> list:
         by_status = dict.fromkeys(STATUSES, 0)
@@ -175,6 +197,41 @@ class JobsCollector:
         if status in ("succeeded", "failed", "cancelled"):
             self._final_steps[job_id] = int(latest.get("step", 0))
         return latest
+
+
+class EvalsCollector(StorageCollector):
+    """Eval runs by status and their model graders' calls and tokens, from the run records:
+    under Serve a run's driver is an actor of its own that calls the chat deployment directly,
+    so a judge's requests never pass this process's ``InstrumentedChat``."""
+
+    what = "eval runs"
+
+    def __init__(self, storage: Storage):
+        super().__init__(storage)
+        self._finished: dict[str, RunRecord] = {}
+        """Finished runs never change: each is read once per process."""
+
+    def _scan(self) -> list:
+        by_status = dict.fromkeys(RUN_STATUSES, 0)
+        judge: dict[str, int] = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        for key, run in EvalStore(self.storage).all_runs():
+            run = self._finished.get(key, run)
+            if run.status in FINISHED:
+                self._finished[key] = run
+            by_status[run.status] += 1
+            for name in judge:
+                judge[name] += run.judge_usage.get(name, 0)
+        runs = GaugeMetricFamily("tuneserve_eval_runs", "Eval runs by status.",
+                                 labels=["status"])
+        for status, count in by_status.items():
+            runs.add_metric([status], count)
+        tokens = CounterMetricFamily("tuneserve_eval_judge_tokens", "Tokens of model graders' "
+                                     "requests in eval runs.", labels=["kind"])
+        tokens.add_metric(["prompt"], judge["prompt_tokens"])
+        tokens.add_metric(["completion"], judge["completion_tokens"])
+        return [runs, CounterMetricFamily("tuneserve_eval_judge_requests", "Requests of model "
+                                          "graders (score_model, label_model) in eval runs.",
+                                          value=judge["calls"]), tokens]
 
 
 # --- chat replicas, as their answers report them ------------------------------------------

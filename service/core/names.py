@@ -330,6 +330,11 @@ def eval_index_prefix(tenant: str) -> str:
     return join_key("eval-index", tenant) + "/"
 
 
+def evals_prefix() -> str:
+    """``evals/``: every eval, its runs and their items."""
+    return join_key("evals") + "/"
+
+
 def eval_runs_prefix(eval_id: str) -> str:
     """``evals/<eval_id>/runs/``: every run of an eval."""
     return join_key("evals", eval_id, "runs") + "/"

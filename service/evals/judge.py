@@ -7,6 +7,7 @@ requests like any other: batched by the chat engine and counted in ``/metrics``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from service.core.errors import NotFound
 from service.evals.store import Target
@@ -22,7 +23,8 @@ class ChatJudge:
         self.max_tokens_cap = max_tokens_cap
 
     async def __call__(self, model: str, messages: list[dict[str, str]],
-                       params: SamplingParams) -> JudgeAnswer:
+                       params: SamplingParams,
+                       response_format: dict[str, Any] | None = None) -> JudgeAnswer:
         target = self.targets.get(model)
         if target is None:  # resolved before grading; this is a bug, not the caller's mistake
             raise NotFound(f"The judge model {model!r} was not resolved.", param="model")
@@ -31,6 +33,7 @@ class ChatJudge:
                         max_tokens=min(params.token_cap() or self.max_tokens_cap,
                                        self.max_tokens_cap),
                         temperature=params.temperature if params.temperature is not None
-                        else 0.0, top_p=params.top_p or 1.0, seed=params.seed)
+                        else 0.0, top_p=params.top_p or 1.0, seed=params.seed,
+                        response_format=response_format)
         output = await self.chat.complete(call)
         return JudgeAnswer(output.text, output.prompt_tokens, output.completion_tokens)

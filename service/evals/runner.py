@@ -176,6 +176,8 @@ class _Tally:
         self.counts: Counter[str] = Counter()
         self.per_criterion = [Counter() for _ in criteria]
         self.usage: dict[str, Counter[str]] = {}
+        self.judge: Counter[str] = Counter()
+        """Model graders' calls and tokens, apart from the sampled model's (for /metrics)."""
 
     def add(self, item: dict[str, Any]) -> None:
         self.counts["total"] += 1
@@ -188,6 +190,9 @@ class _Tally:
         for used in item.pop("_usage", []):
             for model, counts in used.items():
                 self._use(model, counts, invocations=counts["invocation_count"])
+                self.judge["calls"] += counts["invocation_count"]
+                for key in ("prompt_tokens", "completion_tokens"):
+                    self.judge[key] += counts.get(key, 0)
 
     def _use(self, model: str, usage: dict[str, int], invocations: int = 1) -> None:
         seen = self.usage.setdefault(model, Counter())
@@ -205,6 +210,7 @@ class _Tally:
             "per_model_usage": [{"model_name": m, **{k: u[k] for k in (
                 "invocation_count", "prompt_tokens", "completion_tokens", "total_tokens",
                 "cached_tokens")}} for m, u in self.usage.items()],
+            "judge_usage": dict(self.judge),
         }
 
 

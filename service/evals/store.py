@@ -68,8 +68,12 @@ class RunRecord(BaseModel):
     targets: dict[str, Target] = Field(default_factory=dict)
     """The sampled model and every judge, resolved at creation (the driver has no tenancy)."""
     finished_at: int | None = None
+    judge_usage: dict[str, int] = Field(default_factory=dict)
+    """Model graders' ``calls``, ``prompt_tokens`` and ``completion_tokens``: ``/metrics``
+    reads them here, since under Serve a run's driver calls the chat deployment directly."""
 
-    PRIVATE: ClassVar[frozenset[str]] = frozenset({"tenant", "items", "targets", "finished_at"})
+    PRIVATE: ClassVar[frozenset[str]] = frozenset({"tenant", "items", "targets", "finished_at",
+                                                   "judge_usage"})
 
     def public(self) -> dict[str, Any]:
         body = self.model_dump(exclude=set(self.PRIVATE))
@@ -167,6 +171,15 @@ class EvalStore:
             if info.key.endswith("/" + names.EVAL_RUN_RECORD):
                 runs.append(RunRecord.model_validate_json(self.storage.get(info.key)))
         return sorted(runs, key=lambda r: (r.created_at, r.id))
+
+    def all_runs(self) -> Iterator[tuple[str, RunRecord]]:
+        """Every tenant's runs with their storage keys (for ``/metrics``, which names no tenant)."""
+        for info in self.storage.iter(names.evals_prefix()):
+            if info.key.endswith("/" + names.EVAL_RUN_RECORD):
+                try:
+                    yield info.key, RunRecord.model_validate_json(self.storage.get(info.key))
+                except NotFound:
+                    continue  # deleted with its eval since the listing
 
     # -- graded items --------------------------------------------------------------------------
 

@@ -59,9 +59,17 @@ class JudgeAnswer:
 
 class Judge(Protocol):
     async def __call__(self, model: str, messages: list[dict[str, str]],
-                       params: SamplingParams) -> JudgeAnswer:
-        """The judge ``model``'s answer to ``messages``."""
+                       params: SamplingParams,
+                       response_format: dict[str, Any] | None = None) -> JudgeAnswer:
+        """The judge ``model``'s answer to ``messages``; with ``response_format`` (the chat
+        engine's ``{"type": "json_schema", "schema": …}``) the answer follows it."""
         ...
+
+
+def label_format(labels: list[str]) -> dict[str, Any]:
+    """A label judge answers with one of the labels, as a JSON string: constrained decoding
+    makes an off-list or wordy answer impossible rather than a parse error."""
+    return {"type": "json_schema", "schema": {"type": "string", "enum": list(labels)}}
 
 
 ERROR_FLAGS = ("formula_parse_error", "sample_parse_error", "truncated_observation_error",
@@ -219,7 +227,8 @@ async def _model_grade(grader: ScoreModel | LabelModel, space: dict[str, Any],
     low = grader.bounds()[0] if isinstance(grader, ScoreModel) else 0.0
     result = Result(grader.name, grader.type, low, False)
     try:
-        answer = await judge(grader.model, messages, params)
+        answer = await judge(grader.model, messages, params, response_format=None
+                             if isinstance(grader, ScoreModel) else label_format(grader.labels))
     except Exception as exc:
         if isinstance(exc, GraderInvalid) or getattr(exc, "status", 500) < 500:
             raise  # the caller's mistake (a model it may not use): its 4xx, not a score
@@ -269,7 +278,13 @@ def parse_score(answer: str, low: float, high: float) -> float | None:
 
 
 def parse_label(answer: str, labels: list[str]) -> str | None:
-    """The label the judge gave: the whole answer, else the label named first in it."""
+    """The label the judge gave: the whole answer (or the JSON string it is), else the label
+    named first in it."""
+    try:
+        value = json.loads(answer)
+        answer = value if isinstance(value, str) else answer
+    except ValueError:
+        pass
     said = answer.strip().strip(".\"'").casefold()
     for label in labels:
         if said == label.casefold():
