@@ -8,6 +8,9 @@ own files) holds:
 - ``trainer_state.pt``: optimizer, scheduler, the step (which is the data position: the batch
   plan is a pure function of seed, epoch and step), resolved hyperparameters, counters;
 - ``rng-rank<r>.pt``: each rank's RNG states, written by that rank;
+- ``dcp/`` (FSDP runs, ``training.sharding``): the trainable weights' and the optimizer's
+  shards, each rank's file written by that rank with ``torch.distributed.checkpoint``
+  (``trainer_state.pt`` then holds no optimizer; ``adapter/`` holds the gathered weights);
 - ``parts/rank-<r>.json``: each rank's file list with sizes, written by that rank after its files;
 - ``manifest.json``: every file of every rank with its size, written by rank 0 once all parts are
   in, and last. A checkpoint is complete when its manifest is there and every file it names is
@@ -40,6 +43,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from service.core.names import run_key
+from training import sharding
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,13 @@ def write_local(path: Path, *, rank: int, model: torch.nn.Module,
                 optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
     """Write this rank's part of the checkpoint into ``path`` (its own local folder)."""
     torch.save(rng_states(), path / f"rng-rank{rank}.pt")
+    if sharding.is_sharded(model):  # every rank: gather the export, write its own shards
+        sharding.save_full(model, path / ADAPTER_DIR, rank)
+        sharding.save_sharded(path / sharding.DCP_DIR, model, optimizer)
+        if rank == 0:
+            torch.save({"scheduler": scheduler.state_dict(), "state": state.__dict__},
+                       path / STATE_FILE)
+        return
     if rank == 0:
         model.save_pretrained(str(path / ADAPTER_DIR), safe_serialization=True)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -168,12 +179,16 @@ def prune(storage: Any, job_id: str, below: int) -> None:
 
 
 def load(storage: Any, job_id: str, step: int, rank: int, model: torch.nn.Module,
-         optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+         optimizer: torch.optim.Optimizer, scheduler: Any,
+         all_ok: Callable[[bool], bool] = lambda ok: ok) -> TrainState:
     """Load checkpoint ``step`` into this rank's model, optimizer, scheduler and RNGs. Raises if
     a file cannot be read; then nothing was changed."""
     prefix = checkpoint_prefix(job_id, step)
     path = local_dir(job_id, rank, "restore")
     try:
+        if sharding.is_sharded(model):
+            return _load_sharded(storage, prefix, path, rank, model, optimizer, scheduler,
+                                 all_ok)
         for info in storage.iter(prefix + ADAPTER_DIR + "/"):
             storage.download_file(info.key, path / info.key[len(prefix):])
         storage.download_file(prefix + STATE_FILE, path / STATE_FILE)
@@ -195,6 +210,36 @@ def load(storage: Any, job_id: str, step: int, rank: int, model: torch.nn.Module
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _load_sharded(storage: Any, prefix: str, path: Path, rank: int, model: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer, scheduler: Any,
+                  all_ok: Callable[[bool], bool]) -> TrainState:
+    """``load`` of an FSDP checkpoint: every rank downloads every rank's shards (DCP reads the
+    pieces of its own shard wherever they were written: the world size may have changed), then
+    all load together (a collective: every rank must have its files first)."""
+    try:
+        shards = f"{prefix}{sharding.DCP_DIR}/"
+        for info in storage.iter(shards):
+            storage.download_file(info.key, path / sharding.DCP_DIR / info.key[len(shards):])
+        storage.download_file(prefix + STATE_FILE, path / STATE_FILE)
+        saved = torch.load(path / STATE_FILE, weights_only=False)
+        rng_key = f"{prefix}rng-rank{rank}.pt"
+        rng = None
+        if storage.exists(rng_key):
+            storage.download_file(rng_key, path / "rng.pt")
+            rng = torch.load(path / "rng.pt", weights_only=False)
+        ready = (path / sharding.DCP_DIR / ".metadata").exists()
+    except Exception:  # noqa: BLE001 - said to every rank below, then raised
+        log.warning("rank %d: sharded checkpoint %s unreadable", rank, prefix, exc_info=True)
+        ready = False
+    if not all_ok(ready):
+        raise RuntimeError(f"some rank could not read the sharded checkpoint {prefix}")
+    sharding.load_sharded(path / sharding.DCP_DIR, model, optimizer)
+    scheduler.load_state_dict(saved["scheduler"])
+    if rng is not None:
+        set_rng_states(rng)
+    return TrainState(**saved["state"])
+
+
 def restore(storage: Any, job_id: str, rank: int, model: torch.nn.Module,
             optimizer: torch.optim.Optimizer, scheduler: Any, *,
             share: Callable[[Any], Any] = lambda x: x,
@@ -211,7 +256,7 @@ def restore(storage: Any, job_id: str, rank: int, model: torch.nn.Module,
     state, failed, changed = None, [], False
     for step in candidates:
         try:
-            loaded = load(storage, job_id, step, rank, model, optimizer, scheduler)
+            loaded = load(storage, job_id, step, rank, model, optimizer, scheduler, all_ok)
             changed = True
         except Exception as exc:  # noqa: BLE001 - any unreadable file means: try the previous
             log.warning("rank %d: checkpoint %d is unreadable (%s: %s)", rank, step,

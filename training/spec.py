@@ -116,6 +116,10 @@ class TrainSpec:
     # Room for DPO (issue 7): used only when method == "dpo".
     beta: float = 0.1
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    """``ddp``: every worker holds the whole model and the gradients are summed by hand;
+    ``fsdp``: each holds a 1/num_workers shard of the weights, gradients and optimizer state
+    (torch's FSDP2, ``training.recipes.sharding``), for models that do not fit one worker."""
     label_smoothing: float = 0.0
     rpo_alpha: float = 0.0
     """Weight of the chosen answers' mean token NLL added to the DPO loss (RPO, TRL's
@@ -240,6 +244,12 @@ class TrainSpec:
         if not low <= self.max_length <= high:
             yield "max_length", f"max_length must be in {low}..{high}, not {self.max_length}"
         if not low <= self.pack_length <= high:
+        if self.parallelism not in ("ddp", "fsdp"):
+            yield "parallelism", f"parallelism must be 'ddp' or 'fsdp', not {self.parallelism!r}"
+        elif self.parallelism == "fsdp" and self.method != "supervised":
+            # A sharded model gathers its weights in every pass, on every rank at once; only
+            # the supervised recipe keeps its passes in step across ranks (``even_batches``).
+            yield "parallelism", f"parallelism 'fsdp' trains supervised jobs only, not {self.method}"
             yield "pack_length", f"pack_length must be in {low}..{high}, not {self.pack_length}"
         if self.micro_batch_size < 1:
             yield "micro_batch_size", "micro_batch_size must be ≥ 1"

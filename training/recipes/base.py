@@ -55,6 +55,7 @@ from training.model.adapter import (
 )
 from training.model.attention import shares_prefixes, use_packed_attention
 from training.model.lora import apply_adapter, default_target_modules
+from training import sharding
 from training.recipes.checkpointing import Checkpointing
 from training.recipes.context import WorkerContext
 from training.spec import (
@@ -107,6 +108,8 @@ class Recipe(ABC, Generic[E]):
         self.events = EventLog(self.storage, spec.job_id) if self.rank == 0 else None
         self.resumed_from: int | None = None
         self.stopping = False
+        self.sharded = spec.parallelism == "fsdp" and self.world_size > 1
+        """FSDP (``training.sharding``): each rank holds a shard of the model."""
         """Set after a step at which some rank was asked to stop: checkpoint, then end."""
         self._last_validation: tuple[tuple[int, int], dict[str, float]] | None = None
 
@@ -246,10 +249,12 @@ class Recipe(ABC, Generic[E]):
         self.share_prefix = shares_prefixes(model)
         self.target_modules = ([] if self.spec.full_finetune else
                                list(self.spec.target_modules or default_target_modules(model)))
-        frozen = torch.bfloat16 if self.use_bf16 else None
+        # Sharded, the mixed-precision policy casts the weights it gathers (one dtype per unit).
+        frozen = torch.bfloat16 if self.use_bf16 and not self.sharded else None
         self.model = apply_adapter(model, self.spec, frozen_dtype=frozen)
         registry.own_weights(self.model, torch.float32)
-        self.model = self.model.to(self.device)
+        if not self.sharded:
+            self.model = self.model.to(self.device)
         self.model.train()
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else model
         self.decoder = causal_lm.base_model  # the transformer body, without the output head
@@ -259,10 +264,13 @@ class Recipe(ABC, Generic[E]):
             # Non-reentrant checkpointing needs no input that requires grad (frozen embeddings).
             causal_lm.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         if self.init_dir is not None:
             checkpoints.load_weights(self.model, self.init_dir)
             self.emit(f"Starting from the adapter {self.spec.init_adapter}")
+        if self.sharded:  # after the weights are final: each rank keeps its shard, on the device
+            self.decoder = sharding.shard_model(self.model, self.decoder, self.device,
+                                                self.use_bf16)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def fetch_adapter(self, prefix: str | None, name: str) -> Path | None:
         """Download a committed LoRA adapter of this base model from storage."""
@@ -354,7 +362,7 @@ class Recipe(ABC, Generic[E]):
 
     def step_optimizer(self) -> None:
         """Clip the (already all-reduced) gradients, step, advance the schedule."""
-        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm))
+        self.grad_norm = sharding.clip_grad_norm(self.params, self.spec.max_grad_norm)
         self.step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()
@@ -375,6 +383,8 @@ class Recipe(ABC, Generic[E]):
         """
         if self.world_size == 1:
             return extra
+        if self.sharded:  # FSDP has summed the gradients into each rank's shard already
+            return self.all_reduce(extra.clone())
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.reshape(-1).float() for g in grads] + [extra.to(self.device)])
         dist.all_reduce(flat)
@@ -385,10 +395,19 @@ class Recipe(ABC, Generic[E]):
             offset += n
         return flat[offset:].cpu()
 
+    def even_batches(self, batches: list[dict[str, torch.Tensor]]
+                     ) -> list[dict[str, torch.Tensor]]:
+        """``batches``, and under FSDP empty ones up to the most any rank has."""
+        if not self.sharded:
+            return batches
+        return sharding.even_batches(batches, self.batches(self.train_examples[:1])[0])
+
     def after_step(self, sums: torch.Tensor, seconds: float, epoch: int) -> None:
         state = self.state
         state.step += 1
         state.metrics = self.step_metrics(sums, seconds, epoch)
+        if self._memory_note is None:
+            self.note_memory()
         epoch_end = state.step % self.steps_per_epoch == 0
         every = self.spec.checkpoint_every_steps
         self.stopping = self.stop_flag and state.step < self.total_steps
@@ -412,6 +431,18 @@ class Recipe(ABC, Generic[E]):
                 "grad_norm": self.grad_norm, "step_seconds": seconds,
                 "trained_tokens": state.trained_tokens}
 
+    _memory_note: dict[str, int] | None = None
+
+    def note_memory(self) -> None:
+        """Once, after the first step (the optimizer state exists): what this rank holds."""
+        held = sharding.state_bytes(self.params, list(self.model.parameters()), self.optimizer)
+        self._memory_note = held
+        mib = {k: v / 2**20 for k, v in held.items()}
+        self.emit(f"Worker {self.rank}/{self.world_size} ({self.spec.parallelism}) holds "
+                  f"{mib['weights']:.1f} MiB of weights, {mib['gradients']:.1f} MiB of "
+                  f"gradients, {mib['optimizer']:.1f} MiB of optimizer state",
+                  data={"state_bytes": held, "parallelism": self.spec.parallelism})
+
     def log_metrics(self) -> None:
         if self.events is not None:
             self.events.metrics(self.state.metrics, self.total_steps)
@@ -423,7 +454,8 @@ class Recipe(ABC, Generic[E]):
         """``eval_metrics`` over ``examples`` (sharded over ranks), in eval mode."""
         self.model.eval()
         sums = torch.zeros(len(self.SUMS))
-        for batch in self.batches(examples[self.rank::self.world_size])[:max_batches]:
+        for batch in self.even_batches(
+                self.batches(examples[self.rank::self.world_size])[:max_batches]):
             sums += self.eval_sums(batch)
         self.model.train()
         return self.eval_metrics(dict(zip(self.SUMS, self.all_reduce(sums).tolist(), strict=True)))
@@ -473,9 +505,16 @@ class Recipe(ABC, Generic[E]):
         """After the last step: full validation, then the final adapter (manifest last)."""
         if self.valid_examples:
             self.state.metrics.update(self.valid_metrics(self.valid_examples, "full_valid_"))
-        if self.rank == 0:
+        if self.sharded:  # every rank gathers; rank 0 writes the same files as unsharded
+            folder = checkpoints.local_dir(self.spec.job_id, self.rank, "export")
+            sharding.save_full(self.model, folder, self.rank)
+            if self.rank == 0:
+                export_adapter(self.storage, folder, adapter_prefix(self.spec.job_id),
+                               self.manifest())
+        elif self.rank == 0:
             export_model(self.storage, self.model, adapter_prefix(self.spec.job_id),
                          self.manifest())
+        if self.rank == 0:
             self.emit(f"Final adapter written to {adapter_prefix(self.spec.job_id)}")
 
     def emit(self, message: str, level: str = "info", data: dict | None = None) -> None:

@@ -69,7 +69,7 @@ class SFTRecipe(Recipe[packing.Example]):
     def setup_model(self, model_dir: Path) -> None:
         super().setup_model(model_dir)
         # Activation checkpointing trades speed for memory: it gets no lookahead.
-        if not self.spec.activation_checkpointing:
+        if not self.spec.activation_checkpointing and not self.sharded:
             self.lookahead = self.device_strategy.lookahead(self.decoder, self.use_bf16,
                                                             self.threads)
 
@@ -104,7 +104,7 @@ class SFTRecipe(Recipe[packing.Example]):
     def forward_backward(self, examples: list[packing.Example]) -> torch.Tensor:
         """Each micro-batch's token loss divided by the supervised tokens of the global step."""
         ahead = self.lookahead.take(examples) if self.lookahead is not None else None
-        micro, below = ahead or (self.batches(examples), None)
+        micro, below = ahead or (self.even_batches(self.batches(examples)), None)
         local = torch.tensor([float(sum(supervised_count(b["labels"]) for b in micro))])
         global_count = int(self.all_reduce(local).item())
         sums = torch.zeros(len(self.SUMS))
