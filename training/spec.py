@@ -19,7 +19,7 @@ from service.core import limits
 from service.core.errors import InvalidRequest
 
 Auto = Literal["auto"]
-Method = Literal["supervised", "dpo"]
+Method = Literal["supervised", "dpo", "reinforcement"]
 
 _JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
 _FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
@@ -34,6 +34,10 @@ BASE_LR_FULL = 2e-5
 # 5e-6..5e-5; full-model DPO uses ~5e-7.
 BASE_LR_DPO_LORA = 5e-5
 BASE_LR_DPO_FULL = 5e-7
+# Reinforcement (GRPO) moves the policy by its own samples: a step that changes the answers'
+# likelihoods a lot makes the next rollouts off-policy. TRL's LoRA GRPO recipes use 1e-5..1e-4.
+BASE_LR_RFT_LORA = 5e-5
+BASE_LR_RFT_FULL = 1e-6
 WARMUP_FRACTION = 0.05
 MIN_LR_FRACTION = 0.1
 """Cosine decay ends at this fraction of the peak learning rate."""
@@ -112,19 +116,38 @@ class TrainSpec:
     activation_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass: activation memory no longer grows
     with the layers (a long example then costs little), for about a third more compute."""
-    tenant: str = ""
-    # Room for DPO (issue 7): used only when method == "dpo".
-    beta: float = 0.1
-    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     """``ddp``: every worker holds the whole model and the gradients are summed by hand;
     ``fsdp``: each holds a 1/num_workers shard of the weights, gradients and optimizer state
     (torch's FSDP2, ``training.recipes.sharding``), for models that do not fit one worker."""
+    tenant: str = ""
+    # Room for DPO (issue 7): used only when method == "dpo".
+    beta: float = 0.1
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = 0.0
     rpo_alpha: float = 0.0
     """Weight of the chosen answers' mean token NLL added to the DPO loss (RPO, TRL's
     ``rpo_alpha``): DPO alone may lower the chosen answers' likelihood along with the rejected
     ones'; this term holds it up. 0 is plain DPO."""
+    # Reinforcement fine-tuning (GRPO, ``training.recipes.grpo``): used only when method ==
+    # "reinforcement".
+    grader: dict[str, Any] | None = None
+    """The reward: an OpenAI grader as JSON (``training.graders``), validated at the edge."""
+    group_size: int = 4
+    """Completions sampled per prompt; advantages are normalised within each group."""
+    max_completion_tokens: int = 128
+    """A rollout stops at end-of-turn or after this many tokens."""
+    kl_beta: float = 0.04
+    """Weight of the KL penalty to the reference (the starting model); 0 skips the reference."""
+    clip_epsilon: float = 0.2
+    """PPO clip range of the policy ratio."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (their log-probs are taken at it too)."""
+    eval_interval: int = 0
+    """Grade greedy answers to the validation prompts every this many steps (0: at
+    checkpoints only)."""
+    eval_samples: int | None = None
+    """Validation prompts graded each time (None: all)."""
     init_adapter: str | None = None
     """Storage prefix of an adapter to start from (e.g. ``adapters/<job>/final``)."""
     reference_adapter: str | None = None
@@ -138,6 +161,8 @@ class TrainSpec:
     def base_learning_rate(self) -> float:
         if self.method == "dpo":
             return BASE_LR_DPO_FULL if self.full_finetune else BASE_LR_DPO_LORA
+        if self.method == "reinforcement":
+            return BASE_LR_RFT_FULL if self.full_finetune else BASE_LR_RFT_LORA
         return BASE_LR_FULL if self.full_finetune else BASE_LR_LORA
 
     @property
@@ -193,8 +218,9 @@ class TrainSpec:
     def _problems(self):  # -> Iterator[tuple[param, message]]
         if not _JOB_ID.match(self.job_id):
             yield "job_id", f"job_id {self.job_id!r} is not ftjob-<24 hex>"
-        if self.method not in ("supervised", "dpo"):
-            yield "method", f"method must be 'supervised' or 'dpo', not {self.method!r}"
+        if self.method not in ("supervised", "dpo", "reinforcement"):
+            yield "method", ("method must be 'supervised', 'dpo' or 'reinforcement', not "
+                             f"{self.method!r}")
         if not self.training_files:
             yield "training_files", "at least one training file is needed"
         for file_id, weight in self.training_files:
@@ -218,12 +244,42 @@ class TrainSpec:
         if self.method == "dpo" and self.full_finetune:
             # The reference is the policy with its adapter disabled: there must be an adapter.
             yield "full_finetune", "DPO trains a LoRA adapter; full_finetune is not supported"
+        if self.parallelism not in ("ddp", "fsdp"):
+            yield "parallelism", f"parallelism must be 'ddp' or 'fsdp', not {self.parallelism!r}"
+        elif self.parallelism == "fsdp" and self.method != "supervised":
+            # A sharded model gathers its weights in every pass, on every rank at once; only
+            # the supervised recipe keeps its passes in step across ranks (``even_batches``).
+            yield "parallelism", f"parallelism 'fsdp' trains supervised jobs only, not {self.method}"
         if self.dpo_loss not in ("sigmoid", "ipo"):
             yield "dpo_loss", f"dpo_loss must be 'sigmoid' or 'ipo', not {self.dpo_loss!r}"
         if not 0 <= self.label_smoothing < 0.5:
             yield "label_smoothing", "label_smoothing must be in [0, 0.5)"
         if not 0 <= self.rpo_alpha <= limits.MAX_RPO_ALPHA:
             yield "rpo_alpha", f"rpo_alpha must be in [0, {limits.MAX_RPO_ALPHA:g}], not {self.rpo_alpha}"
+        if self.method == "reinforcement":
+            yield from self._reinforcement_problems()
+
+    def _reinforcement_problems(self):
+        if not isinstance(self.grader, dict):
+            yield "grader", "a reinforcement run needs a grader"
+        if not 2 <= self.group_size <= limits.MAX_RFT_GROUP_SIZE:
+            yield "group_size", (f"group_size must be in 2..{limits.MAX_RFT_GROUP_SIZE}, "
+                                 f"not {self.group_size}")
+        if not 1 <= self.max_completion_tokens <= limits.MAX_TOKENS:
+            yield "max_completion_tokens", f"max_completion_tokens must be in 1..{limits.MAX_TOKENS}"
+        if not 0 <= self.kl_beta <= limits.MAX_BETA:
+            yield "kl_beta", f"kl_beta must be in [0, {limits.MAX_BETA:g}]"
+        if self.full_finetune and self.kl_beta:
+            # The reference is the policy with its adapter disabled: there must be an adapter.
+            yield "full_finetune", "full fine-tuning with reinforcement needs kl_beta 0"
+        if not 0 < self.clip_epsilon < 1:
+            yield "clip_epsilon", "clip_epsilon must be in (0, 1)"
+        if not 0 < self.temperature <= 2:
+            yield "temperature", "temperature must be in (0, 2]"
+        if self.eval_interval < 0:
+            yield "eval_interval", "eval_interval must be ≥ 0"
+        if self.eval_samples is not None and self.eval_samples < 1:
+            yield "eval_samples", "eval_samples must be ≥ 1"
 
     def _lora_problems(self):
         if not self.full_finetune:
@@ -244,12 +300,6 @@ class TrainSpec:
         if not low <= self.max_length <= high:
             yield "max_length", f"max_length must be in {low}..{high}, not {self.max_length}"
         if not low <= self.pack_length <= high:
-        if self.parallelism not in ("ddp", "fsdp"):
-            yield "parallelism", f"parallelism must be 'ddp' or 'fsdp', not {self.parallelism!r}"
-        elif self.parallelism == "fsdp" and self.method != "supervised":
-            # A sharded model gathers its weights in every pass, on every rank at once; only
-            # the supervised recipe keeps its passes in step across ranks (``even_batches``).
-            yield "parallelism", f"parallelism 'fsdp' trains supervised jobs only, not {self.method}"
             yield "pack_length", f"pack_length must be in {low}..{high}, not {self.pack_length}"
         if self.micro_batch_size < 1:
             yield "micro_batch_size", "micro_batch_size must be ≥ 1"
@@ -288,6 +338,8 @@ def resolve_hyperparameters(spec: TrainSpec, n_examples: int, n_tokens: int) -> 
       5e-5 and 5e-7).
     """
     n_examples = max(n_examples, 1)
+    if spec.method == "reinforcement":
+        return _rft_hyperparameters(spec, n_examples)
     if spec.n_epochs == "auto":
         epochs = 3
         if n_examples * epochs < 400:
@@ -303,6 +355,16 @@ def resolve_hyperparameters(spec: TrainSpec, n_examples: int, n_tokens: int) -> 
         batch = min(max(batch, 4), 32, n_examples)
     else:
         batch = int(spec.batch_size)
+    lrm = 1.0 if spec.learning_rate_multiplier == "auto" else float(spec.learning_rate_multiplier)
+    return Hyperparameters(n_epochs=epochs, batch_size=batch, learning_rate_multiplier=lrm,
+                           learning_rate=spec.base_learning_rate * lrm)
+
+
+def _rft_hyperparameters(spec: TrainSpec, n_prompts: int) -> Hyperparameters:
+    """Reinforcement's "auto": one epoch of 8 prompts a step. A step costs group_size rollouts
+    per prompt, so RFT sets are small and each prompt is seen once or twice."""
+    epochs = 1 if spec.n_epochs == "auto" else int(spec.n_epochs)
+    batch = min(8, n_prompts) if spec.batch_size == "auto" else int(spec.batch_size)
     lrm = 1.0 if spec.learning_rate_multiplier == "auto" else float(spec.learning_rate_multiplier)
     return Hyperparameters(n_epochs=epochs, batch_size=batch, learning_rate_multiplier=lrm,
                            learning_rate=spec.base_learning_rate * lrm)

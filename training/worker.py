@@ -29,6 +29,7 @@ import ray.train.torch
 
 from service.core.logs import job_logging
 from service.core.storage.config import StorageConfig
+from training.judge import ActorJudge, judge_actor_name
 from training.recipes import run_recipe
 from training.recipes.context import WorkerContext
 from training.spec import TrainSpec
@@ -55,7 +56,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     TRAINING.set()
     try:
         with job_logging(spec.job_id):  # every line of this worker names its job
-            recipe = run_recipe(spec, storage, RayTrainContext.current())
+            context = RayTrainContext.current()
+            context.judge = ActorJudge(judge_actor_name(spec.job_id))  # used by model graders
+            recipe = run_recipe(spec, storage, context)
     finally:
         TRAINING.clear()
     return {**recipe.report_metrics(), "preempted": recipe.stopping}

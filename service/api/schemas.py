@@ -39,6 +39,24 @@ class DpoHyperparameters(SupervisedHyperparameters):
     """Adds this weight × the chosen answers' mean token NLL to the loss (RPO; 0 = plain DPO)."""
 
 
+class ReinforcementHyperparameters(SupervisedHyperparameters):
+    """OpenAI's ``FineTuneReinforcementHyperparameters``."""
+
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+    """Accepted and ignored: the models served here have no reasoning mode."""
+    compute_multiplier: Annotated[float, Field(gt=0, le=10)] | Auto = "auto"
+    """Scales the completions sampled per prompt (the group size, 4 at 1)."""
+    eval_interval: Annotated[int, Field(ge=1)] | Auto = "auto"
+    eval_samples: Annotated[int, Field(ge=1)] | Auto = "auto"
+
+
+class ReinforcementMethod(Strict):
+    grader: dict
+    """Any grader of ``/v1/fine_tuning/alpha/graders`` (checked by ``training.graders``)."""
+    hyperparameters: ReinforcementHyperparameters = Field(
+        default_factory=ReinforcementHyperparameters)
+
+
 class SupervisedMethod(Strict):
     hyperparameters: SupervisedHyperparameters = Field(default_factory=SupervisedHyperparameters)
 
@@ -48,15 +66,19 @@ class DpoMethod(Strict):
 
 
 class Method(Strict):
-    type: Literal["supervised", "dpo"]
+    type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
+    reinforcement: ReinforcementMethod | None = None
 
     @model_validator(mode="after")
     def _matching_section(self) -> Method:
-        other = "dpo" if self.type == "supervised" else "supervised"
-        if getattr(self, other) is not None:
-            raise ValueError(f"method.{other} is given but method.type is {self.type!r}")
+        for other in ("supervised", "dpo", "reinforcement"):
+            if other != self.type and getattr(self, other) is not None:
+                raise ValueError(f"method.{other} is given but method.type is {self.type!r}")
+        if self.type == "reinforcement" and self.reinforcement is None:
+            raise ValueError("method.reinforcement with a grader is required when method.type "
+                             "is 'reinforcement'")
         return self
 
 
@@ -172,4 +194,6 @@ class CreateJobRequest(Strict):
             return {"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}}
         section = getattr(self.method, self.method.type) or (
             SupervisedMethod() if self.method.type == "supervised" else DpoMethod())
+        if self.method.type == "reinforcement":
+            return {"type": "reinforcement", "reinforcement": section.model_dump(mode="json")}
         return {"type": self.method.type, self.method.type: section.model_dump()}

@@ -45,6 +45,13 @@ MAX_BETA = 2.0
 """DPO's beta is > 0 and at most this."""
 MAX_RPO_ALPHA = 10.0
 
+# -- reinforcement fine-tuning (GRPO) ---------------------------------------------------------
+
+MAX_RFT_GROUP_SIZE = 64
+"""Completions sampled per prompt at most (a group is one batch of rollouts)."""
+RFT_GROUP_SIZE = 4
+"""Completions per prompt at compute_multiplier 1 (the group size scales with it)."""
+
 # -- serving (defaults of settings that can raise or lower them) ------------------------------
 
 ADAPTERS_PER_REPLICA = 8
@@ -65,3 +72,12 @@ MAX_EVAL_ITEMS = 100_000
 """Items of one eval run's data source (each one chat request plus its grades)."""
 MAX_TESTING_CRITERIA = 32
 """Graders of one eval."""
+
+# -- data generation (Self-Instruct) ------------------------------------------------------------
+
+MAX_DATAGEN_COUNT = 5_000
+"""Examples one data-generation job may ask for (each costs a few chat requests)."""
+MAX_SEED_TASKS = 10_000
+"""Seed tasks read from one seed file (the paper starts from 175)."""
+MAX_DATAGEN_PROMPTS_PER_ROUND = 64
+"""Instruction prompts sent together per round (the chat engine batches them)."""

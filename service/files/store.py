@@ -165,7 +165,7 @@ def list_files(storage: Storage, tenant: str, *, after: str | None = None, limit
     return page, False
 
 
-def file_kind(record: dict[str, Any]) -> Literal["sft", "preference"] | None:
+def file_kind(record: dict[str, Any]) -> Literal["sft", "preference", "prompts"] | None:
     """What a training file holds: conversations ("sft") or preference pairs ("preference")."""
     return (record.get("description") or {}).get("kind")
 

@@ -48,7 +48,9 @@ class JobDriver:
                        else f"Fine-tuning job resumed (attempt {record.attempts})")
             if (job_eval := JobEvalRuns.of(self.storage, record, events)) is not None:
                 job_eval.before()  # the eval extension; never raises
-            with ResumeCounter(self.storage, store, self.job_id):
+            from service.jobs.rft_judge import judge_for_job
+
+            with ResumeCounter(self.storage, store, self.job_id), judge_for_job(record):
                 result = run_training(record.spec, self.storage_config)
         except Exception as exc:  # the job, not the actor, carries the failure
             log.error("job %s failed: %s", self.job_id, traceback.format_exc())

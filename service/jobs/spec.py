@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from service.core import names
+from service.core import limits, names
 from service.core.errors import InvalidRequest
 from service.core.storage import Storage
 from service.files.store import describe_for_training
@@ -64,6 +64,8 @@ def build_spec(record: JobRecord, sizes: Mapping[str, FileSize]) -> TrainSpec:
             fields["beta"] = float(hp["beta"])
         if hp.get("rpo_alpha") is not None:
             fields["rpo_alpha"] = float(hp["rpo_alpha"])
+    if method == "reinforcement":
+        fields.update(_reinforcement(record.method.get("reinforcement") or {}))
     try:
         spec = TrainSpec(**fields).validate()
     except InvalidRequest as exc:
@@ -72,6 +74,21 @@ def build_spec(record: JobRecord, sizes: Mapping[str, FileSize]) -> TrainSpec:
     n_examples, n_tokens = weighted_size(
         [(*sizes[file_id], weight) for file_id, weight in spec.training_files])
     return spec.resolved(n_examples, n_tokens).validate()
+
+
+def _reinforcement(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec fields of OpenAI's ``method.reinforcement`` (``reasoning_effort`` is ignored)."""
+    hp = section.get("hyperparameters") or {}
+    fields: dict[str, Any] = {"grader": section.get("grader")}
+    multiplier = hp.get("compute_multiplier", "auto")
+    if multiplier != "auto":
+        fields["group_size"] = min(limits.MAX_RFT_GROUP_SIZE,
+                                   max(2, round(limits.RFT_GROUP_SIZE * float(multiplier))))
+    if hp.get("eval_interval", "auto") != "auto":
+        fields["eval_interval"] = int(hp["eval_interval"])
+    if hp.get("eval_samples", "auto") != "auto":
+        fields["eval_samples"] = int(hp["eval_samples"])
+    return fields
 
 
 def training_files(record: JobRecord) -> tuple[tuple[str, float], ...]:
@@ -93,9 +110,17 @@ def with_spec(record: JobRecord, spec: TrainSpec) -> JobRecord:
     """``record`` holding ``spec``, and reporting its resolved hyperparameters (top level and
     under ``method``, as OpenAI's job object does)."""
     hp: dict[str, Any] = {name: getattr(spec, name) for name in HYPERPARAMETERS}
+    section: dict[str, Any] = {"hyperparameters": hp}
     if spec.method == "dpo":
         hp.update(beta=spec.beta, rpo_alpha=spec.rpo_alpha)
-    method = {**record.method, "type": spec.method, spec.method: {"hyperparameters": hp}}
+    if spec.method == "reinforcement":
+        asked = (record.method.get("reinforcement") or {}).get("hyperparameters") or {}
+        hp.update(compute_multiplier=asked.get("compute_multiplier", "auto"),
+                  eval_interval=spec.eval_interval or "auto",
+                  eval_samples=spec.eval_samples or "auto",
+                  reasoning_effort=asked.get("reasoning_effort", "default"))
+        section["grader"] = spec.grader
+    method = {**record.method, "type": spec.method, spec.method: section}
     return record.model_copy(update={"spec": spec, "hyperparameters": hp, "method": method})
 
 
@@ -106,7 +131,7 @@ def _base_model(model: str, method: str) -> dict[str, Any]:
     adapter = names.adapter_key(tuned.adapter_id)
     # Continuing from a tuned model: its adapter is the start, and for DPO, frozen, the reference.
     return {"base_model": tuned.base_model, "init_adapter": adapter,
-            **({"reference_adapter": adapter} if method == "dpo" else {})}
+            **({"reference_adapter": adapter} if method in ("dpo", "reinforcement") else {})}
 
 
 def _lora(lora: dict[str, Any]) -> dict[str, Any]:
@@ -128,4 +153,9 @@ def _request_param(param: str | None, method: str) -> str | None:
     ``full_finetune``, are named alike in both)."""
     if param in (*HYPERPARAMETERS, "beta", "rpo_alpha"):
         return f"method.{method}.hyperparameters.{param}"
+    if param == "grader":
+        return "method.reinforcement.grader"
+    if param in ("group_size", "eval_interval", "eval_samples"):
+        return "method.reinforcement.hyperparameters." + (
+            "compute_multiplier" if param == "group_size" else param)
     return param

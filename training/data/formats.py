@@ -35,6 +35,7 @@ from training.data.layouts import (
     has_boolean_label,
     is_hh_transcript,
     is_oig,
+    is_rft_prompt,
     parse_alpaca,
     parse_chosen_rejected,
     parse_dolly,
@@ -43,6 +44,7 @@ from training.data.layouts import (
     parse_oig,
     parse_openai_chat,
     parse_openai_preference,
+    parse_openai_rft,
     parse_openorca,
     parse_prompt_completion,
     parse_self_instruct,
@@ -51,8 +53,8 @@ from training.data.layouts import (
     parse_text,
 )
 
-Kind = Literal["sft", "preference"]
-TrainsOn = Literal["responses", "all_tokens"]
+Kind = Literal["sft", "preference", "prompts"]
+TrainsOn = Literal["responses", "all_tokens", "rewards"]
 DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
 
 
@@ -111,6 +113,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
          "HH-RLHF: chosen/rejected Human:/Assistant: transcripts", accepts=is_hh_transcript),
     _fmt("chosen_rejected", "preference", [{"chosen", "rejected"}], {"prompt"},
          parse_chosen_rejected, "prompt/chosen/rejected"),
+    _fmt("openai_rft", "prompts", [{"messages"}], {"tools", "parallel_tool_calls"},
+         parse_openai_rft, "OpenAI reinforcement: messages ending with the user's turn, plus the "
+         "fields the grader reads", accepts=is_rft_prompt, trains_on="rewards"),
     _fmt("openai_chat", "sft", [{"messages"}], {"tools", "parallel_tool_calls"},
          parse_openai_chat, "OpenAI chat: messages"),
     _fmt("sharegpt", "sft", [{"conversations"}], {"tools", "system", "id"}, parse_sharegpt,
@@ -201,7 +206,8 @@ class FormatReader:
         assert self.format is not None
         if self.format.refusal is not None:
             raise FileProblem("unsupported_layout", self.format.refusal)
-        self.ignored_keys.update(obj.keys() - self.format.keys)
+        if self.format.kind != "prompts":  # a prompt's other fields are the grader's item
+            self.ignored_keys.update(obj.keys() - self.format.keys)
         parsed = self.format.parse(obj, self.notes)
         return parsed if isinstance(parsed, list) else [parsed]
 

@@ -50,6 +50,24 @@ def parse_openai_chat(obj: dict, notes: Notes) -> dict:
     return example
 
 
+def parse_openai_rft(obj: dict, notes: Notes) -> dict:
+    """A reinforcement fine-tuning prompt: messages ending with the user's turn, and any other
+    fields, which the grader's templates read as ``{{item.…}}`` (the whole line is the item)."""
+    messages = parse_messages(obj["messages"])
+    check_prompt(messages, path="messages")
+    example: dict[str, Any] = {"messages": messages, "item": obj}
+    if tools := _tools(obj):
+        example["tools"] = tools
+    return example
+
+
+def is_rft_prompt(obj: dict) -> bool:
+    """Messages that end with a user (or tool) turn: a prompt to sample answers for."""
+    messages = obj.get("messages")
+    return (isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict)
+            and messages[-1].get("role") in ("user", "tool"))
+
+
 def _tools(obj: dict) -> list[dict] | None:
     """``tools`` as OpenAI function tools: an array, or a string holding one (LLaMA-Factory);
     bare function schemas (``{"name", "parameters"}``) are wrapped as ``{"type": "function",

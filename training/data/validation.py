@@ -102,6 +102,9 @@ class FileReport:
     """What the reader did to the records (end markers removed), and how the file trains."""
     ignored_keys: dict[str, int] = field(default_factory=dict)
     """Keys of the records that their layout does not read, with how many records had them."""
+    item_fields: set[str] | None = None
+    """Reinforcement prompts: the fields every line has (what a grader's ``{{item.…}}`` may
+    read; checked against the grader when a job names one)."""
 
     @property
     def ok(self) -> bool:
@@ -158,6 +161,8 @@ class FileReport:
             "notes": list(self.notes), "ignored_keys": dict(self.ignored_keys),
             "invalid_records": self.invalid_records,
             "skipped": skipped,
+            **({"item_fields": sorted(self.item_fields)} if self.item_fields is not None
+               else {}),
         }
 
 
@@ -218,6 +223,10 @@ def validate_file(stream: Readable, *, max_line_bytes: int,
                 _count(report, number, count, max_length)
             report.examples += 1
             _note_duplicate(report, seen, number, example)
+            if "item" in example:
+                keys = set(example["item"])
+                report.item_fields = keys if report.item_fields is None else (
+                    report.item_fields & keys)
     report.lines = records.count
     _describe_layout(report, reader)
     if report.examples == 0 and report.problem_count == 0:
@@ -267,6 +276,9 @@ def chat_token_counter(tokenizer: Any) -> TokenCounter:
 
     def count(example: dict) -> tuple[int, int]:
         try:
+            if "item" in example:  # a reinforcement prompt: the answers are sampled
+                return len(chat.render_prompt(tokenizer, example["messages"],
+                                              example.get("tools"))), 0
             if "text" in example:
                 tokenized = chat.tokenize_text(tokenizer, example["text"], None)
                 ids, labels = tokenized.input_ids, tokenized.labels

@@ -8,10 +8,12 @@ from __future__ import annotations
 from service.core.storage.config import StorageConfig
 from training.recipes.base import Recipe, WorkerContext
 from training.recipes.dpo import DPORecipe
+from training.recipes.grpo import GRPORecipe
 from training.recipes.sft import SFTRecipe
 from training.spec import TrainSpec
 
-RECIPES: dict[str, type[Recipe]] = {"supervised": SFTRecipe, "dpo": DPORecipe}
+RECIPES: dict[str, type[Recipe]] = {"supervised": SFTRecipe, "dpo": DPORecipe,
+                                    "reinforcement": GRPORecipe}
 """``spec.method`` → the recipe that trains it."""
 
 

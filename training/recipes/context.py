@@ -21,6 +21,9 @@ class WorkerContext:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     reports: list[dict[str, Any]] = field(default_factory=list)
+    judge: Any = None
+    """A ``training.graders.Judge`` for model graders' rewards (a reinforcement run); None:
+    none is reachable from here."""
 
     def report(self, metrics: dict[str, Any]) -> None:
         """The metrics of a checkpoint (its files are already on their way to storage)."""

@@ -74,11 +74,13 @@ class FileDescription(BaseModel):
 
     format: str | None
     """The layout every record is in (``training.data.formats.FORMATS``)."""
-    kind: Literal["sft", "preference"] | None
-    """Conversations to imitate (``sft``) or preference pairs for DPO (``preference``)."""
-    trains_on: Literal["responses", "all_tokens"] | None = None
+    kind: Literal["sft", "preference", "prompts"] | None
+    """Conversations to imitate (``sft``), preference pairs for DPO (``preference``) or prompts
+    for reinforcement fine-tuning (``prompts``)."""
+    trains_on: Literal["responses", "all_tokens", "rewards"] | None = None
     """``responses``: the assistant turns (the chosen and rejected ones for pairs);
-    ``all_tokens``: plain text, every token (continued pretraining)."""
+    ``all_tokens``: plain text, every token (continued pretraining); ``rewards``: sampled
+    answers, scored by a grader."""
     container: Literal["jsonl", "json_array"] = "jsonl"
     compression: Literal["gzip", "zstd"] | None = None
     examples: int

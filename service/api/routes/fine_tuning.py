@@ -46,7 +46,7 @@ def create_job(request: Request, body: CreateJobRequest, tenant: Tenant, store: 
                idempotency_key: Annotated[str | None, Header(max_length=256)] = None) -> dict:
     storage: Storage = request.app.state.storage
     _check_request(request, body, tenant)
-    record = _new_record(storage, body, tenant)  # a spec that cannot run is a 400 here
+    record = _new_record(storage, body, tenant, request)  # a spec that cannot run: a 400 here
     if body.evaluation is not None:
         record.extensions["eval"] = request.state.job_eval
     created: JobRecord | None = None
@@ -199,17 +199,46 @@ def _check_request(request: Request, body: CreateJobRequest, tenant: str) -> Non
     files += [(f"training_files[{i}].file", f.file) for i, f in enumerate(body.training_files or [])]
     if body.validation_file:
         files.append(("validation_file", body.validation_file))
+    grader = _rft_grader(request, body, tenant) if method == "reinforcement" else None
     for param, file_id in files:
         record = get_file(storage, tenant, file_id, param=param)
-        kind = "dpo" if file_kind(record) == "preference" else "supervised"
+        kind = {"preference": "dpo", "prompts": "reinforcement"}.get(file_kind(record) or "",
+                                                                     "supervised")
         if kind != method:
-            what = "preference pairs" if kind == "dpo" else "conversations"
+            what = {"dpo": "preference pairs", "reinforcement": "reinforcement prompts (messages "
+                    "ending with the user's turn)"}.get(kind, "conversations")
             raise InvalidRequest(
                 f"File {file_id} holds {what}, which a {method} job cannot train on.",
                 param=param, code="invalid_file_format")
+        if grader is not None:
+            from service.evals.rft import check_items
+
+            check_items(record, grader)
 
 
-def _new_record(storage: Storage, body: CreateJobRequest, tenant: str) -> JobRecord:
+def _rft_grader(request: Request, body: CreateJobRequest, tenant: str):
+    """The reinforcement job's grader, parsed and checked; its judges usable by ``tenant``."""
+    from service.evals.rft import parse_grader, resolve_judges
+
+    grader = parse_grader(body.method.reinforcement.grader)
+    request.state.rft_judges = resolve_judges(request, grader, tenant)
+    return grader
+
+
+def _judge_extensions(request: Request | None) -> dict:
+    """A reinforcement grader's judges, resolved for the tenant (``_rft_grader``), and the
+    Serve app whose chat deployment answers them (``service.jobs.rft_judge``)."""
+    judges = getattr(request.state, "rft_judges", None) if request is not None else None
+    if not judges:
+        return {}
+    from service.evals.jobs import serve_app_name
+
+    return {"rft_judges": {m: t.model_dump() for m, t in judges.items()},
+            "serve_app": serve_app_name()}
+
+
+def _new_record(storage: Storage, body: CreateJobRequest, tenant: str,
+                request: Request | None = None) -> JobRecord:
     """The job's record, holding its training spec (``service.jobs.spec.build_spec``).
 
     Raises:
@@ -231,6 +260,7 @@ def _new_record(storage: Storage, body: CreateJobRequest, tenant: str) -> JobRec
             "training_files": [f.model_dump() for f in body.training_files or []],
             **{name: getattr(body, name) for name in CHECKPOINT_EXTENSIONS
                if getattr(body, name) is not None},
+            **_judge_extensions(request),
         },
     )
     return with_spec(record, build_spec(record, training_file_sizes(storage, record)))
