@@ -73,7 +73,9 @@ class ChatModel(AnswersChat):
             base_model, storage_config or settings.storage_config(), overrides=settings.models,
             dtype=dtype, max_batch=max_batch, threads=threads,
             max_pending=settings.chat_max_concurrency,
-            default_max_tokens=settings.max_tokens_cap)
+            default_max_tokens=settings.max_tokens_cap, device=settings.chat_device,
+            engine=settings.chat_engine, vllm_python=settings.vllm_python,
+            max_adapters=max_adapters or settings.max_adapters_per_replica)
         self.max_adapters = max_adapters or settings.max_adapters_per_replica
         # Per request: where the adapter loader notes its time. ``@serve.multiplexed`` calls
         # the loader in the requesting task (under its lock), so only the request that caused

@@ -22,8 +22,9 @@ from service.core.settings import Settings
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
 from serving.adapters import fetch_adapter
+from serving.device import place
 from serving.engine.grammar import json_object_grammar, json_schema_grammar
-from serving.engine.native import Chunk, Engine, Generation, pick_dtype
+from serving.engine.native import Chunk, Engine, Generation
 from serving.engine.sampling import SamplingParams
 from serving.protocol import ChatCall, ChatOutput
 
@@ -42,21 +43,37 @@ class ChatServer:
         return cls.build(base_model, settings.storage_config(), overrides=settings.models,
                          dtype=dtype, max_batch=max_batch, threads=threads,
                          max_pending=settings.chat_max_concurrency,
-                         default_max_tokens=settings.max_tokens_cap)
+                         default_max_tokens=settings.max_tokens_cap,
+                         device=settings.chat_device, engine=settings.chat_engine,
+                         vllm_python=settings.vllm_python,
+                         max_adapters=settings.max_adapters_per_replica)
 
     @classmethod
     def build(cls, base_model: str, storage_config: StorageConfig, *,
               overrides: dict[str, str] | None = None, dtype: str = "auto", max_batch: int = 16,
               max_pending: int = 64, default_max_tokens: int = limits.MAX_TOKENS,
-              threads: int | None = None) -> ChatServer:
+              threads: int | None = None, device: str = "auto", engine: str = "auto",
+              vllm_python: str | None = None,
+              max_adapters: int = limits.ADAPTERS_PER_REPLICA) -> ChatServer:
+        """Start the engine the settings pick (``serving.device.place``); raises
+        ``ChatConfigError`` naming the setting this machine cannot honour."""
         started = time.monotonic()
+        placement = place(device=device, engine=engine, dtype=dtype, vllm_python=vllm_python)
         storage = open_storage(storage_config)
-        engine = Engine.for_base_model(base_model, storage, overrides=overrides, dtype=dtype,
-                                       max_batch=max_batch, max_pending=max_pending,
-                                       default_max_tokens=default_max_tokens, threads=threads)
+        common = {"overrides": overrides, "max_batch": max_batch, "max_pending": max_pending,
+                  "default_max_tokens": default_max_tokens}
+        if placement.engine == "vllm":
+            from serving.engine.vllm_engine import VllmEngine
+
+            chosen: Any = VllmEngine.for_base_model(
+                base_model, storage, python=placement.vllm_python, device=placement.device,
+                dtype=placement.dtype, max_adapters=max_adapters, **common)
+        else:
+            chosen = Engine.for_base_model(base_model, storage, dtype=placement.dtype,
+                                           device=placement.device, threads=threads, **common)
         log.info("chat engine for %s ready in %.1f s (%s)", base_model,
-                 time.monotonic() - started, pick_dtype(dtype))
-        return cls(engine, storage)
+                 time.monotonic() - started, placement)
+        return cls(chosen, storage)
 
     def load_adapter(self, adapter_id: str) -> None:
         """Fetch an adapter from storage, check it and make it usable (blocking)."""
@@ -81,7 +98,7 @@ class ChatServer:
                                    call.tools if call.calls_tools else None)
         except ExampleError as exc:
             raise InvalidRequest(str(exc), param="messages") from exc
-        vocab = int(self.engine.model.config.vocab_size)
+        vocab = self.engine.vocab_size
         if any(token >= vocab for token, _ in call.logit_bias):
             raise InvalidRequest(f"logit_bias names a token id beyond this model's vocabulary "
                                  f"(ids 0 to {vocab - 1}).", param="logit_bias")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import platformdirs
 from pydantic import Field, field_validator, model_validator
@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(default=limits.MAX_TOKENS, ge=1)
     chat_max_concurrency: int = Field(default=32, ge=1)
     max_adapters_per_replica: int = Field(default=limits.ADAPTERS_PER_REPLICA, ge=1)
+    chat_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where a chat replica runs its model: ``auto`` takes the replica's GPU if it has one;
+    ``cuda`` refuses to start without one (never serves from the CPU instead)."""
+    chat_engine: Literal["auto", "native", "vllm"] = "auto"
+    """``auto``: vLLM when the replica runs on a GPU and vLLM is installed, else ours."""
+    vllm_python: str | None = None
+    """The Python that has vLLM (its own venv, as its pins clash with ours); None: this one's
+    if it imports vllm, else ``.venv-vllm`` of a source checkout."""
     builtin_models: bool = True
     """Offer the built-in SmolLM2-135M-Instruct as a base model."""
     tiny_model: bool = True

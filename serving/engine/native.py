@@ -14,6 +14,7 @@ from an asyncio event loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -69,8 +70,10 @@ class Engine:
                  fingerprint: Mapping[str, str], eot_ids: Iterable[int], max_batch: int = 16,
                  max_pending: int = 64, default_max_tokens: int = limits.MAX_TOKENS,
                  threads: int | None = None,
-                 prefix_cache_tokens: int = 4096):
+                 prefix_cache_tokens: int = 4096, device: str = "cpu"):
         self.model = model.eval()
+        self.device = torch.device(device)
+        """Where the model, adapters and KV cache live (``serving.device.pick_device``)."""
         self.threads = threads
         """Intra-op threads of the generation thread; None keeps torch's default."""
         self.tokenizer = tokenizer
@@ -106,16 +109,16 @@ class Engine:
     @classmethod
     def for_base_model(cls, base_model: str, storage: Any = None, *,
                        overrides: dict[str, str] | None = None, dtype: str = "auto",
-                       **kwargs: Any) -> Engine:
+                       device: str = "cpu", **kwargs: Any) -> Engine:
         """Load ``base_model`` with the same loader and chat template as training."""
         from training.model import chat, registry
 
         path = registry.resolve_model(base_model, storage, overrides)
         tokenizer = registry.load_tokenizer(path)
-        model = registry.load_model(path, dtype=getattr(torch, pick_dtype(dtype)))
+        model = registry.load_model(path, dtype=getattr(torch, pick_dtype(dtype))).to(device)
         return cls(model, tokenizer, base_model=base_model,
                    fingerprint=registry.model_fingerprint(path),
-                   eot_ids=chat.end_of_turn_ids(tokenizer), **kwargs)
+                   eot_ids=chat.end_of_turn_ids(tokenizer), device=device, **kwargs)
 
     # -- adapters -------------------------------------------------------------------------
 
@@ -132,7 +135,10 @@ class Engine:
                 return
             slot, self._next_slot = self._next_slot, self._next_slot + 1
             # A new slot is in no running segment yet, so the loop thread never sees it half set.
-            set_factors(self.lora, self.modules, slot, adapter.factors)
+            factors = adapter.factors if self.device.type == "cpu" else {
+                path: (a.to(self.device), b.to(self.device))
+                for path, (a, b) in adapter.factors.items()}
+            set_factors(self.lora, self.modules, slot, factors)
             self._adapters[adapter.adapter_id] = _Slot(slot)
 
     def remove_adapter(self, adapter_id: str) -> bool:
@@ -157,6 +163,10 @@ class Engine:
         self.prefixes.forget(slot)
 
     # -- requests -------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
 
     @property
     def healthy(self) -> bool:
@@ -214,22 +224,7 @@ class Engine:
         return generation
 
     def _token_budget(self, prompt_len: int, max_tokens: int | None) -> int:
-        if prompt_len == 0:
-            raise InvalidRequest("The prompt is empty.", param="messages")
-        room = self.max_context - prompt_len
-        if room <= 0:
-            raise InvalidRequest(
-                f"The messages are {prompt_len} tokens long; this model's context is "
-                f"{self.max_context} tokens. Shorten the conversation.",
-                param="messages", code="context_length_exceeded")
-        if max_tokens is None:
-            return min(self.default_max_tokens, room)
-        if max_tokens > room:
-            raise InvalidRequest(
-                f"max_tokens is {max_tokens}, but the messages take {prompt_len} of this model's "
-                f"{self.max_context} context tokens, leaving {room}. Lower max_tokens.",
-                param="max_tokens", code="context_length_exceeded")
-        return max_tokens
+        return token_budget(prompt_len, max_tokens, self.max_context, self.default_max_tokens)
 
     def generate(self, prompt: list[int], params: SamplingParams,
                  adapter_id: str | None = None) -> Chunk:
@@ -257,7 +252,10 @@ class Engine:
     def _run(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)  # per thread: set it where the work runs
-        with torch.inference_mode():
+        # On a GPU every tensor the loop makes (inputs, masks, LoRA plans) is made there;
+        # sampling goes back to the CPU (``_sample_and_accept``).
+        on_device = contextlib.nullcontext() if self.device.type == "cpu" else self.device
+        with torch.inference_mode(), on_device:
             while True:
                 with self._lock:
                     while not self._closed and not self._waiting and not self._batch:
@@ -346,12 +344,20 @@ class Engine:
                 # All greedy: one argmax and one sync for the batch instead of one per row.
                 tokens = logits.argmax(dim=-1).tolist()
             else:
+                logits = logits.float().cpu()  # the rows' generators are CPU generators
                 tokens = [sample_token(logits[i], r.params, r.generator)
                           for i, r in enumerate(rows)]
             for row, token in zip(rows, tokens, strict=True):
                 self._accept(row, token)
             return
-        logits = logits.float()  # a copy: the processing below works in place
+        if self.device.type != "cpu":
+            # Seeded generators, the grammar's bitmask and the penalties work on the CPU.
+            with torch.device("cpu"):
+                return self._sample_processed(rows, logits.float().cpu())
+        self._sample_processed(rows, logits.float())  # a copy: processed in place
+
+    def _sample_processed(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Penalties, bias, grammar and log-probs on the CPU logits [B, V] (fp32)."""
         for i, row in enumerate(rows):
             adjust_logits(logits[i], row.params, row.tokens)
         constrained = [(i, row.matcher) for i, row in enumerate(rows) if row.matcher is not None]
@@ -420,6 +426,27 @@ class Engine:
                                       completion_tokens or len(row.tokens), index=row.index,
                                       logprobs=self._sent_logprobs(row)))
         row.generation._put(END)
+
+
+def token_budget(prompt_len: int, max_tokens: int | None, max_context: int,
+                 default_max_tokens: int) -> int:
+    """Completion tokens a request may take; ``InvalidRequest`` when it cannot fit."""
+    if prompt_len == 0:
+        raise InvalidRequest("The prompt is empty.", param="messages")
+    room = max_context - prompt_len
+    if room <= 0:
+        raise InvalidRequest(
+            f"The messages are {prompt_len} tokens long; this model's context is "
+            f"{max_context} tokens. Shorten the conversation.",
+            param="messages", code="context_length_exceeded")
+    if max_tokens is None:
+        return min(default_max_tokens, room)
+    if max_tokens > room:
+        raise InvalidRequest(
+            f"max_tokens is {max_tokens}, but the messages take {prompt_len} of this model's "
+            f"{max_context} context tokens, leaving {room}. Lower max_tokens.",
+            param="max_tokens", code="context_length_exceeded")
+    return max_tokens
 
 
 def _fill_cache(cache: DynamicCache, prefixes: list[list[LayerKV] | None], length: int) -> None:
