@@ -23,11 +23,19 @@ USER 1000:100
 WORKDIR /home/ray/tuneserve
 
 # Dependencies first, from the lock: this layer is rebuilt only when the lock changes.
+# The GPU image's chat engine is vLLM's CUDA build, pinned, in a venv of its own: its torch and
+# transformers pins clash with ours, and serving/engine/vllm_engine.py runs it as a process.
+ARG VLLM_VERSION=0.33.0
+ENV TUNESERVE_VLLM_PYTHON=/home/ray/vllm/bin/python
 COPY --chown=1000:100 requirements.lock ./
 RUN if [ "$VARIANT" = "cpu" ]; then \
         export PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu; \
     fi \
- && pip install --no-cache-dir -r requirements.lock
+ && pip install --no-cache-dir -r requirements.lock \
+ && if [ "$VARIANT" = "gpu" ]; then \
+        python -m venv /home/ray/vllm \
+     && /home/ray/vllm/bin/pip install --no-cache-dir "vllm==${VLLM_VERSION}"; \
+    fi
 
 # The project itself, without touching the locked dependencies.
 COPY --chown=1000:100 pyproject.toml README.md ./

