@@ -228,7 +228,7 @@ def _load_sharded(storage: Any, prefix: str, path: Path, rank: int, model: torch
             storage.download_file(rng_key, path / "rng.pt")
             rng = torch.load(path / "rng.pt", weights_only=False)
         ready = (path / sharding.DCP_DIR / ".metadata").exists()
-    except Exception:  # noqa: BLE001 - said to every rank below, then raised
+    except Exception:
         log.warning("rank %d: sharded checkpoint %s unreadable", rank, prefix, exc_info=True)
         ready = False
     if not all_ok(ready):

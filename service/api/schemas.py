@@ -129,6 +129,11 @@ class CreateJobRequest(Strict):
     use_gpu: bool = False
     activation_checkpointing: bool = False
     """Recompute each layer in the backward pass: ~0.6x the memory for ~0.7x the speed."""
+    parallelism: Literal["ddp", "fsdp"] | None = None
+    """``fsdp`` shards the weights, gradients and optimizer state over the workers (supervised
+    jobs); None: ``ddp`` while one worker fits the job, else ``fsdp``."""
+    dry_run: bool = False
+    """Return the job's estimate (memory per worker, tokens, seconds, cost) and create nothing."""
     training_files: list[WeightedFile] | None = Field(default=None,
                                                       max_length=limits.MAX_TRAINING_FILES)
     """Extra training files mixed with ``training_file`` by weight."""

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     vllm_python: str | None = None
     """The Python that has vLLM (its own venv, as its pins clash with ours); None: this one's
     if it imports vllm, else ``.venv-vllm`` of a source checkout."""
+    worker_memory_gb: float | None = Field(default=None, gt=0)
+    """Memory a training worker's tensors may use on the largest worker the cluster offers
+    (a GPU's memory, less its runtime's); a job estimated to need more per worker is refused
+    at ``POST`` (``service.jobs.estimate``). None: no check, and ``ddp`` by default."""
+    gpu_price_per_hour: float | None = Field(default=None, ge=0)
+    """Price of one GPU-hour: a GPU job's estimate then carries its cost."""
     builtin_models: bool = True
     """Offer the built-in SmolLM2-135M-Instruct as a base model."""
     tiny_model: bool = True

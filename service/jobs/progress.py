@@ -8,6 +8,7 @@ long run: event keys sort by time, so the newest metrics event is found by listi
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from service.core.names import events_prefix
@@ -51,9 +52,18 @@ ESTIMATE_LOOK_BACK = 8
 restart's pause would otherwise count as training time)."""
 
 
-def estimated_finish(storage: Storage, job_id: str) -> int | None:
+def estimated_finish(storage: Storage, job_id: str,
+                     estimate: dict[str, Any] | None = None) -> int | None:
     """When the run should end (Unix seconds), from the time its latest steps took and the
-    steps left; None until two steps have been measured."""
+    steps left; until two steps have been measured, from the job's ``estimate`` (its seconds
+    from now: no step is done yet), else None."""
+    measured = _measured_finish(storage, job_id)
+    if measured is None and estimate and estimate.get("seconds") is not None:
+        return int(time.time() + float(estimate["seconds"]))
+    return measured
+
+
+def _measured_finish(storage: Storage, job_id: str) -> int | None:
     from service.core.names import event_created_ns
 
     keys = [info.key for info in storage.iter(events_prefix(job_id))]

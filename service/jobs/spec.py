@@ -54,7 +54,8 @@ def build_spec(record: JobRecord, sizes: Mapping[str, FileSize]) -> TrainSpec:
         **{name: ext[name] for name in (*CHECKPOINT_EXTENSIONS, *OPERATOR_EXTENSIONS)
            if name in ext},
     )
-    for name in ("num_workers", "use_gpu", "full_finetune", "activation_checkpointing"):
+    for name in ("num_workers", "use_gpu", "full_finetune", "activation_checkpointing",
+                 "parallelism"):
         if ext.get(name) is not None:
             fields[name] = ext[name]
     fields.update(_base_model(record.model, method))

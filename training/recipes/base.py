@@ -23,6 +23,7 @@ checkpointing``'s. What only pays on a CPU comes in a ``DeviceStrategy``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ from service.core.errors import InvalidRequest
 from service.core.events import EventLog
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
-from training import checkpoints
+from training import checkpoints, sharding
 from training.cpu.strategy import DeviceStrategy, strategy_for
 from training.data import examples as data
 from training.data import packing
@@ -55,7 +56,6 @@ from training.model.adapter import (
 )
 from training.model.attention import shares_prefixes, use_packed_attention
 from training.model.lora import apply_adapter, default_target_modules
-from training import sharding
 from training.recipes.checkpointing import Checkpointing
 from training.recipes.context import WorkerContext
 from training.spec import (
@@ -326,7 +326,8 @@ class Recipe(ABC, Generic[E]):
                 order = packing.epoch_order(self.train_sources, self.weights, self.spec.seed,
                                             epoch)
             started = time.perf_counter()
-            sums = self.step_at(order, step_in_epoch)
+            with self.memory_probe():
+                sums = self.step_at(order, step_in_epoch)
             self.after_step(sums, time.perf_counter() - started, epoch)
             if self.stopping:
                 self.emit(f"Stopped at step {self.state.step} on a preemption notice; the run "
@@ -432,6 +433,26 @@ class Recipe(ABC, Generic[E]):
                 "trained_tokens": state.trained_tokens}
 
     _memory_note: dict[str, int] | None = None
+
+    @contextlib.contextmanager
+    def memory_probe(self):
+        """With ``spec.extra["measure_memory"]``, the second step's peak tensor memory on this
+        rank (``training.memory``), said in an event: what the estimate is checked against."""
+        if not self.spec.extra.get("measure_memory") or self.state.step != 1:
+            yield
+            return
+        from training import memory
+        from training.losses.cross_entropy import _SCRATCH
+
+        held = [*self.model.parameters(), *self.model.buffers(),
+                *(v for s in self.optimizer.state.values() for v in s.values()
+                  if isinstance(v, torch.Tensor)),
+                *getattr(_SCRATCH, "buffers", {}).values()]
+        with memory.peak_bytes(memory.tensor_bytes(held)) as measured:
+            yield
+        self.emit(f"Measured peak tensor memory of step 2 on worker {self.rank}: "
+                  f"{measured['peak'] / 2**20:.1f} MiB",
+                  data={"peak_bytes": measured["peak"], "held_bytes": measured["held_before"]})
 
     def note_memory(self) -> None:
         """Once, after the first step (the optimizer state exists): what this rank holds."""

@@ -47,6 +47,11 @@ def create_job(request: Request, body: CreateJobRequest, tenant: Tenant, store: 
     storage: Storage = request.app.state.storage
     _check_request(request, body, tenant)
     record = _new_record(storage, body, tenant, request)  # a spec that cannot run: a 400 here
+    if body.dry_run:  # the estimate (a job too large for any worker was refused above); no job
+        return {"object": "fine_tuning.job.estimate", "model": record.model,
+                "method": record.method, "hyperparameters": record.hyperparameters,
+                "parallelism": record.spec.parallelism, "num_workers": record.spec.num_workers,
+                "estimate": record.extensions.get("estimate")}
     if body.evaluation is not None:
         record.extensions["eval"] = request.state.job_eval
     created: JobRecord | None = None
@@ -152,8 +157,12 @@ def _wire(storage: Storage, job: JobRecord) -> dict:
     """The job as OpenAI's ``FineTuningJob``; a running one with ``estimated_finish`` from the
     time its latest steps took (null while not running or not yet measured, as the spec says)."""
     body = job.public()
-    body["estimated_finish"] = (estimated_finish(storage, job.id) if job.status == "running"
-                                else None)
+    estimate = job.extensions.get("estimate")
+    body["estimated_finish"] = (estimated_finish(storage, job.id, estimate)
+                                if job.status == "running" else None)
+    # Our extensions: how the run is spread over its workers, and what it was estimated at.
+    body["parallelism"] = job.spec.parallelism if job.spec is not None else "ddp"
+    body["estimate"] = estimate
     return body
 
 
@@ -257,13 +266,22 @@ def _new_record(storage: Storage, body: CreateJobRequest, tenant: str,
             "full_finetune": body.full_finetune,
             "num_workers": body.num_workers, "use_gpu": body.use_gpu,
             "activation_checkpointing": body.activation_checkpointing,
+            "parallelism": body.parallelism,
             "training_files": [f.model_dump() for f in body.training_files or []],
             **{name: getattr(body, name) for name in CHECKPOINT_EXTENSIONS
                if getattr(body, name) is not None},
             **_judge_extensions(request),
         },
     )
-    return with_spec(record, build_spec(record, training_file_sizes(storage, record)))
+    spec = build_spec(record, training_file_sizes(storage, record))
+    if request is not None:  # the parallelism decided, the estimate made, a misfit refused
+        from service.jobs.estimate import plan
+
+        spec, estimate = plan(storage, record, spec, request.app.state.settings,
+                              body.parallelism)
+        if estimate is not None:
+            record.extensions["estimate"] = estimate.as_dict()
+    return with_spec(record, spec)
 
 
 def _create_record(store: JobStore, record: JobRecord) -> JobRecord:
