@@ -135,8 +135,10 @@ def _api_routers() -> list:
     from service.api.routes import fine_tuning as jobs
     from service.api.routes import models
     from service.api.routes import evals, graders
+    from service.api.routes import datagen
 
-    return [models.router, jobs.router, files.router, chat.router, evals.router, graders.router]
+    return [models.router, jobs.router, files.router, chat.router, evals.router, graders.router,
+            datagen.router]
 
 
 def _install_error_handlers(app: FastAPI) -> None:

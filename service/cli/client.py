@@ -309,6 +309,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """``files``, ``models``, ``jobs`` and ``chat`` under the ``tuneserve`` command."""
     from service.cli import chat as cli_chat
+    from service.cli import datagen as cli_datagen
     from service.cli import jobs as cli_jobs
 
     common = client_options()
@@ -340,3 +341,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     cli_jobs.add_commands(sub, common)
     cli_chat.add_command(sub, common)
+    cli_datagen.add_command(sub, common)

@@ -361,3 +361,36 @@ def eval_baseline_key(eval_id: str, digest: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise ValueError(f"not a sha256 hex digest: {digest!r}")
     return join_key("cache", "eval-before", eval_id, f"{digest}.json")
+
+
+# -- data generation (Self-Instruct, issue 39) --------------------------------------------------
+
+DATAGEN_JOB_ID = re.compile(r"^dgjob-[0-9a-f]{24}$")
+
+
+def new_datagen_job_id() -> str:
+    return f"dgjob-{secrets.token_hex(12)}"
+
+
+def datagen_job_key(job_id: str) -> str:
+    """``datagen/<job_id>/job.json``: a data-generation job's record."""
+    return join_key("datagen", job_id, "job.json")
+
+
+def datagen_events_prefix(job_id: str) -> str:
+    """``datagen/<job_id>/events/``: its events, in key (= time) order."""
+    return join_key("datagen", job_id, "events") + "/"
+
+
+def datagen_event_key(job_id: str, created_ns: int, seq: int) -> str:
+    """``…/events/<created_ns:020d>-<seq:06d>.json``."""
+    return f"{datagen_events_prefix(job_id)}{created_ns:020d}-{seq:06d}.json"
+
+
+def datagen_index_key(tenant: str, created_ns: int, job_id: str) -> str:
+    """``datagen-index/<tenant>/<created_ns:020d>-<job_id>``, an empty marker."""
+    return join_key("datagen-index", tenant, f"{created_ns:020d}-{job_id}")
+
+
+def datagen_index_prefix(tenant: str) -> str:
+    return join_key("datagen-index", tenant) + "/"

@@ -1,0 +1,180 @@
+"""Self-Instruct with SmolLM2-135M-Instruct as the generator, from the Self-Instruct seed tasks.
+
+Runs the service's own loop (``service.datagen.loop.SelfInstruct``, the code a data-generation
+job runs) on an in-process chat engine (no Ray, no API: the machine's two cores go to the model),
+writes the examples as they come (``--out``, JSONL in OpenAI's chat format; rewritten after every
+round, so a run stopped early leaves what it had), and then reports, as the paper's analysis
+does (Wang et al., 2023, §3):
+
+- how many candidates each filter removed;
+- diversity: distinct root verbs of the kept instructions. No dependency parser is installed
+  here, so the "root verb" is a stated heuristic: the first word of the instruction, or, for an
+  instruction opening with a subordinate phrase ("Given …, find …", "If …, …"), the first word
+  after its first comma; lower-cased, counted if it is not a determiner or pronoun;
+- the distribution of each kept instruction's highest ROUGE-L with any seed instruction.
+
+``--sft`` then trains a short LoRA SFT job on the result through ``tuneserve train`` (the same
+training run a job makes) and records its final loss.
+
+Usage: ``python bench/quality/self_instruct.py --count 1000 --out /tmp/si.jsonl [--sft]``;
+results to ``bench/results/self_instruct.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from service.core.names import BUILTIN_MODEL_ID  # noqa: E402
+from service.core.settings import Settings  # noqa: E402
+from service.datagen import seeds as seed_files  # noqa: E402
+from service.datagen.filters import FilterSettings, Pool  # noqa: E402
+from service.datagen.loop import LoopSettings, Sampling, SelfInstruct, Target  # noqa: E402
+
+SEEDS = REPO.parent / "shared" / "data" / "real" / "self_instruct_seed_tasks.tail.jsonl"
+RESULTS = REPO / "bench" / "results"
+NOT_VERBS = {"a", "an", "the", "this", "these", "that", "you", "your", "i", "we", "it", "in",
+             "for", "on", "with", "here", "there", "what", "how", "which", "who", "why", "is",
+             "are", "can", "do", "does"}
+
+
+def root_verb(instruction: str) -> str | None:
+    text = instruction.strip()
+    first = text.split(maxsplit=1)[0].lower().strip(".,:;!?\"'*") if text else ""
+    if first in ("given", "if", "when", "for", "based", "using", "in", "after") and "," in text:
+        rest = text.split(",", 1)[1].split()
+        first = rest[0].lower().strip(".,:;!?\"'*") if rest else ""
+    return first if first.isalpha() and first not in NOT_VERBS else None
+
+
+def analyse(kept: list[dict], seed_texts: list[str]) -> dict:
+    verbs = Counter(v for k in kept if (v := root_verb(k["instruction"])))
+    seeds_pool = Pool(seed_texts, threshold=1.01)  # never stops early: the exact maximum
+    overlaps = [seeds_pool.max_rouge_l(k["instruction"]) for k in kept]
+    bins = Counter(min(int(o * 10), 9) for o in overlaps)
+    return {
+        "distinct_root_verbs": len(verbs),
+        "instructions_with_a_root_verb": sum(verbs.values()),
+        "top_root_verbs": verbs.most_common(20),
+        "rouge_l_vs_seeds": {
+            "mean": round(statistics.fmean(overlaps), 3) if overlaps else None,
+            "median": round(statistics.median(overlaps), 3) if overlaps else None,
+            "histogram": {f"{b / 10:.1f}-{(b + 1) / 10:.1f}": bins[b] for b in range(10)}},
+        "classification_share": round(sum(k["is_classification"] for k in kept)
+                                      / max(len(kept), 1), 3),
+        "mean_instruction_words": round(statistics.fmean(
+            len(k["instruction"].split()) for k in kept), 1) if kept else None,
+    }
+
+
+async def generate(args) -> dict:
+    from service.chat.backends import LocalChatBackend
+
+    data = SEEDS.read_bytes()
+    tasks, sha = seed_files.load(data)
+    settings = Settings(builtin_models=True)
+    chat = LocalChatBackend(settings, max_batch=args.batch)
+    loop = SelfInstruct(chat, Target(BUILTIN_MODEL_ID), tasks, LoopSettings(
+        count=args.count, sampling=Sampling(seed=args.seed, max_tokens=args.max_tokens,
+                                            instance_max_tokens=args.max_tokens),
+        filters=FilterSettings(), prompts_per_round=args.prompts_per_round,
+        max_instances_per_task=args.instances),
+        concurrency=2 * args.batch)
+    out = Path(args.out)
+    log = out.with_suffix(".progress.jsonl")
+    log.write_text("")
+
+    async def report(progress) -> None:
+        with out.open("w") as f:
+            f.writelines(json.dumps(e, ensure_ascii=False) + "\n"
+                         for e in loop.examples[:args.count])
+        with out.with_suffix(".kept.json").open("w") as f:
+            json.dump(loop.kept, f, ensure_ascii=False)
+        with log.open("a") as f:
+            f.write(json.dumps(progress.data()) + "\n")
+        print(json.dumps(progress.data()), flush=True)
+
+    started = time.monotonic()
+    result = await loop.run(report)
+    seconds = time.monotonic() - started
+    return {"seed_file": str(SEEDS.name), "seed_sha256": sha, "seed_tasks": len(tasks),
+            "generator": BUILTIN_MODEL_ID, "examples": len(result.examples),
+            "instructions": len(result.instructions), "rounds": result.rounds,
+            "stopped": result.stopped, "candidates": result.tally.candidates,
+            "removed": result.tally.counts(), "seconds": round(seconds, 1),
+            "examples_per_minute": round(60 * len(result.examples) / seconds, 2),
+            "settings": {"count": args.count, "prompts_per_round": args.prompts_per_round,
+                         "max_tokens": args.max_tokens, "seed": args.seed,
+                         "max_instances_per_task": args.instances,
+                         "engine_batch": args.batch},
+            **analyse(result.instructions, [t.instruction for t in tasks])}
+
+
+def sft(path: Path, work: Path) -> dict:
+    """A short LoRA SFT run on the generated file, through ``tuneserve train``."""
+    from service.core.storage import open_storage
+    from service.core.storage.config import StorageConfig
+
+    storage_dir = work / "store"
+    storage = open_storage(StorageConfig(url=str(storage_dir)))
+    storage.put("files/file-000000000000000000000001/content", path.read_bytes())
+    spec = {"job_id": "ftjob-00000000000000000000000a", "base_model": BUILTIN_MODEL_ID,
+            "training_files": ["file-000000000000000000000001"], "storage": str(storage_dir),
+            "hyperparameters": {"n_epochs": 1, "batch_size": 8}, "num_workers": 1}
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    started = time.monotonic()
+    proc = subprocess.run([str(REPO / ".venv" / "bin" / "tuneserve"), "train", str(spec_path)],
+                          capture_output=True, text=True, cwd=REPO)
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    return {"returncode": proc.returncode, "seconds": round(time.monotonic() - started, 1),
+            "log_tail": tail}
+
+
+def write_results(summary: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "self_instruct.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--out", default="/tmp/self_instruct.jsonl")
+    parser.add_argument("--prompts-per-round", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=192)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--instances", type=int, default=2,
+                        help="examples one kept instruction gives at most")
+    parser.add_argument("--analyse-only", action="store_true",
+                        help="report on --out's .kept.json (a run stopped early)")
+    args = parser.parse_args()
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model_name = next((l.split(":", 1)[1].strip() for l in cpu.splitlines()
+                       if l.startswith("Model name")), platform.processor())
+    if args.analyse_only:
+        kept = json.loads(Path(args.out).with_suffix(".kept.json").read_text())
+        tasks, _ = seed_files.load(SEEDS.read_bytes())
+        summary = {"instructions": len(kept), **analyse(kept, [t.instruction for t in tasks])}
+    else:
+        summary = asyncio.run(generate(args))
+    summary["cpu"] = model_name
+    summary["load_average"] = os.getloadavg()
+    print(json.dumps(summary, indent=1))
+    write_results(summary)
+
+
+if __name__ == "__main__":
+    main()
