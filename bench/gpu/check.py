@@ -5,8 +5,8 @@ how to carry what it needs to a machine without network.
 Needs torch, transformers, peft, accelerate (on the GPU machine already), trl and this repo's
 small pure-Python dependencies; never Ray or vLLM. Sections:
 
-1. parity: two steps of our SFT and DPO recipes on the built-in model, on the device in fp32 and
-   bf16, against the CPU in fp32 (the loss of a step before any update and of the one after);
+1. parity: two steps of our SFT and DPO recipes on the built-in model (``--device cpu``: the tiny
+   one), on the device in fp32 and bf16, against the CPU in fp32 (before and after one update);
 2. our SFT step against TRL's ``SFTTrainer`` with packing, same data, LoRA and full fine-tuning,
    on a Llama of ~1B parameters with random weights (``--device cpu``: a small one);
 3. our chat engine on the device: greedy tokens equal to the CPU's; decode tokens/s at batch 1
@@ -29,6 +29,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = 8
+MODELS = {"cuda": "HuggingFaceTB/SmolLM2-135M-Instruct", "cpu": "tuneserve/tiny-llama"}
+"""The model of the parity and engine checks: the built-in one on a GPU; on a CPU (the check's
+end-to-end run) the tiny one, so that the run takes minutes."""
 SIZES = {  # the Llama for the TRL comparison: ~1.1B parameters on a GPU, ~30M on a CPU
     "cuda": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
              "num_attention_heads": 32, "num_key_value_heads": 4, "steps": 6, "examples": 64},
@@ -41,10 +44,10 @@ JOB_ID = "ftjob-" + "0" * 24
 
 # -- 1. parity -----------------------------------------------------------------------------------
 
-def recipe_losses(method: str, device: str, bf16: bool, steps: int = 2) -> list[float]:
-    """The loss of ``steps`` steps of our recipe (rank 0 of 1, no Ray) on the built-in model."""
+def recipe_losses(method: str, model_id: str, device: str, bf16: bool, steps: int = 2
+                  ) -> list[float]:
+    """The loss of ``steps`` steps of our recipe (rank 0 of 1, no Ray) on ``model_id``."""
     from service.core.storage.config import StorageConfig
-    from training.model import registry
     from training.recipes.context import WorkerContext
     from training.spec import TrainSpec
 
@@ -62,7 +65,7 @@ def recipe_losses(method: str, device: str, bf16: bool, steps: int = 2) -> list[
         from training.recipes.dpo import DPORecipe as Recipe
 
         lines = make_preferences(BATCH * steps, 0, seed=0)[0]
-    spec = TrainSpec(job_id=JOB_ID, base_model=registry.BUILTIN_MODEL_ID,
+    spec = TrainSpec(job_id=JOB_ID, base_model=model_id,
                      training_files=((FILE_ID, 1.0),), method=method, n_epochs=1,
                      batch_size=BATCH, lora_r=16, lora_alpha=32, max_length=512, bf16=bf16,
                      use_gpu=device == "cuda", cpus_per_worker=0 if device == "cuda" else 2)
@@ -83,9 +86,9 @@ def recipe_losses(method: str, device: str, bf16: bool, steps: int = 2) -> list[
 def parity(device: str) -> list[dict[str, Any]]:
     rows = []
     for method in ("sft", "dpo"):
-        reference = recipe_losses(method, "cpu", bf16=False)
+        reference = recipe_losses(method, MODELS[device], "cpu", bf16=False)
         for bf16, bound in ((False, 1e-3), (True, 2e-2)):
-            got = recipe_losses(method, device, bf16)
+            got = recipe_losses(method, MODELS[device], device, bf16)
             worst = max(abs(g - r) / abs(r) for g, r in zip(got, reference, strict=True))
             rows.append({"check": f"{method} step loss, {device} {'bf16' if bf16 else 'fp32'} "
                                   "vs cpu fp32", "cpu": reference, "device": got,
@@ -184,7 +187,7 @@ def trl_sft(model_dir: Path, device: str, full: bool, examples: list[dict], step
     args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="gpu-check-trl-"), max_steps=steps,
                      per_device_train_batch_size=1, packing=True,
                      max_length=int(mean_len * BATCH), learning_rate=1e-4,
-                     bf16=device == "cuda" or None, use_cpu=device == "cpu", report_to="none",
+                     bf16=device == "cuda", use_cpu=device == "cpu", report_to="none",
                      save_strategy="no", logging_steps=1, disable_tqdm=True,
                      dataloader_num_workers=0, seed=0)
     dataset = Dataset.from_dict({"input_ids": [r.input_ids for r in rows],
@@ -227,7 +230,7 @@ def engine_checks(device: str) -> list[dict[str, Any]]:
     from serving.engine.sampling import SamplingParams
     from training.model import chat, registry
 
-    model_id = registry.BUILTIN_MODEL_ID
+    model_id = MODELS[device]
     dtype = "bfloat16" if device == "cuda" else "float32"
     questions = ["What is the capital of France?", "Write a haiku about the sea.", "2+2?", "Hi"]
     greedy = SamplingParams(max_tokens=24, temperature=0)
@@ -321,10 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else
             platform.processor() or platform.machine(), "torch": torch.__version__,
             "seconds": round(time.perf_counter() - started)}
-    print(f"\nGPU check on {meta['device']} (torch {meta['torch']}), {meta['seconds']} s\n")
-    print(table(rows))
+    report = (f"GPU check on {meta['device']} (torch {meta['torch']}, --device {args.device}), "
+              f"{meta['seconds']} s\n\n{table(rows)}\n")
+    print("\n" + report)
     if args.out:
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text("# " + report)
     failed = [r["check"] for r in rows if r.get("ok") is False]
     return 1 if failed else 0
 
