@@ -37,9 +37,9 @@ from datasets import Dataset, load_from_disk
 
 from service.core.errors import InvalidRequest
 from training import graders
-from training.graders.grade import judge_models
 from training.data import examples as data
 from training.data import packing
+from training.graders.grade import judge_models
 from training.losses import grpo
 from training.model import chat, sampler
 from training.model.chat import IGNORE_INDEX
@@ -205,7 +205,7 @@ class GRPORecipe(Recipe[Prompt]):
     # -- the step --------------------------------------------------------------------------------
 
     def forward_backward(self, prompts: list[Prompt]) -> torch.Tensor:
-        spec, n = self.spec, self.spec.group_size
+        n = self.spec.group_size
         sums = dict.fromkeys(SUM_FIELDS, 0.0)
         started = time.perf_counter()
         groups = self.rollouts(prompts, n, seed=self.step_seed(self.state.step)) if prompts else []

@@ -109,6 +109,9 @@ class FileDescription(BaseModel):
     invalid_records: Literal["refuse", "skip"] = "refuse"
     skipped: SkippedRecords | None = None
     """Null unless the upload asked to skip invalid records."""
+    item_fields: list[str] | None = None
+    """Reinforcement prompts only: the fields every line has, which a reinforcement job's
+    grader may read as ``{{item.…}}``."""
 
 
 class FileObject(BaseModel):

@@ -1,0 +1,259 @@
+"""Reinforcement fine-tuning (GRPO) on the tiny model: the loss is the formula, equal rewards
+teach nothing, a grader's reward rises, a killed worker's run resumes on the same curve, and the
+API refuses what cannot run with a 400 naming the field.
+
+The toy task: an SFT adapter first learns to answer "yes" or "no" (half each) to numbered
+questions; the RFT job then rewards "yes" (``string_check`` ``ilike``). Rollouts sample at a low
+temperature: the tiny model's distribution is nearly flat over its 49k tokens, and only the
+top of it says yes or no.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from service.core.storage import open_storage
+from service.core.storage.config import StorageConfig
+from tests.helpers import own_train_workers
+from training.losses import grpo
+from training.model import registry as models
+from training.recipes import run_recipe
+from training.recipes.context import WorkerContext
+from training.spec import TrainSpec
+
+TINY = models.TINY_MODEL_ID
+SFT_JOB, RFT_JOB, KILLED_JOB = ("ftjob-" + c * 24 for c in "bcd")
+SFT_FILE, TRAIN, VALID = ("file-" + c * 24 for c in "123")
+YES = {"type": "string_check", "name": "says yes", "input": "{{sample.output_text}}",
+       "reference": "{{item.answer}}", "operation": "ilike"}
+STEPS = 20
+
+
+def question(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Question {i}: yes or no?"}]
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    return "\n".join(json.dumps(r) for r in rows).encode()
+
+
+def put_toy_files(storage) -> None:
+    sft = [{"messages": [*question(i), {"role": "assistant", "content": "yes" if i % 2 else "no"}]}
+           for i in range(64)]
+    storage.put(f"files/{SFT_FILE}/content", jsonl(sft))
+    storage.put(f"files/{TRAIN}/content",
+                jsonl([{"messages": question(100 + i), "answer": "yes"} for i in range(4 * STEPS)]))
+    storage.put(f"files/{VALID}/content",
+                jsonl([{"messages": question(500 + i), "answer": "yes"} for i in range(16)]))
+
+
+def rft_spec(job_id: str, **fields) -> TrainSpec:
+    adapter = f"adapters/{SFT_JOB}/final"
+    return TrainSpec(**{
+        "job_id": job_id, "base_model": TINY, "method": "reinforcement",
+        "training_files": ((TRAIN, 1.0),), "validation_file": VALID, "batch_size": 4,
+        "n_epochs": 1, "grader": YES, "group_size": 8, "max_completion_tokens": 4,
+        "temperature": 0.1, "learning_rate_multiplier": 20.0, "init_adapter": adapter,
+        "reference_adapter": adapter, "checkpoint_every_steps": 0,
+        "checkpoint_every_seconds": 0, "eval_interval": 5, "seed": 1, **fields}).validate()
+
+
+def step_metrics(storage, job_id: str) -> dict[int, list[dict]]:
+    """Every metrics event of the run by step (a step redone after a restart appears twice)."""
+    steps: dict[int, list[dict]] = {}
+    for info in storage.iter(f"jobs/{job_id}/events/"):
+        event = json.loads(storage.get(info.key))
+        if event["type"] == "metrics":
+            steps.setdefault(event["data"]["step"], []).append(event["data"])
+    return steps
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """The SFT adapter, then an uninterrupted 20-step RFT run from it, in this process."""
+    config = StorageConfig(uri=str(tmp_path_factory.mktemp("grpo") / "storage"))
+    storage = open_storage(config)
+    put_toy_files(storage)
+    run_recipe(TrainSpec(job_id=SFT_JOB, base_model=TINY, training_files=((SFT_FILE, 1.0),),
+                         n_epochs=15, batch_size=8, learning_rate_multiplier=5.0,
+                         checkpoint_every_steps=0, checkpoint_every_seconds=0, seed=3), config)
+    recipe = run_recipe(rft_spec(RFT_JOB), config, WorkerContext())
+    return config, storage, recipe
+
+
+# -- the loss ---------------------------------------------------------------------------------
+
+
+def test_loss_on_a_hand_made_group_equals_the_formula():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    adv = grpo.group_advantages(rewards, 4)
+    std = torch.tensor([1.0, 0.0, 0.0, 1.0]).std()  # unbiased, as TRL
+    assert torch.allclose(adv, (rewards - 0.5) / (std + grpo.STD_EPSILON))
+    # Three tokens: ratios e^0.1 (unclipped), e^0.5 (clipped above for A>0), e^-0.5 (clipped
+    # below for A<0); one reference value per token.
+    logps = torch.tensor([-1.0, -0.5, -2.5], requires_grad=True)
+    old = torch.tensor([-1.1, -1.0, -2.0])
+    a = torch.tensor([1.0, 1.0, -1.0])
+    ref = torch.tensor([-1.2, -0.7, -2.4])
+    out = grpo.grpo_token_losses(logps, old, a, ref, epsilon=0.2, beta=0.04)
+    ratio = torch.exp(logps.detach() - old)
+    clipped = torch.clamp(ratio, 0.8, 1.2)
+    d = ref - logps.detach()
+    kl = torch.exp(d) - d - 1
+    expected = -torch.min(ratio * a, clipped * a) + 0.04 * kl
+    assert torch.allclose(out.losses.detach(), expected)
+    assert out.clipped.tolist() == [False, True, True]
+    assert torch.allclose(out.kl, kl)
+    # The gradient of a clipped token is the KL term's alone.
+    out.losses.sum().backward()
+    assert logps.grad[1].item() == pytest.approx((0.04 * (1 - torch.exp(d[1]))).item(), rel=1e-5)
+
+
+def test_a_group_with_equal_rewards_contributes_no_gradient(toy):
+    _, _, recipe = toy
+    assert torch.all(grpo.group_advantages(torch.ones(8), 8) == 0)
+    assert grpo.zero_signal(torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 1]), 4).tolist() == [True, False]
+    # A grader no answer satisfies: every group is all zeros; the step trains on nothing.
+    recipe.grader = recipe.grader.model_copy(update={"reference": "zzz-never-said"})
+    recipe.optimizer.zero_grad(set_to_none=True)
+    sums = dict(zip(recipe.SUMS, recipe.forward_backward(recipe.train_examples[:4]).tolist()))
+    assert sums["zero_signal"] == sums["groups"] == 4 and sums["reward"] == 0
+    assert sums["supervised"] == 0 and sums["loss"] == 0
+    assert all(p.grad is None or not p.grad.any() for p in recipe.params)
+
+
+# -- a run ------------------------------------------------------------------------------------
+
+
+def test_mean_reward_rises_and_every_step_reports_the_rl_metrics(toy):
+    _, storage, _ = toy
+    steps = step_metrics(storage, RFT_JOB)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    curve = [steps[s][0]["reward_mean"] for s in sorted(steps)]
+    first, last = sum(curve[:4]) / 4, sum(curve[-5:]) / 5
+    assert last > first + 0.15, curve
+    for key in ("reward_mean", "reward_std_within_group", "zero_signal_share", "kl",
+                "clip_fraction", "completion_length", "rollout_seconds", "grade_seconds",
+                "train_seconds"):
+        assert key in steps[STEPS][0], key
+    assert steps[1][0]["kl"] == pytest.approx(0, abs=1e-3)  # the policy starts as its reference
+    assert steps[STEPS][0]["kl"] > 0
+    # Held out every eval_interval steps: greedy answers graded, better at the end.
+    held = {s: steps[s][0]["valid_score"] for s in steps if "valid_score" in steps[s][0]}
+    assert sorted(held) == [5, 10, 15, 20]
+    events = [json.loads(storage.get(i.key)) for i in storage.iter(f"jobs/{RFT_JOB}/events/")]
+    initial = next(e["data"]["initial_score"] for e in events if "initial_score" in e["data"])
+    assert held[20] > initial
+    manifest = json.loads(storage.get(f"adapters/{RFT_JOB}/final/manifest.json"))
+    assert manifest["reinforcement"]["grader"] == YES
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_on_the_same_reward_curve(toy, ray_local, s3_server):
+    """Ray Train, one worker SIGKILLed after its checkpoint at step 4 and a step or two more:
+    the restart redoes those steps with the same rollouts and rewards, and the whole curve is
+    the uninterrupted run's."""
+    _, toy_storage, _ = toy
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in s3_server.env.items():
+            env.setenv(name, value)
+        config = StorageConfig(uri=f"s3://{s3_server.bucket}/grpo-{os.getpid()}",
+                               endpoint_url=s3_server.endpoint_url)
+        storage = open_storage(config)
+        put_toy_files(storage)
+        for info in toy_storage.iter(f"adapters/{SFT_JOB}/final/"):
+            storage.put(info.key, toy_storage.get(info.key))
+        killed: dict = {}
+
+        def kill_after_step_5() -> None:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                workers = own_train_workers()
+                if max(step_metrics(storage, KILLED_JOB), default=0) >= 5 and workers:
+                    killed["pid"] = workers[-1].pid
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    return
+                time.sleep(0.1)
+
+        from training.run import run_training
+
+        killer = threading.Thread(target=kill_after_step_5, daemon=True)
+        killer.start()
+        result = run_training(rft_spec(KILLED_JOB, checkpoint_every_steps=4, max_failures=2),
+                              config)
+        killer.join(timeout=1)
+    assert killed, "no worker was killed"
+    assert result["resumed_from_step"] == 4 and result["step"] == STEPS
+    steps = step_metrics(storage, KILLED_JOB)
+    redone = [s for s, runs in steps.items() if len(runs) > 1]
+    assert redone and min(redone) == 5
+    for s in redone:
+        assert [r["reward_mean"] for r in steps[s]] == [steps[s][0]["reward_mean"]] * len(steps[s])
+    uninterrupted = step_metrics(toy_storage, RFT_JOB)
+    assert ([steps[s][-1]["reward_mean"] for s in sorted(steps)]
+            == [uninterrupted[s][0]["reward_mean"] for s in sorted(uninterrupted)])
+
+
+# -- the API ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def api(tmp_path):
+    """The API in this process (no runner: every request here is refused before a job runs)."""
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.core.settings import Settings
+
+    settings = Settings(storage=str(tmp_path / "storage"), builtin_models=False,
+                        tiny_model=False, models={"tiny": str(models.resolve_model(TINY))})
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def upload(api, rows: list[dict], name: str) -> dict:
+    response = api.post("/v1/files", files={"file": (name, jsonl(rows))},
+                        data={"purpose": "fine-tune"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def refused(api, training_file: str, grader: dict | None, **hp) -> dict:
+    method = {"type": "reinforcement"}
+    if grader is not None:
+        method["reinforcement"] = {"grader": grader, "hyperparameters": hp}
+    response = api.post("/v1/fine_tuning/jobs", json={
+        "model": "tiny", "training_file": training_file, "method": method})
+    assert response.status_code == 400, response.text
+    return response.json()["error"]
+
+
+def test_bad_reinforcement_requests_are_400s_naming_the_field(api):
+    prompts = upload(api, [{"messages": question(i), "answer": "yes"} for i in range(8)],
+                     "rft.jsonl")
+    assert prompts["description"]["kind"] == "prompts"
+    assert prompts["description"]["item_fields"] == ["answer", "messages"]
+    prompts = prompts["id"]
+    assert refused(api, prompts, {**YES, "type": "regex_check"})["param"] == (
+        "method.reinforcement.grader.type")
+    missing = refused(api, prompts, {**YES, "reference": "{{item.label}}"})
+    assert missing["param"] == "method.reinforcement.grader.reference"
+    assert "'label'" in missing["message"]
+    sft = upload(api, [{"messages": [*question(1), {"role": "assistant", "content": "no"}]}],
+                 "sft.jsonl")["id"]
+    assert refused(api, sft, YES)["param"] == "training_file"
+    pairs = upload(api, [{"input": {"messages": question(1)},
+                          "preferred_output": [{"role": "assistant", "content": "yes"}],
+                          "non_preferred_output": [{"role": "assistant", "content": "no"}]}],
+                   "pairs.jsonl")["id"]
+    assert refused(api, pairs, YES)["param"] == "training_file"
+    assert refused(api, prompts, YES, compute_multiplier=0)["param"] == (
+        "method.reinforcement.hyperparameters.compute_multiplier")
+    assert "grader" in refused(api, prompts, None)["message"]
