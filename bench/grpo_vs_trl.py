@@ -220,8 +220,9 @@ def markdown(result: dict) -> str:
         m = s["median_seconds"]
         lines.append(f"| {name} | {m['step']:.2f} | {m['rollout']:.2f} | {m['grade']:.3f} | "
                      f"{m['train']:.2f} | {s['steps_per_hour']:.0f} | {s['peak_rss_mb']:.0f} |")
-    lines += ["", f"Steps/hour ratio (ours / TRL): **{result['ratio_steps_per_hour']:.2f}x**; "
-              f"peak memory ratio: {result['ratio_peak_rss']:.2f}x.", "",
+    ratios = (f"Steps/hour ratio (ours / TRL): **{result['ratio_steps_per_hour']:.2f}x**; "
+              f"peak memory ratio: {result['ratio_peak_rss']:.2f}x.")
+    lines += ["", ratios, "",
               "Command: `" + result["command"] + "`", ""]
     return "\n".join(lines)
 
@@ -249,7 +250,7 @@ def main() -> int:
     result["ratio_steps_per_hour"] = (result["ours"]["steps_per_hour"]
                                       / result["trl"]["steps_per_hour"])
     result["ratio_peak_rss"] = result["ours"]["peak_rss_mb"] / result["trl"]["peak_rss_mb"]
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines()
                   if line.startswith("Model name")), platform.processor())
     result["machine"] = (f"{model}, {os.cpu_count()} CPUs, load average "
