@@ -151,6 +151,14 @@ def test_mean_reward_rises_and_every_step_reports_the_rl_metrics(toy):
     events = [json.loads(storage.get(i.key)) for i in storage.iter(f"jobs/{RFT_JOB}/events/")]
     initial = next(e["data"]["initial_score"] for e in events if "initial_score" in e["data"])
     assert held[20] > initial
+    # The job page plots the reward and the held-out score; the events say them in words.
+    from service.jobs.progress import metric_series
+    from service.ui.dashboard import _charts
+
+    drawn = "".join(_charts(metric_series(events)))
+    assert "Reward (reinforcement)" in drawn and "held-out score" in drawn
+    last = [e for e in events if e["type"] == "metrics"][-1]["message"]
+    assert "mean reward=" in last and "held-out score=" in last
     manifest = json.loads(storage.get(f"adapters/{RFT_JOB}/final/manifest.json"))
     assert manifest["reinforcement"]["grader"] == YES
 

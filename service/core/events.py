@@ -56,6 +56,12 @@ class EventLog:
         if data.get("rewards/accuracies") is not None:
             parts.append(f"reward accuracy={data['rewards/accuracies']:.2f}, "
                          f"reward margin={data['rewards/margins']:.3f}")
+        if data.get("reward_mean") is not None:  # reinforcement fine-tuning
+            parts.append(f"mean reward={data['reward_mean']:.3f}, "
+                         f"zero-signal groups={data['zero_signal_share']:.0%}, "
+                         f"KL={data['kl']:.4f}")
+        if data.get("valid_score") is not None:
+            parts.append(f"held-out score={data['valid_score']:.3f}")
         if data.get("valid_loss") is not None:
             parts.append(f"validation loss={data['valid_loss']:.4f}")
         if data.get("valid_rewards/accuracies") is not None:

@@ -42,7 +42,9 @@ REFRESH_S = 5
 """A page of an unfinished job reloads itself this often."""
 
 LABELS = {"train_loss": "train loss", "valid_loss": "valid loss",
-          "train_mean_token_accuracy": "train acc", "valid_mean_token_accuracy": "valid acc"}
+          "train_mean_token_accuracy": "train acc", "valid_mean_token_accuracy": "valid acc",
+          "reward_mean": "mean reward", "valid_score": "held-out score",
+          "full_valid_score": "final held-out score"}
 
 
 # --- log in and out -------------------------------------------------------------------------
@@ -202,6 +204,8 @@ def _charts(series: charts.Series) -> list[str]:
                                containing="rewards/accuracies"), labels),
         charts.line_chart("margin", "Reward margin (DPO)", pick(containing="rewards/margins"),
                           labels),
+        charts.line_chart("reward", "Reward (reinforcement): mean of the rollouts, held-out score",
+                          pick("reward_mean", "valid_score", "full_valid_score"), labels),
     ]
     return [Markup(c) for c in drawn if c]
 
