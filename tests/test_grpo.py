@@ -22,6 +22,7 @@ import torch
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
 from tests.helpers import own_train_workers
+from training import checkpoints
 from training.losses import grpo
 from training.model import registry as models
 from training.recipes import run_recipe
@@ -184,7 +185,9 @@ def test_a_killed_worker_resumes_on_the_same_reward_curve(toy, ray_local, s3_ser
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
                 workers = own_train_workers()
-                if max(step_metrics(storage, KILLED_JOB), default=0) >= 5 and workers:
+                complete = checkpoints.scan(storage, KILLED_JOB)[0]
+                if (complete and complete[0] >= 4 and workers
+                        and max(step_metrics(storage, KILLED_JOB), default=0) >= 5):
                     killed["pid"] = workers[-1].pid
                     os.kill(workers[-1].pid, signal.SIGKILL)
                     return
