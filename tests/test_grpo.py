@@ -268,3 +268,41 @@ def test_bad_reinforcement_requests_are_400s_naming_the_field(api):
     assert refused(api, prompts, YES, compute_multiplier=0)["param"] == (
         "method.reinforcement.hyperparameters.compute_multiplier")
     assert "grader" in refused(api, prompts, None)["message"]
+
+
+@pytest.mark.heavy
+def test_a_score_model_judge_drives_a_short_rft_job_end_to_end(shared_service):
+    """The judge is the tiny model the service serves, called by the training workers through
+    the chat deployment (the job's judge actor). Its scores of random text are noise; the job
+    must run, report rewards in the grader's range, and count the judge's chat requests."""
+    import httpx
+
+    from tests.helpers import scrape_metrics, wait_until
+
+    url = f"{shared_service.url}/v1"
+    http = httpx.Client(base_url=url, headers={"Authorization": "Bearer local"}, timeout=60)
+    rows = [{"messages": question(i), "answer": "yes"} for i in range(4)]
+    file_id = http.post("/files", files={"file": ("rft.jsonl", jsonl(rows))},
+                        data={"purpose": "fine-tune"}).json()["id"]
+    judge = {"type": "score_model", "name": "judge", "model": TINY, "range": [0, 10],
+             "input": [{"role": "user",
+                        "content": "Score 0-10 how much this says {{item.answer}}: "
+                                   "{{sample.output_text}}"}],
+             "sampling_params": {"max_completions_tokens": 4}}
+    before = scrape_metrics(shared_service.url).get(
+        'tuneserve_chat_requests_total{model_type="base",outcome="ok"}', 0)
+    job = http.post("/fine_tuning/jobs", json={
+        "model": TINY, "training_file": file_id,
+        "method": {"type": "reinforcement", "reinforcement": {"grader": judge, "hyperparameters": {
+            "n_epochs": 1, "batch_size": 2, "compute_multiplier": 0.5}}}}).json()
+    assert job["method"]["reinforcement"]["grader"]["type"] == "score_model", job
+    done = wait_until(lambda: (j := http.get(f"/fine_tuning/jobs/{job['id']}").json())["status"]
+                      in {"succeeded", "failed", "cancelled"} and j, 600, interval=2,
+                      what="the RFT job")
+    assert done["status"] == "succeeded", done.get("error")
+    events = http.get(f"/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()
+    steps = [e["data"] for e in events["data"] if e["type"] == "metrics"]
+    assert steps and all(0 <= s["reward_mean"] <= 10 for s in steps)
+    after = scrape_metrics(shared_service.url).get(
+        'tuneserve_chat_requests_total{model_type="base",outcome="ok"}', 0)
+    assert after - before >= 4  # 2 prompts x 2 completions per step, graded by the judge
