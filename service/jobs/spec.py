@@ -67,6 +67,9 @@ def build_spec(record: JobRecord, sizes: Mapping[str, FileSize]) -> TrainSpec:
             fields["rpo_alpha"] = float(hp["rpo_alpha"])
     if method == "reinforcement":
         fields.update(_reinforcement(record.method.get("reinforcement") or {}))
+        if fields.get("full_finetune"):
+            # The reference would be a second full copy of the model: no KL term then.
+            fields["kl_beta"] = 0.0
     try:
         spec = TrainSpec(**fields).validate()
     except InvalidRequest as exc:
