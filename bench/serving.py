@@ -558,7 +558,8 @@ def markdown_vllm(r: dict[str, Any]) -> str:
         f"{c['torch']}, {c['when']}, {c['cpus']} CPUs (load average {c['load_average']:.1f} at "
         f"start, {c.get('load_average_end', 0):.1f} at the end"
         f"{LOADED if c['load_average'] > c['cpus'] + 1 else ''}). Interleaved rounds, same "
-        "requests; medians. `python -m bench.serving --parts zipf --vllm`.", "",
+        f"requests; medians. `python -m bench.serving --parts zipf --vllm --rounds "
+        f"{len(r['throughput_zipf'][0]['rounds']['ours'])}`.", "",
         "| K (Zipf, clients) | ours tok/s | vLLM tok/s | ours / vLLM | PEFT swapping tok/s |",
         "|---|---|---|---|---|"]
     for row in r["throughput_zipf"]:
