@@ -84,7 +84,7 @@ def server(request, setup) -> ChatServer:
 
 def _call(question: str, adapter: str | None = None, **kwargs) -> ChatCall:
     return ChatCall(BASE, adapter, [{"role": "user", "content": question}],
-                    kwargs.pop("max_tokens", 16), **{"temperature": 0.0} | kwargs)
+                    kwargs.pop("max_tokens", 12), **{"temperature": 0.0} | kwargs)
 
 
 def _answer(server: ChatServer, call: ChatCall) -> ChatOutput:
@@ -164,15 +164,15 @@ def test_stop_string_ends_the_answer(server):
 
 
 def test_seeded_sampling_repeats_and_choices_differ(server):
-    call = _call("Hi", temperature=1.0, seed=7, n=2, max_tokens=10)
+    call = _call("Hi", temperature=1.0, seed=7, n=2, max_tokens=8)
     first, again = _answer(server, call), _answer(server, call)
     assert [c.text for c in first.choices] == [c.text for c in again.choices]
     assert first.choices[0].text != first.choices[1].text
-    assert 0 < first.completion_tokens <= 20
+    assert 0 < first.completion_tokens <= 16
 
 
 def test_json_object_response_format_gives_json(server):
-    call = _call("Give me an object", response_format={"type": "json_object"}, max_tokens=24)
+    call = _call("Give me an object", response_format={"type": "json_object"}, max_tokens=16)
     answer = _answer(server, call)
     if answer.finish_reason == "stop":
         assert isinstance(json.loads(answer.text), dict)
