@@ -213,11 +213,18 @@ def estimate(shape: ModelShape, spec: TrainSpec, data: DataShape, *, bf16: bool,
     row = longest_row(spec, data)
     activations = int(row * _saved_per_token(shape, spec, SAVED_BYTES[bf16]))
     supervised = min(math.ceil(row * data.supervised_fraction), LOSS_CHUNK)
-    # One chunk's logits (compute dtype) and their fp32 softmax, kept between steps, and under
-    # bf16 as much again while its gradient is formed; the hidden states' gradient; a trained
-    # head's fp32 gradient, accumulated over the chunks.
-    logits = (supervised * shape.vocab * (compute + 4) * (2 if bf16 else 1)
-              + 4 * row * shape.hidden)
+    # The loss keeps one chunk's logits (compute dtype) and their fp32 softmax between steps, as
+    # large as the largest chunk so far: a step's, or scoring's (the settings check before step
+    # 1 packs 2 × micro_batch_size examples a worker, validation up to 64 over the workers,
+    # logits only); under bf16 as much again while a step's gradient is formed; the hidden
+    # states' gradient; a trained head's fp32 gradient, accumulated over the chunks.
+    scored = max(2 * spec.micro_batch_size,
+                 math.ceil(64 / workers) if spec.validation_file else 0)
+    scored_row = min(spec.pack_length, math.ceil(scored * data.mean))
+    scored_chunk = min(math.ceil(scored_row * data.supervised_fraction), LOSS_CHUNK)
+    step_chunk = supervised * shape.vocab * (compute + 4)
+    logits = (max(step_chunk, scored_chunk * shape.vocab * compute)
+              + (step_chunk if bf16 else 0) + 4 * row * shape.hidden)
     if spec.full_finetune and not sharded:
         logits += 4 * shape.vocab * shape.hidden
     epochs = spec.n_epochs if isinstance(spec.n_epochs, int) else 1

@@ -69,6 +69,8 @@ def plan(storage: Storage, record: JobRecord, spec: TrainSpec, settings: Setting
 def _advice(shape: est.ModelShape, spec: TrainSpec, data: est.DataShape, memory: int) -> str:
     """What to change, each option checked against the estimate."""
     tries: list[tuple[str, dict[str, Any]]] = []
+    if spec.full_finetune:
+        tries.append(("train a LoRA adapter (full_finetune false)", {"full_finetune": False}))
     if spec.parallelism != "fsdp" and spec.method == "supervised":
         tries.append(("set parallelism to 'fsdp'",
                       {"parallelism": "fsdp", "num_workers": max(spec.num_workers, 2)}))
@@ -77,8 +79,6 @@ def _advice(shape: est.ModelShape, spec: TrainSpec, data: est.DataShape, memory:
             if workers > spec.num_workers:
                 tries.append((f"use num_workers={workers} with parallelism 'fsdp'",
                               {"parallelism": "fsdp", "num_workers": workers}))
-    if spec.full_finetune:
-        tries.append(("train a LoRA adapter (full_finetune false)", {"full_finetune": False}))
     if not spec.activation_checkpointing:
         tries.append(("set activation_checkpointing", {"activation_checkpointing": True}))
     batch = spec.batch_size if isinstance(spec.batch_size, int) else 32
