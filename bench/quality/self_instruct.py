@@ -123,24 +123,28 @@ async def generate(args) -> dict:
 
 
 def sft(path: Path, work: Path) -> dict:
-    """A short LoRA SFT run on the generated file, through ``tuneserve train``."""
+    """A short LoRA SFT run (one epoch) on the generated file, through ``tuneserve train``
+    (the training run a job makes, without the API)."""
     from service.core.storage import open_storage
     from service.core.storage.config import StorageConfig
 
+    job_id, file_id = "ftjob-" + "5" * 24, "file-" + "5" * 24
     storage_dir = work / "store"
-    storage = open_storage(StorageConfig(url=str(storage_dir)))
-    storage.put("files/file-000000000000000000000001/content", path.read_bytes())
-    spec = {"job_id": "ftjob-00000000000000000000000a", "base_model": BUILTIN_MODEL_ID,
-            "training_files": ["file-000000000000000000000001"], "storage": str(storage_dir),
-            "hyperparameters": {"n_epochs": 1, "batch_size": 8}, "num_workers": 1}
+    storage = open_storage(StorageConfig(uri=str(storage_dir)))
+    storage.put(f"files/{file_id}/content", path.read_bytes())
     spec_path = work / "spec.json"
-    spec_path.write_text(json.dumps(spec))
+    spec_path.write_text(json.dumps({
+        "job_id": job_id, "base_model": BUILTIN_MODEL_ID, "training_files": [[file_id, 1.0]],
+        "n_epochs": 1, "batch_size": 8, "max_length": 512, "checkpoint_every_steps": 0,
+        "storage": str(storage_dir)}))
     started = time.monotonic()
     proc = subprocess.run([str(REPO / ".venv" / "bin" / "tuneserve"), "train", str(spec_path)],
                           capture_output=True, text=True, cwd=REPO)
-    tail = (proc.stdout + proc.stderr)[-3000:]
+    out = proc.stdout
+    metrics = json.loads(out[out.index("{"):]) if proc.returncode == 0 and "{" in out else None
     return {"returncode": proc.returncode, "seconds": round(time.monotonic() - started, 1),
-            "log_tail": tail}
+            "adapter_written": storage.exists(f"adapters/{job_id}/final/manifest.json"),
+            "metrics": metrics, "log_tail": None if metrics else (out + proc.stderr)[-2000:]}
 
 
 def write_results(summary: dict) -> None:
@@ -160,6 +164,8 @@ def main() -> None:
                         help="examples one kept instruction gives at most")
     parser.add_argument("--analyse-only", action="store_true",
                         help="report on --out's .kept.json (a run stopped early)")
+    parser.add_argument("--sft", action="store_true",
+                        help="then a one-epoch LoRA SFT run on --out (tuneserve train)")
     args = parser.parse_args()
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next((l.split(":", 1)[1].strip() for l in cpu.splitlines()
@@ -167,9 +173,33 @@ def main() -> None:
     if args.analyse_only:
         kept = json.loads(Path(args.out).with_suffix(".kept.json").read_text())
         tasks, _ = seed_files.load(SEEDS.read_bytes())
-        summary = {"instructions": len(kept), **analyse(kept, [t.instruction for t in tasks])}
+        previous = json.loads((RESULTS / "self_instruct.json").read_text()) \
+            if (RESULTS / "self_instruct.json").exists() else {}
+        progress = [json.loads(line) for line in Path(args.out).with_suffix(
+            ".progress.jsonl").read_text().splitlines()]
+        last = progress[-1] if progress else {}
+        examples = sum(1 for _ in Path(args.out).open())
+        summary = {**{k: previous.get(k) for k in ("seed_file", "seed_sha256", "seed_tasks",
+                                                  "generator")},
+                   "stopped": "by hand (time), before the count", "examples": examples,
+                   "instructions": len(kept), "rounds": last.get("round"),
+                   "candidates": last.get("candidates"), "removed": last.get("removed"),
+                   "seconds": last.get("seconds"),
+                   "examples_per_minute": round(60 * examples / last["seconds"], 2)
+                   if last else None,
+                   "settings": {"count": args.count, "prompts_per_round": args.prompts_per_round,
+                                "max_tokens": args.max_tokens, "seed": args.seed,
+                                "max_instances_per_task": args.instances,
+                                "engine_batch": args.batch},
+                   "progress": progress,
+                   **analyse(kept, [t.instruction for t in tasks])}
     else:
         summary = asyncio.run(generate(args))
+    if args.sft:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:
+            summary["sft"] = sft(Path(args.out), Path(work))
     summary["cpu"] = model_name
     summary["load_average"] = os.getloadavg()
     print(json.dumps(summary, indent=1))

@@ -33,6 +33,8 @@ def add_command(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     si.add_argument("--top-p", type=float)
     si.add_argument("--max-tokens", type=int, help="per generator reply")
     si.add_argument("--seed", type=int)
+    si.add_argument("--instance-temperature", type=float,
+                    help="for the instances (default 0: greedy, as the paper)")
     si.add_argument("--prompts-per-round", type=int, help="instruction prompts sent together")
     si.add_argument("--rouge-l-threshold", type=float,
                     help="drop candidates this similar to a pool instruction (default 0.7)")
@@ -45,7 +47,8 @@ def cmd_self_instruct(args: argparse.Namespace) -> int:
     body = {"seed_file": _file_id(client, args.seed_file, args.json), "model": args.model,
             "count": args.count}
     sampling = {k: v for k, v in {"temperature": args.temperature, "top_p": args.top_p,
-                                  "max_tokens": args.max_tokens, "seed": args.seed}.items()
+                                  "max_tokens": args.max_tokens, "seed": args.seed,
+                                  "instance_temperature": args.instance_temperature}.items()
                 if v is not None}
     if sampling:
         body["sampling"] = sampling

@@ -28,6 +28,7 @@ from service.files import store as file_store
 router = APIRouter(tags=["data generation (extension)"])
 Tenant = Annotated[str, Depends(get_tenant)]
 PREFIX = "/data_generation/jobs"
+DEFAULT_MAX_TOKENS = 256
 
 
 def _store(request: Request) -> DatagenStore:
@@ -43,9 +44,12 @@ class Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=0.5, gt=0.0, le=1.0)
-    max_tokens: int = Field(default=256, ge=16, le=limits.MAX_TOKENS)
-    """Per generator reply (new instructions; instances too)."""
+    max_tokens: int | None = Field(default=None, ge=16, le=limits.MAX_TOKENS)
+    """Per generator reply (new instructions; instances too); unset: 256, or the server's
+    cap if lower."""
     seed: int = Field(default=42, ge=0, le=2**31 - 1)
+    instance_temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    """Instances' temperature (0: greedy, as the paper)."""
 
 
 class Filters(BaseModel):
@@ -93,6 +97,8 @@ def prepare(request: Request, tenant: str, body: CreateDatagenJobRequest) -> Dat
     if app_name is None and request.app.state.chat is None:
         raise InvalidRequest("Data generation needs chat completions, which are not enabled on "
                              "this server.", param="model", code="chat_disabled")
+    if body.sampling.max_tokens is None:
+        body.sampling.max_tokens = min(DEFAULT_MAX_TOKENS, settings.max_tokens_cap)
     if body.sampling.max_tokens > settings.max_tokens_cap:
         raise InvalidRequest(f"sampling.max_tokens is at most {settings.max_tokens_cap} here.",
                              param="sampling.max_tokens", code="invalid_value")

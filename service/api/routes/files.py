@@ -112,6 +112,9 @@ class FileDescription(BaseModel):
     item_fields: list[str] | None = None
     """Reinforcement prompts only: the fields every line has, which a reinforcement job's
     grader may read as ``{{item.…}}``."""
+    generation: dict[str, Any] | None = Field(default=None, exclude_if=lambda v: v is None)
+    """A file a data-generation job wrote (``/v1/data_generation/jobs``): the generator, the
+    seed file's sha256, the settings and the candidates each filter removed; absent otherwise."""
 
 
 class FileObject(BaseModel):
