@@ -3,8 +3,8 @@
 Same model (the built-in SmolLM2-135M-Instruct), same prompts (the sort task of
 ``service.cli.eval_tasks``), same group size (4 completions per prompt), same batch (4 prompts,
 16 completions per optimizer step), same completion length cap (32 tokens), same reward (a
-``string_check`` ``eq`` grader against the sorted list, through ``training.graders`` on both
-sides), same loss (token-level mean, "dapo" in TRL), β = 0.04 (the reference is the policy with
+``text_similarity`` ``fuzzy_match`` grader against the sorted list, through ``training.graders``
+on both sides), same loss (token-level mean, "dapo" in TRL), β = 0.04 (the reference is the policy with
 its adapter disabled on both sides), temperature 1, LoRA r=16 on all linear layers, 2 threads,
 bf16 autocast where the CPU has bf16 matmuls (fp32 elsewhere) on both sides. Each variant runs
 in a fresh process so that peak memory is its own, interleaved over rounds:
@@ -50,8 +50,11 @@ BETA = 0.04
 LORA_R, LORA_ALPHA = 16, 32
 THREADS = 2
 SEED = 0
-GRADER = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
-          "reference": "{{item.answer}}", "operation": "eq"}
+# fuzzy_match, not exact match: the base model sorts no list exactly, so an exact-match reward
+# gives every group the same reward (no signal): ours then trains on nothing, TRL still runs its
+# backward pass, and the comparison would measure rollouts only.
+GRADER = {"type": "text_similarity", "name": "close", "input": "{{sample.output_text}}",
+          "reference": "{{item.answer}}", "evaluation_metric": "fuzzy_match"}
 
 
 def prompts(n: int) -> list[dict]:
@@ -257,7 +260,7 @@ def main() -> int:
                          f"{os.getloadavg()[0]:.1f} at the end (machine shared by four engineers)")
     result["settings"] = (f"SmolLM2-135M-Instruct, LoRA r={LORA_R}, {PROMPTS_PER_STEP} sort "
                           f"prompts × {GROUP} completions per step, ≤ {MAX_COMPLETION} completion "
-                          f"tokens, string_check eq reward, beta={BETA}, {THREADS} threads, "
+                          f"tokens, fuzzy_match reward, beta={BETA}, {THREADS} threads, "
                           f"{args.rounds} rounds × {args.steps} timed steps (+{args.warmup} warm-up)")
     result["command"] = " ".join(["python", "bench/grpo_vs_trl.py", *sys.argv[1:]])
     RESULTS.mkdir(parents=True, exist_ok=True)
