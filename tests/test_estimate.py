@@ -114,12 +114,18 @@ def test_the_default_parallelism_shards_what_one_worker_cannot_hold(tmp_path):
         assert refused.status_code == 400 and "set parallelism to 'fsdp'" in refused.text
 
 
-def test_fsdp_is_refused_for_dpo_naming_the_field(tmp_path):
+def test_an_unknown_parallelism_is_a_400_naming_the_field(tmp_path):
     with client_for(tmp_path) as client:
         file_id = upload(client)
         r = client.post("/v1/fine_tuning/jobs", json={
             "model": registry.TINY_MODEL_ID, "training_file": file_id, "parallelism": "zero3"})
-        assert r.status_code == 400 and "parallelism" in r.text
+        assert r.status_code == 400 and r.json()["error"]["param"] == "parallelism", r.text
+    # FSDP keeps every rank's passes in step for the supervised recipe only.
+    spec = TrainSpec(job_id="ftjob-" + "0" * 24, base_model=registry.TINY_MODEL_ID,
+                     training_files=(("file-" + "0" * 24, 1.0),), method="dpo",
+                     parallelism="fsdp", num_workers=2)
+    with pytest.raises(Exception, match="parallelism 'fsdp' trains supervised jobs only"):
+        spec.validate()
 
 
 def test_estimated_finish_comes_from_the_estimate_until_steps_are_measured(tmp_path):
