@@ -86,6 +86,10 @@ EXPECTED = {
     "sharegpt_preference": ("sharegpt_preference", 2, {
         "prompt": [system("Answer briefly."), user("What is 2 + 2?")], "chosen": "4.",
         "rejected": "22."}),
+    "openai_rft": ("openai_rft", 2, {
+        "messages": [user("Sort this list in ascending order: [5, 53, 8]")],
+        "item": {"messages": [user("Sort this list in ascending order: [5, 53, 8]")],
+                 "answer": "[5, 8, 53]"}}),
     "text": ("text", 2, {"text": "The mitochondrion is the site of aerobic respiration in the "
                                  "cell."}),
 }

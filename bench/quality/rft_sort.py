@@ -97,6 +97,10 @@ def run_rft(client: Client, args: argparse.Namespace, data_dir: Path) -> dict[st
                     "eval_interval": args.eval_interval, "eval_samples": args.n_rft_valid}}}}
     jobs["rft"] = demo.run_job(client, args, body)
     events = demo.all_events(client, jobs["rft"]["id"])
+    settings = next((e["data"] for e in events if "initial_score" in (e.get("data") or {})), {})
+    jobs["rft"].update(hyperparameters=settings.get("hyperparameters"),
+                       total_steps=settings.get("total_steps"),
+                       initial_score=settings.get("initial_score"))
     curve = [{k: e["data"].get(k) for k in ("step", "reward_mean", "zero_signal_share", "kl",
                                             "completion_length", "valid_score")}
              for e in events if e.get("type") == "metrics"]
