@@ -156,7 +156,14 @@ def test_bad_input_is_refused_naming_the_field(app_url):
             400, "sampling.max_tokens")
     refused(alice.post("/data_generation/jobs", json={**ok, "filters": {"grader": {
         "type": "python", "name": "p", "source": "def grade(s, i): return 1"}}}), 400,
-        "filters.grader")
+        "filters.grader.type")
+    judge = {"type": "score_model", "name": "judge", "model": tuned, "range": [0, 1],
+             "input": [{"role": "user", "content": "Rate: {{item.output}}"}]}
+    refused(bob.post("/data_generation/jobs", json={**ok, "seed_file": bob_seeds, "filters": {
+        "grader": judge}}), 404, "filters.grader.model")  # alice's model as bob's judge
+    refused(alice.post("/data_generation/jobs", json={**ok, "filters": {"grader": {
+        **judge, "model": TINY, "input": [{"role": "user", "content": "{{item.answer}}"}]}}}),
+        400, "filters.grader.input.0.content")  # not a field of a candidate
     refused(alice.post("/data_generation/jobs", json={**ok, "filters": {"min_words": 9,
                                                                          "max_words": 3}}),
             400, "filters.max_words")

@@ -150,6 +150,44 @@ def sft(path: Path, work: Path) -> dict:
 def write_results(summary: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "self_instruct.json").write_text(json.dumps(summary, indent=1) + "\n")
+    rows = "\n".join(f"| {k} | {v} |" for k, v in (summary.get("removed") or {}).items())
+    hist = summary["rouge_l_vs_seeds"]["histogram"]
+    sft_run = summary.get("sft") or {}
+    metrics = sft_run.get("metrics") or {}
+    lines = [
+        "# Self-Instruct with SmolLM2-135M-Instruct",
+        "",
+        f"`{summary.get('command', 'python bench/quality/self_instruct.py')}`; CPU "
+        f"{summary.get('cpu')}, load average {summary.get('load_average')} (the machine was "
+        "shared by four engineers).",
+        "",
+        f"- seed tasks: {summary.get('seed_tasks')} ({summary.get('seed_file')}, sha256 "
+        f"{str(summary.get('seed_sha256'))[:12]}…)",
+        f"- kept: **{summary['examples']} examples** from {summary['instructions']} instructions "
+        f"in {summary.get('rounds')} rounds, {summary.get('seconds')} s "
+        f"({summary.get('examples_per_minute')} examples/minute); stopped: "
+        f"{summary.get('stopped')}",
+        f"- candidate instructions: {summary.get('candidates')}",
+        f"- distinct root verbs: {summary['distinct_root_verbs']} (of "
+        f"{summary['instructions_with_a_root_verb']} instructions with one; method in the "
+        "script's docstring); top: " + ", ".join(f"{v} {n}" for v, n in
+                                                 summary["top_root_verbs"][:10]),
+        f"- ROUGE-L with the most similar seed: mean {summary['rouge_l_vs_seeds']['mean']}, "
+        f"median {summary['rouge_l_vs_seeds']['median']}",
+        f"- classification share: {summary['classification_share']}; mean instruction length "
+        f"{summary['mean_instruction_words']} words",
+        "",
+        "| filter | candidates removed |", "|---|---|", rows, "",
+        "| ROUGE-L vs seeds | instructions |", "|---|---|",
+        *(f"| {k} | {v} |" for k, v in hist.items()), "",
+    ]
+    if sft_run:
+        lines += [f"SFT on the file (`tuneserve train`, one epoch, LoRA, batch 8): return code "
+                  f"{sft_run['returncode']}, adapter written: {sft_run.get('adapter_written')}, "
+                  f"{sft_run['seconds']} s; final metrics: "
+                  + json.dumps({k: metrics.get(k) for k in ("train_loss", "total_steps")
+                                if k in metrics}), ""]
+    (RESULTS / "self_instruct.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -201,6 +239,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as work:
             summary["sft"] = sft(Path(args.out), Path(work))
     summary["cpu"] = model_name
+    summary["command"] = "python bench/quality/self_instruct.py " + " ".join(sys.argv[1:])
     summary["load_average"] = os.getloadavg()
     print(json.dumps(summary, indent=1))
     write_results(summary)

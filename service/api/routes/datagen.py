@@ -24,11 +24,13 @@ from service.datagen import runner, seeds
 from service.datagen.store import FINISHED, DatagenJob, DatagenStore
 from service.evals.jobs import serve_app_name
 from service.files import store as file_store
+from training.graders.grade import GraderInvalid, validate
 
 router = APIRouter(tags=["data generation (extension)"])
 Tenant = Annotated[str, Depends(get_tenant)]
 PREFIX = "/data_generation/jobs"
 DEFAULT_MAX_TOKENS = 256
+GRADED_FIELDS = frozenset({"item.instruction", "item.input", "item.output"})
 
 
 def _store(request: Request) -> DatagenStore:
@@ -108,6 +110,11 @@ def prepare(request: Request, tenant: str, body: CreateDatagenJobRequest) -> Dat
     judges: dict[str, dict[str, str | None]] = {}
     if body.filters.grader is not None:
         grader = parse_grader(body.filters.grader, "filters.grader")
+        try:  # its templates may name only the candidate's fields
+            validate(grader, "filters.grader", lambda path: path in GRADED_FIELDS)
+        except GraderInvalid as exc:
+            raise InvalidRequest(f"{exc} A candidate has item.instruction, item.input and "
+                                 "item.output.", param=exc.param, code="invalid_grader") from None
         judges = {m: t.model_dump() for m, t in
                   resolve_judges(request, grader, tenant, "filters.grader").items()}
     file_store.get_file(request.app.state.storage, tenant, body.seed_file, param="seed_file")
