@@ -70,7 +70,9 @@ def run_case(model: str, method: str, parallelism: str, steps: int, root: str,
     wall = time.monotonic() - started
     events = [json.loads(storage.get(i.key)) for i in storage.iter(f"jobs/{spec.job_id}/events/")]
     metrics = [e["data"] for e in events if e["type"] == "metrics"]
-    data_of = lambda key: next(e["data"] for e in events if key in (e.get("data") or {}))  # noqa: E731
+    def data_of(key: str) -> dict:
+        return next(e["data"] for e in events if key in (e.get("data") or {}))
+
     stats = next(e["data"] for e in events if (e.get("data") or {}).get("split") == "train")
     bf16 = any("bf16=on" in e["message"] for e in events)
     tokenizer = registry.load_tokenizer(registry.resolve_model(model))
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cpu() -> str:
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
         return next(line.split(":", 1)[1].strip() for line in out.splitlines()
                     if line.startswith("Model name"))
     except Exception:  # noqa: BLE001 - the record says unknown
@@ -140,14 +142,17 @@ def _cpu() -> str:
 
 
 def _markdown(result: dict) -> str:
-    mib = lambda n: f"{n / 2**20:.0f}"  # noqa: E731
+    def mib(n: int) -> str:
+        return f"{n / 2**20:.0f}"
+
+    machine = result["machine"]
     lines = ["# FSDP vs DDP at 2 workers (issue 36)", "",
-             f"`.venv/bin/python -m bench.fsdp_vs_ddp`; {result['machine']['cpu']}, "
-             f"load average {result['machine']['load_average'][0]:.1f} "
-             f"({result['machine']['note']}). Two processes over gloo, one thread each, "
-             "pack_length 512, batch 32 (16 examples per worker per step).", "",
-             "| model | method | parallelism | step s | peak MiB/worker | estimate MiB | "
-             "est/peak | weights+grads+optimizer MiB |", "|---|---|---|---|---|---|---|---|"]
+             (f"`.venv/bin/python -m bench.fsdp_vs_ddp`; {machine['cpu']}, load average "
+              f"{machine['load_average'][0]:.1f} ({machine['note']}). Two processes over gloo, "
+              "one thread each, pack_length 512, batch 32 (16 examples per worker per step)."),
+             "",
+             ("| model | method | parallelism | step s | peak MiB/worker | estimate MiB | "
+              "est/peak | weights+grads+optimizer MiB |"), "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         held = r["held_bytes"]
         lines.append(f"| {r['model']} | {r['method']} | {r['parallelism']} | "
@@ -160,9 +165,9 @@ def _markdown(result: dict) -> str:
     for method, s in result["summary"].items():
         lines.append(f"| {method} | {s['step_time_ratio']} | {s['peak_memory_ratio']} | "
                      f"{s['state_ratio']} |")
-    lines += ["", "Peak: tensor memory of step 2 (allocations counted by torch's profiler, plus "
-              "what tensors held at its start), what `torch.cuda.max_memory_allocated` is on a "
-              "GPU. Not run on a GPU (none lent this session).", ""]
+    lines += ["", ("Peak: tensor memory of step 2 (allocations counted by torch's profiler, plus "
+                   "what tensors held at its start), what `torch.cuda.max_memory_allocated` is "
+                   "on a GPU. Not run on a GPU (none lent this session)."), ""]
     return "\n".join(lines)
 
 
