@@ -37,11 +37,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from service.core.names import BUILTIN_MODEL_ID  # noqa: E402
-from service.core.settings import Settings  # noqa: E402
-from service.datagen import seeds as seed_files  # noqa: E402
-from service.datagen.filters import FilterSettings, Pool  # noqa: E402
-from service.datagen.loop import LoopSettings, Sampling, SelfInstruct, Target  # noqa: E402
+from service.core.names import BUILTIN_MODEL_ID
+from service.core.settings import Settings
+from service.datagen import seeds as seed_files
+from service.datagen.filters import FilterSettings, Pool
+from service.datagen.loop import LoopSettings, Sampling, SelfInstruct, Target
 
 SEEDS = REPO.parent / "shared" / "data" / "real" / "self_instruct_seed_tasks.tail.jsonl"
 RESULTS = REPO / "bench" / "results"

@@ -104,7 +104,7 @@ class Pool:
         best = 0.0
         for other in self._tokens:
             # rouge-score's own LCS scoring, on tokens made once per pool instruction.
-            score = rouge_scorer._score_lcs(other, tokens).fmeasure  # noqa: SLF001
+            score = rouge_scorer._score_lcs(other, tokens).fmeasure
             if score > best:
                 best = score
                 if best >= self.threshold:

@@ -27,8 +27,9 @@ CLASSIFICATION_EXAMPLES = (
 )
 """Some of the paper's own "is it classification?" demonstrations (Table 6)."""
 
-_TASK = re.compile(r"^\s*(?:\**\s*task\s*\d+\s*\**\s*[:.)-]|\d+\s*[.)])\s*", re.I | re.M)
-_STOP = re.compile(r"\n\s*(?:input|output|example\s*\d*|answer|solution)\s*:", re.I)
+_LINES = re.IGNORECASE | re.MULTILINE
+_TASK = re.compile(r"^\s*(?:\**\s*task\s*\d+\s*\**\s*[:.)-]|\d+\s*[.)])\s*", _LINES)
+_STOP = re.compile(r"\n\s*(?:input|output|example\s*\d*|answer|solution)\s*:", re.IGNORECASE)
 
 
 def instruction_prompt(instructions: list[str]) -> list[dict[str, str]]:
@@ -102,8 +103,8 @@ def instance_prompt(instruction: str, classification: bool,
     return [{"role": "user", "content": "\n".join(lines)}]
 
 
-_FIELD = re.compile(r"^\s*\**\s*(input|output|class label)\s*\**\s*:\s*", re.I | re.M)
-_EXAMPLE = re.compile(r"^\s*\**\s*example\s*\d*\s*\**\s*:?\s*$", re.I | re.M)
+_FIELD = re.compile(r"^\s*\**\s*(input|output|class label)\s*\**\s*:\s*", _LINES)
+_EXAMPLE = re.compile(r"^\s*\**\s*example\s*\d*\s*\**\s*:?\s*$", _LINES)
 
 
 def _clean(text: str) -> str:
@@ -127,10 +128,9 @@ def parse_instances(reply: str, classification: bool) -> list[dict[str, str]]:
             instances.append(current)
             current = {}
         current[label] = value
-        if classification and label == "input" and "output" in current:
-            instances.append(current)
-            current = {}
-        elif not classification and label == "output":
+        # An instance ends with its second field: the input output-first, the output input-first.
+        ends = "input" if classification else "output"
+        if label == ends and (not classification or "output" in current):
             instances.append(current)
             current = {}
     if "output" in current:

@@ -130,7 +130,7 @@ class Events:
         self.storage, self.job_id = storage, job_id
         self._seq = itertools.count()
 
-    def add(self, message: str, level: str = "info", type: str = "message",  # noqa: A002
+    def add(self, message: str, level: str = "info", type: str = "message",
             data: dict[str, Any] | None = None) -> None:
         created_ns = time.time_ns()
         seq = next(self._seq)
@@ -140,7 +140,7 @@ class Events:
         try:
             self.storage.put(names.datagen_event_key(self.job_id, created_ns, seq),
                              json.dumps(event).encode())
-        except Exception:  # noqa: BLE001 - see the class docstring
+        except Exception:  # see the class docstring
             log.warning("could not write event %r of job %s", message, self.job_id,
                         exc_info=True)
 
