@@ -161,8 +161,8 @@ class FileReport:
             "notes": list(self.notes), "ignored_keys": dict(self.ignored_keys),
             "invalid_records": self.invalid_records,
             "skipped": skipped,
-            **({"item_fields": sorted(self.item_fields)} if self.item_fields is not None
-               else {}),
+            "item_fields": (sorted(self.item_fields) if self.item_fields is not None
+                            else None),
         }
 
 
