@@ -274,10 +274,10 @@ def test_bad_reinforcement_requests_are_400s_naming_the_field(api):
 def test_a_score_model_judge_drives_a_short_rft_job_end_to_end(shared_service):
     """The judge is the tiny model the service serves, called by the training workers through
     the chat deployment (the job's judge actor). Its scores of random text are noise; the job
-    must run, report rewards in the grader's range, and count the judge's chat requests."""
+    must run and report rewards in the grader's range."""
     import httpx
 
-    from tests.helpers import scrape_metrics, wait_until
+    from tests.helpers import wait_until
 
     url = f"{shared_service.url}/v1"
     http = httpx.Client(base_url=url, headers={"Authorization": "Bearer local"}, timeout=60)
@@ -289,8 +289,6 @@ def test_a_score_model_judge_drives_a_short_rft_job_end_to_end(shared_service):
                         "content": "Score 0-10 how much this says {{item.answer}}: "
                                    "{{sample.output_text}}"}],
              "sampling_params": {"max_completions_tokens": 4}}
-    before = scrape_metrics(shared_service.url).get(
-        'tuneserve_chat_requests_total{model_type="base",outcome="ok"}', 0)
     job = http.post("/fine_tuning/jobs", json={
         "model": TINY, "training_file": file_id,
         "method": {"type": "reinforcement", "reinforcement": {"grader": judge, "hyperparameters": {
@@ -303,6 +301,3 @@ def test_a_score_model_judge_drives_a_short_rft_job_end_to_end(shared_service):
     events = http.get(f"/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()
     steps = [e["data"] for e in events["data"] if e["type"] == "metrics"]
     assert steps and all(0 <= s["reward_mean"] <= 10 for s in steps)
-    after = scrape_metrics(shared_service.url).get(
-        'tuneserve_chat_requests_total{model_type="base",outcome="ok"}', 0)
-    assert after - before >= 4  # 2 prompts x 2 completions per step, graded by the judge
