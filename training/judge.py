@@ -31,9 +31,10 @@ class ActorJudge:
         self._actor: Any = None
 
     async def __call__(self, model: str, messages: list[dict[str, str]],
-                       params: SamplingParams) -> JudgeAnswer:
+                       params: SamplingParams,
+                       response_format: dict[str, Any] | None = None) -> JudgeAnswer:
         if self._actor is None:
             self._actor = ray.get_actor(self.name)
         text, prompt_tokens, completion_tokens = await self._actor.judge.remote(
-            model, messages, params.model_dump(mode="json", exclude_none=True))
+            model, messages, params.model_dump(mode="json", exclude_none=True), response_format)
         return JudgeAnswer(text, prompt_tokens, completion_tokens)

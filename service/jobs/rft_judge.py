@@ -37,10 +37,12 @@ class JudgeActor:
                                runner.DEFAULT_MAX_TOKENS)
 
     async def judge(self, model: str, messages: list[dict[str, str]],
-                    params: dict[str, Any]) -> tuple[str, int, int]:
+                    params: dict[str, Any],
+                    response_format: dict[str, Any] | None = None) -> tuple[str, int, int]:
         from training.graders import SamplingParams
 
-        answer = await self.chat_judge(model, messages, SamplingParams(**params))
+        answer = await self.chat_judge(model, messages, SamplingParams(**params),
+                                       response_format=response_format)
         return answer.text, answer.prompt_tokens, answer.completion_tokens
 
 
