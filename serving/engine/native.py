@@ -202,9 +202,7 @@ class Engine:
             # Counted from submit to finish: rows being prefilled are in neither the queue nor
             # the batch for a moment.
             if self._in_flight + n > self.max_pending:
-                raise RateLimited(f"The {self.base_model} deployment is at capacity "
-                                  f"({self.max_pending} requests in flight); retry shortly.",
-                                  retry_after=1, code="capacity_exceeded")
+                raise at_capacity(self.base_model, self.max_pending)
             slot = -1
             if adapter_id is not None:
                 known = self._adapters.get(adapter_id)
@@ -426,6 +424,12 @@ class Engine:
                                       completion_tokens or len(row.tokens), index=row.index,
                                       logprobs=self._sent_logprobs(row)))
         row.generation._put(END)
+
+
+def at_capacity(base_model: str, max_pending: int) -> RateLimited:
+    """The 429 of a replica with ``max_pending`` requests already in flight (either engine)."""
+    return RateLimited(f"The {base_model} deployment is at capacity ({max_pending} requests "
+                       "in flight); retry shortly.", retry_after=1, code="capacity_exceeded")
 
 
 def token_budget(prompt_len: int, max_tokens: int | None, max_context: int,

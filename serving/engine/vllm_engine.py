@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from service.core import limits
-from service.core.errors import RateLimited
 from serving.adapters import (
     CONFIG_FILE,
     MANIFEST_FILE,
@@ -31,7 +30,7 @@ from serving.adapters import (
     check_manifest,
 )
 from serving.engine.generation import END, Chunk, Generation
-from serving.engine.native import AdapterNotLoaded, token_budget
+from serving.engine.native import AdapterNotLoaded, at_capacity, token_budget
 from serving.engine.sampling import SamplingParams, TokenBytes
 
 log = logging.getLogger(__name__)
@@ -269,9 +268,7 @@ class VllmEngine:
             if self._closed:
                 raise RuntimeError("the engine is closed")
             if self._in_flight + n > self.max_pending:
-                raise RateLimited(f"The {self.base_model} deployment is at capacity "
-                                  f"({self.max_pending} requests in flight); retry shortly.",
-                                  retry_after=1, code="capacity_exceeded")
+                raise at_capacity(self.base_model, self.max_pending)
             lora = None
             if adapter_id is not None:
                 known = self._adapters.get(adapter_id)
