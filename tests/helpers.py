@@ -21,6 +21,36 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parent.parent
 
 
+@contextlib.contextmanager
+def in_process_app(storage_dir: Path):
+    """An API app in this process (uvicorn on loopback) with the tiny model answering through
+    ``LocalChatBackend``: keys ``key-alice`` and ``key-bob``, and one tuned adapter of alice's.
+    Yields ``(url, tuned model name, storage)``. Work the app starts (eval runs, data generation)
+    runs beside it, the path a deployment without Serve takes."""
+    from service.api.app import create_app
+    from service.chat.backends import LocalChatBackend
+    from service.core.settings import Settings
+    from tests.test_serving_api import add_tuned_model, serve
+
+    settings = Settings(storage=str(storage_dir),
+                        api_keys={"key-alice": "alice", "key-bob": "bob"}, max_tokens_cap=64,
+                        builtin_models=False)
+    backend = LocalChatBackend(settings, dtype="float32")
+    app = create_app(settings, chat=backend)
+    tuned = add_tuned_model(app.state.storage, "alice", seed=3)
+    try:
+        with serve(app) as url:
+            yield url, tuned, app.state.storage
+    finally:
+        backend.close()
+
+
+def api(url: str, key: str = "key-alice") -> httpx.Client:
+    """An HTTP client on ``url``'s ``/v1`` with ``key`` as its bearer token."""
+    return httpx.Client(base_url=f"{url}/v1", headers={"Authorization": f"Bearer {key}"},
+                        timeout=120)
+
+
 def free_port() -> int:
     """A free loopback port that the processes a test starts will not take first."""
     from service.ray.embedded import free_loopback_port

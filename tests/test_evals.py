@@ -14,14 +14,10 @@ import time
 import httpx
 import pytest
 
-from service.api.app import create_app
-from service.chat.backends import LocalChatBackend
 from service.cli import eval_tasks
 from service.cli.client import Client
 from service.cli.evaluate import EXACT, ITEM_SCHEMA, Case, run_cases, summarize
-from service.core.settings import Settings
-from tests.helpers import scrape_metrics
-from tests.test_serving_api import add_tuned_model, serve
+from tests.helpers import api, in_process_app, scrape_metrics
 from training.model.registry import TINY_MODEL_ID as TINY
 
 SORT_EVAL = {"name": "sort", "data_source_config": {"type": "custom", "item_schema": ITEM_SCHEMA},
@@ -41,20 +37,8 @@ def inline(items: list[dict]) -> dict:
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    settings = Settings(storage=str(tmp_path_factory.mktemp("storage")),
-                        api_keys={"key-alice": "alice", "key-bob": "bob"}, max_tokens_cap=64,
-                        builtin_models=False)
-    backend = LocalChatBackend(settings, dtype="float32")
-    app = create_app(settings, chat=backend)
-    tuned = add_tuned_model(app.state.storage, "alice", seed=3)
-    with serve(app) as url:
-        yield url, tuned, app.state.storage
-    backend.close()
-
-
-def http(url: str, key: str = "key-alice") -> httpx.Client:
-    return httpx.Client(base_url=f"{url}/v1", headers={"Authorization": f"Bearer {key}"},
-                        timeout=120)
+    with in_process_app(tmp_path_factory.mktemp("storage")) as app:
+        yield app
 
 
 def finished(client: httpx.Client, eval_id: str, run_id: str, timeout: float = 120) -> dict:
@@ -76,7 +60,7 @@ def refused(response: httpx.Response, status: int, param: str) -> str:
 
 def test_grader_endpoints_run_and_validate(app_url):
     url, *_ = app_url
-    client = http(url)
+    client = api(url)
     grader = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
               "reference": "{{item.label}}", "operation": "eq"}
     ran = client.post("/fine_tuning/alpha/graders/run",
@@ -97,7 +81,7 @@ def test_grader_endpoints_run_and_validate(app_url):
 
 def test_a_served_judge_scores_in_range_and_its_requests_are_chat_requests(app_url):
     url, tuned, _ = app_url
-    client = http(url)
+    client = api(url)
     judge = {"type": "score_model", "name": "judge", "model": tuned, "range": [0, 10],
              "input": [{"role": "system", "content": "Answer with a number from 0 to 10."},
                        {"role": "user", "content": "Reference: {{item.label}}\n"
@@ -115,7 +99,7 @@ def test_a_served_judge_scores_in_range_and_its_requests_are_chat_requests(app_u
     key = 'tuneserve_chat_requests_total{model_type="tuned",outcome="ok"}'
     assert after[key] == before.get(key, 0) + 1
     # Another tenant cannot judge with alice's model (nor learn that it exists).
-    refused(http(url, "key-bob").post("/fine_tuning/alpha/graders/run", json={
+    refused(api(url, "key-bob").post("/fine_tuning/alpha/graders/run", json={
         "grader": judge, "item": {"label": "x"}, "model_sample": "x"}), 404, "grader.model")
 
 
@@ -123,7 +107,7 @@ def test_a_label_judge_always_answers_with_one_of_its_labels(app_url):
     """The tiny model writes random text; held to the labels by constrained decoding, its
     verdict is still always one of them, never a parse error."""
     url, tuned, _ = app_url
-    client = http(url)
+    client = api(url)
     judge = {"type": "label_model", "name": "verdict", "model": tuned,
              "input": [{"role": "user", "content": "Is {{sample.output_text}} sorted?"}],
              "labels": ["yes", "no", "unsure"], "passing_labels": ["yes"]}
@@ -136,7 +120,7 @@ def test_a_label_judge_always_answers_with_one_of_its_labels(app_url):
 
 def test_eval_objects_are_crud_and_per_tenant(app_url):
     url, *_ = app_url
-    alice, bob = http(url), http(url, "key-bob")
+    alice, bob = api(url), api(url, "key-bob")
     created = alice.post("/evals", json={**SORT_EVAL, "metadata": {"team": "a"}}).json()
     assert created["object"] == "eval" and created["testing_criteria"] == [EXACT]
     assert alice.get(f"/evals/{created['id']}").json() == created
@@ -165,7 +149,7 @@ def test_a_run_grades_as_the_chat_path_does(app_url):
     half the true sorted lists: the eval's pass rate must be what exact match over the chat
     path gives, item by item, and what ``tuneserve eval`` reports on the same items."""
     url, tuned, _ = app_url
-    client, cli = http(url), Client(f"{url}/v1", "key-alice", timeout=120)
+    client, cli = api(url), Client(f"{url}/v1", "key-alice", timeout=120)
     held = eval_tasks.heldout("sort", 8, seed=5)
 
     def chat(prompt: str) -> str:
@@ -212,7 +196,7 @@ def test_a_run_grades_as_the_chat_path_does(app_url):
 
 def test_bad_input_is_a_4xx_naming_the_field(app_url):
     url, tuned, _ = app_url
-    alice, bob = http(url), http(url, "key-bob")
+    alice, bob = api(url), api(url, "key-bob")
     refused(alice.post("/evals", json={**SORT_EVAL, "testing_criteria": [
         {**EXACT, "type": "regex_check"}]}), 400, "testing_criteria.0.type")
     assert "item.answer" in refused(alice.post("/evals", json={**SORT_EVAL, "testing_criteria": [
@@ -243,7 +227,7 @@ def test_a_run_goes_off_the_api_replica_under_serve(shared_service):
     requests still reach the API's /metrics (from the run record)."""
     from tests.helpers import wait_until
 
-    client = http(shared_service.url)
+    client = api(shared_service.url)
     judge = {"type": "score_model", "name": "judge", "model": TINY, "range": [0, 10],
              "input": [{"role": "user", "content": "Score 0-10: {{sample.output_text}}"}],
              "sampling_params": {"max_completions_tokens": 4}}
@@ -270,7 +254,7 @@ def test_a_run_goes_off_the_api_replica_under_serve(shared_service):
 def test_a_job_reports_its_eval_before_and_after_and_reuses_the_before(shared_service):
     from tests.helpers import sorting_lines, wait_until
 
-    client = http(shared_service.url)
+    client = api(shared_service.url)
     eval_id = client.post("/evals", json=SORT_EVAL).json()["id"]
     items = [{"prompt": e.prompt, "reference": e.output}
              for e in eval_tasks.heldout("sort", 3, seed=9)]
@@ -335,7 +319,7 @@ def test_the_job_page_shows_before_after_and_the_items_that_changed(app_url):
     from service.ui.evals import eval_view
 
     url, tuned, storage = app_url
-    client = http(url)
+    client = api(url)
     eval_id = client.post("/evals", json=SORT_EVAL).json()["id"]
     prompts = [e.prompt for e in eval_tasks.heldout("sort", 3, seed=11)]
     answers = [client.post("/chat/completions", json={
@@ -383,7 +367,7 @@ def test_sort_eval_on_smollm2_base_and_a_sort_adapter_matches_tuneserve_eval(tmp
         assert demo.main(["--n-eval", str(n_eval), "--seed", str(seed), "--quiet",
                           "--base-url", f"{service.url}/v1", "--results", str(results)]) == 0
         rows = json.loads((results / "quality.json").read_text())["rows"]
-        client = http(service.url, "local")
+        client = api(service.url, "local")
         # The demo's exact match is tuneserve eval's: computed from the run's items by the CLI,
         # and equal to the string_check grader's pass rate on that same run.
         for name in ("base", "tuned"):

@@ -18,14 +18,11 @@ import httpx
 import pytest
 from rouge_score import rouge_scorer
 
-from service.api.app import create_app
-from service.chat.backends import LocalChatBackend
 from service.cli.main import main as cli
 from service.core import limits
-from service.core.settings import Settings
 from service.datagen import prompts, seeds
 from service.datagen.filters import REASONS, FilterSettings, Pool, instance_ok, screen
-from tests.test_serving_api import add_tuned_model, serve
+from tests.helpers import api, in_process_app
 from training.model.registry import TINY_MODEL_ID as TINY
 
 SEED_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / \
@@ -107,20 +104,8 @@ def test_seed_files_in_self_instructs_layout_and_others():
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    settings = Settings(storage=str(tmp_path_factory.mktemp("storage")),
-                        api_keys={"key-alice": "alice", "key-bob": "bob"}, max_tokens_cap=64,
-                        builtin_models=False)
-    backend = LocalChatBackend(settings, dtype="float32")
-    app = create_app(settings, chat=backend)
-    tuned = add_tuned_model(app.state.storage, "alice", seed=3)
-    with serve(app) as url:
-        yield url, tuned
-    backend.close()
-
-
-def http(url: str, key: str = "key-alice") -> httpx.Client:
-    return httpx.Client(base_url=f"{url}/v1", headers={"Authorization": f"Bearer {key}"},
-                        timeout=120)
+    with in_process_app(tmp_path_factory.mktemp("storage")) as app:
+        yield app
 
 
 def upload(client: httpx.Client, data: bytes, name: str = "seeds.jsonl") -> str:
@@ -135,8 +120,8 @@ def refused(response: httpx.Response, status: int, param: str) -> None:
 
 
 def test_bad_input_is_refused_naming_the_field(app_url):
-    url, tuned = app_url
-    alice, bob = http(url), http(url, "key-bob")
+    url, tuned, _ = app_url
+    alice, bob = api(url), api(url, "key-bob")
     seed_id = upload(alice, SEED_FILE.read_bytes())
     # Valid as a training file, but no task has an instruction to show the generator.
     unusable = upload(alice, b'{"text": "Just some text, no instruction."}\n', "text.jsonl")
@@ -171,8 +156,8 @@ def test_bad_input_is_refused_naming_the_field(app_url):
 
 
 def test_a_job_in_process_is_cancelled_and_writes_no_file(app_url):
-    url, _ = app_url
-    alice, bob = http(url), http(url, "key-bob")
+    url, *_ = app_url
+    alice, bob = api(url), api(url, "key-bob")
     seed_id = upload(alice, SEED_FILE.read_bytes())
     files_before = {f["id"] for f in alice.get("/files").json()["data"]}
     job = alice.post("/data_generation/jobs", json={
@@ -208,7 +193,7 @@ def test_self_instruct_end_to_end_through_the_cli(shared_service, capsys, monkey
     out = capsys.readouterr().out
     assert code == 0, out
     assert "round 1: examples" in out and "candidates" in out, out
-    client = http(shared_service.url)
+    client = api(shared_service.url)
     job = client.get("/data_generation/jobs").json()["data"][0]
     assert job["status"] == "succeeded" and job["examples"] == 4, job
     assert f"{job['examples']} examples in {job['result_file']}" in out

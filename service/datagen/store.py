@@ -17,8 +17,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, Field
 
 from service.core import names
-from service.core.errors import Conflict, NotFound, PreconditionFailed
-from service.core.storage import Storage
+from service.core.errors import NotFound
+from service.core.storage import Storage, records
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class DatagenStore:
         self.storage = storage
 
     def create(self, job: DatagenJob) -> DatagenJob:
-        self.storage.create(names.datagen_job_key(job.id), _dump(job))
+        self.storage.create(names.datagen_job_key(job.id), records.dump(job))
         self.storage.put(names.datagen_index_key(job.tenant, job.created_ns, job.id), b"")
         return job
 
@@ -92,19 +92,9 @@ class DatagenStore:
 
     def update(self, job_id: str, change: Callable[[DatagenJob], DatagenJob | None]) -> DatagenJob:
         """``change`` applied by compare-and-swap; a finished job is never changed again."""
-        for _ in range(50):
-            current, etag = self.read(job_id)
-            if current.status in FINISHED:
-                return current
-            updated = change(current.model_copy(deep=True))
-            if updated is None:
-                return current
-            try:
-                self.storage.replace(names.datagen_job_key(job_id), _dump(updated), etag)
-                return updated
-            except PreconditionFailed:
-                time.sleep(0.02)
-        raise Conflict(f"Job {job_id} is changing too fast; try again.", code="busy")
+        return records.swap(self.storage, names.datagen_job_key(job_id),
+                            lambda: self.read(job_id), change, what=f"Job {job_id}",
+                            final=lambda job: job.status in FINISHED)
 
     def list(self, tenant: str) -> list[DatagenJob]:
         """The tenant's jobs, oldest first."""
@@ -147,7 +137,3 @@ class Events:
 
 def _no_job(job_id: object) -> NotFound:
     return NotFound(f"No data generation job with id {str(job_id)[:80]!r}.", param="job_id")
-
-
-def _dump(job: DatagenJob) -> bytes:
-    return json.dumps(job.model_dump(mode="json"), sort_keys=True).encode()

@@ -9,15 +9,14 @@ run goes, so a run's items are readable while it runs and survive its driver.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
 from service.core import names
-from service.core.errors import Conflict, NotFound, PreconditionFailed
-from service.core.storage import Storage
+from service.core.errors import NotFound
+from service.core.storage import Storage, records
 
 RunStatus = Literal["queued", "in_progress", "completed", "failed", "canceled"]
 FINISHED: frozenset[str] = frozenset({"completed", "failed", "canceled"})
@@ -88,7 +87,7 @@ class EvalStore:
     # -- evals ---------------------------------------------------------------------------------
 
     def create(self, record: EvalRecord) -> EvalRecord:
-        self.storage.create(names.eval_key(record.id), _dump(record))
+        self.storage.create(names.eval_key(record.id), records.dump(record))
         self.storage.put(names.eval_index_key(record.tenant, record.created_ns, record.id), b"")
         return record
 
@@ -107,7 +106,7 @@ class EvalStore:
                metadata: dict[str, str] | None) -> EvalRecord:
         update = {k: v for k, v in (("name", name), ("metadata", metadata)) if v is not None}
         record = record.model_copy(update=update)
-        self.storage.put(names.eval_key(record.id), _dump(record))
+        self.storage.put(names.eval_key(record.id), records.dump(record))
         return record
 
     def list(self, tenant: str) -> list[EvalRecord]:
@@ -128,7 +127,7 @@ class EvalStore:
     # -- runs ----------------------------------------------------------------------------------
 
     def create_run(self, run: RunRecord) -> RunRecord:
-        self.storage.create(names.eval_run_key(run.eval_id, run.id), _dump(run))
+        self.storage.create(names.eval_run_key(run.eval_id, run.id), records.dump(run))
         return run
 
     def read_run(self, eval_id: str, run_id: str) -> tuple[RunRecord, str]:
@@ -150,19 +149,9 @@ class EvalStore:
     def update_run(self, eval_id: str, run_id: str,
                    change: Callable[[RunRecord], RunRecord | None]) -> RunRecord:
         """``change`` applied by compare-and-swap; a finished run is never changed again."""
-        for _ in range(50):
-            current, etag = self.read_run(eval_id, run_id)
-            if current.status in FINISHED:
-                return current
-            updated = change(current.model_copy(deep=True))
-            if updated is None:
-                return current
-            try:
-                self.storage.replace(names.eval_run_key(eval_id, run_id), _dump(updated), etag)
-                return updated
-            except PreconditionFailed:
-                time.sleep(0.02)
-        raise Conflict(f"Run {run_id} is changing too fast; try again.", code="busy")
+        return records.swap(self.storage, names.eval_run_key(eval_id, run_id),
+                            lambda: self.read_run(eval_id, run_id), change, what=f"Run {run_id}",
+                            final=lambda run: run.status in FINISHED)
 
     def list_runs(self, eval_id: str) -> list[RunRecord]:
         """The eval's runs, oldest first."""
@@ -201,7 +190,3 @@ def _no_eval(eval_id: str) -> NotFound:
 
 def _no_run(run_id: str) -> NotFound:
     return NotFound(f"No eval run with id {str(run_id)[:80]!r}.", param="run_id")
-
-
-def _dump(record: BaseModel) -> bytes:
-    return json.dumps(record.model_dump(mode="json"), sort_keys=True).encode()

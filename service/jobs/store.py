@@ -3,16 +3,14 @@ through legal status transitions. Storage is the single source of truth for ever
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, PlainSerializer, PlainValidator
 
-from service.core.errors import Conflict, NotFound, PreconditionFailed
+from service.core.errors import Conflict, NotFound
 from service.core.names import JOB_ID, JOBS_PREFIX, is_job_key, job_key
-from service.core.storage import Storage
+from service.core.storage import Storage, records
 from training.spec import TrainSpec
 
 Status = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed",
@@ -118,7 +116,7 @@ class JobStore:
         self.storage = storage
 
     def create(self, record: JobRecord) -> JobRecord:
-        self.storage.create(job_key(record.id), _dump(record))
+        self.storage.create(job_key(record.id), records.dump(record))
         return record
 
     def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
@@ -128,27 +126,18 @@ class JobStore:
             raise NotFound(f"No fine-tuning job with id {job_id!r}.", param="fine_tuning_job_id")
         return record
 
-    def update(self, job_id: str, change: Callable[[JobRecord], JobRecord | None],
-               attempts: int = 20) -> JobRecord:
-        """Apply ``change`` to the latest record with compare-and-swap, retrying on races.
+    def update(self, job_id: str, change: Callable[[JobRecord], JobRecord | None]) -> JobRecord:
+        """Apply ``change`` to the latest record with compare-and-swap (``records.swap``).
 
         ``change`` returns the new record, or None to leave it as it is. Status changes are
         checked against ``TRANSITIONS``.
         """
-        for _ in range(attempts):
-            current, etag = self.read(job_id)
-            updated = change(current.model_copy(deep=True))
-            if updated is None:
-                return current
+        def check(current: JobRecord, updated: JobRecord) -> None:
             if updated.status != current.status and updated.status not in TRANSITIONS[current.status]:
                 raise Conflict(f"Job {job_id} is {current.status}; it cannot become {updated.status}.",
                                code="invalid_state")
-            try:
-                self.storage.replace(job_key(job_id), _dump(updated), etag)
-                return updated
-            except PreconditionFailed:
-                time.sleep(0.01)
-        raise Conflict(f"Job {job_id} is changing too fast; try again.", code="busy")
+        return records.swap(self.storage, job_key(job_id), lambda: self.read(job_id), change,
+                            what=f"Job {job_id}", check=check)
 
     def transition(self, job_id: str, status: str, **fields: Any) -> JobRecord:
         def change(job: JobRecord) -> JobRecord:
@@ -181,7 +170,3 @@ class JobStore:
             if after is not None and after.etag == before.etag:
                 return JobRecord.model_validate_json(data), before.etag
         raise Conflict(f"Job {job_id} is changing too fast; try again.", code="busy")
-
-
-def _dump(record: JobRecord) -> bytes:
-    return json.dumps(record.model_dump(mode="json"), sort_keys=True).encode()
