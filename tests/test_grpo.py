@@ -301,3 +301,6 @@ def test_a_score_model_judge_drives_a_short_rft_job_end_to_end(shared_service):
     events = http.get(f"/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()
     steps = [e["data"] for e in events["data"] if e["type"] == "metrics"]
     assert steps and all(0 <= s["reward_mean"] <= 10 for s in steps)
+    # Every completion of every step (2 prompts x a group of 2) was judged by the served model:
+    # the judge actor's only way to a model is the chat deployment, whose engine counted tokens.
+    assert all(s["judge_requests"] == 4 and s["judge_tokens"] > 4 * 4 for s in steps), steps

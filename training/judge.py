@@ -1,13 +1,15 @@
 """Model graders' judges for reinforcement rewards: the served model, through the chat
 deployment.
 
-Training imports nothing of the service beyond ``service.core``, so a worker cannot build a
-chat client itself, and a recipe imports no Ray: the Ray Train worker (``training.worker``) puts
-an ``ActorJudge`` in the recipe's context. The job's driver (service side, ``service.jobs.rft_judge``) starts one Ray
-actor per job that holds the service's chat client (``service.evals.judge.ChatJudge`` over the
-Serve deployment, the same path an eval's judge takes: batched by the chat engine, counted in
-``/metrics``), named ``judge_actor_name(job_id)``; workers find it by that name and send it
-each judge request. Graders without a model judge need none of this.
+Training imports nothing of the service beyond ``service.core``, so a worker cannot build a chat
+client itself, and a recipe imports no Ray: the Ray Train worker (``training.worker``) puts an
+``ActorJudge`` in the recipe's context. The job's driver (service side, ``service.jobs.rft_judge``)
+starts one Ray actor per job that holds the service's chat client
+(``service.evals.judge.ChatJudge`` over the Serve deployment, the same path an eval's judge takes:
+batched by the chat engine; each step reports the judge's requests and tokens), named
+``judge_actor_name(job_id)``; workers find it by that name and send it each judge request.
+
+Graders without a model judge need none of this.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ recipe's (``training.recipes.base.Recipe``). What is GRPO's own, per step:
    (``packing.collate_groups``).
 
 Metrics per step: reward (mean, spread within groups), share of zero-signal groups, KL, clip
-fraction, completion length, the rollout/grade/train split of the step; every ``eval_interval``
+fraction, completion length, the rollout/grade/train split of the step, and for a model judge
+its requests and tokens (``judge_requests``, ``judge_tokens``); every ``eval_interval``
 steps (and at checkpoints) the grader's mean over greedy answers to ``eval_samples`` validation
 prompts (``valid_score``), and over all of them at the end (``full_valid_score``).
 """
@@ -48,7 +49,8 @@ from training.recipes.base import Recipe
 
 SUM_FIELDS = ("loss", "reward", "group_std", "zero_signal", "groups", "completions",
               "completion_tokens", "finished", "kl", "clipped", "tokens", "supervised",
-              "rollout_seconds", "grade_seconds", "train_seconds")
+              "rollout_seconds", "grade_seconds", "train_seconds", "judge_requests",
+              "judge_tokens")
 """What a step sums over this rank's groups (then all-reduced over ranks)."""
 EVAL_FIELDS = ("score", "count")
 ROLLOUT_ROWS = 64
@@ -182,14 +184,19 @@ class GRPORecipe(Recipe[Prompt]):
         tokens = [t for t in completion.tokens if t not in self.eot_ids]
         return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
-    def rewards(self, prompts: list[Prompt], groups: list[list[sampler.Completion]]
-                ) -> torch.Tensor:
-        """The grader's score of every completion, (prompts × n,), in one batch."""
+    def rewards(self, prompts: list[Prompt], groups: list[list[sampler.Completion]],
+                sums: dict[str, float] | None = None) -> torch.Tensor:
+        """The grader's score of every completion, (prompts × n,), in one batch; a model
+        judge's requests and tokens are added to ``sums``."""
         async def one(item: dict[str, Any], text: str) -> float:
             try:
                 result = await graders.grade(self.grader, item, graders.Sample(text), self.judge)
             except (graders.TemplateError, graders.GraderInvalid):
                 return 0.0
+            if sums is not None:
+                for used in result.usage.values():
+                    sums["judge_requests"] += used["invocation_count"]
+                    sums["judge_tokens"] += used["total_tokens"]
             return float(result.score)
 
         async def every() -> list[float]:
@@ -211,7 +218,7 @@ class GRPORecipe(Recipe[Prompt]):
         groups = self.rollouts(prompts, n, seed=self.step_seed(self.state.step)) if prompts else []
         sums["rollout_seconds"] = time.perf_counter() - started
         started = time.perf_counter()
-        rewards = self.rewards(prompts, groups) if prompts else torch.zeros(0)
+        rewards = self.rewards(prompts, groups, sums) if prompts else torch.zeros(0)
         sums["grade_seconds"] = time.perf_counter() - started
         started = time.perf_counter()
         trained: list[tuple[Prompt, list[sampler.Completion], torch.Tensor]] = []
@@ -282,7 +289,9 @@ class GRPORecipe(Recipe[Prompt]):
         completions, groups = max(sums["completions"], 1), max(sums["groups"], 1)
         trained = max(sums["supervised"], 1)
         world = self.world_size
-        return {"train_loss": sums["loss"] / trained,
+        judged = {"judge_requests": int(sums["judge_requests"]),
+                  "judge_tokens": int(sums["judge_tokens"])} if self.judge is not None else {}
+        return {**judged, "train_loss": sums["loss"] / trained,
                 "reward_mean": sums["reward"] / completions,
                 "reward_std_within_group": sums["group_std"] / groups,
                 "zero_signal_share": sums["zero_signal"] / groups,
