@@ -212,6 +212,47 @@ def test_a_killed_worker_resumes_on_the_same_reward_curve(toy, ray_local, s3_ser
             == [uninterrupted[s][0]["reward_mean"] for s in sorted(uninterrupted)])
 
 
+@pytest.mark.slow
+def test_two_workers_share_each_step_and_the_reward_rises(toy, ray_local):
+    """Ray Train with two workers: each samples and grades its half of a step's prompts, the
+    sums are all-reduced, and the toy's reward rises as with one worker."""
+    from training.run import run_training
+
+    config, storage, _ = toy
+    result = run_training(rft_spec("ftjob-" + "e" * 24, num_workers=2), config)
+    steps = step_metrics(storage, "ftjob-" + "e" * 24)
+    assert result["step"] == STEPS and sorted(steps) == list(range(1, STEPS + 1))
+    curve = [steps[s][0]["reward_mean"] for s in sorted(steps)]
+    assert sum(curve[-5:]) / 5 > sum(curve[:4]) / 4 + 0.15, curve
+
+
+def test_full_fine_tuning_moves_the_weights_and_exports_a_whole_model(toy, tmp_path):
+    """``full_finetune`` from the base model (no reference, so kl_beta 0), with a graded reward
+    that differs within every group (fuzzy match to "yes"): the weights move, and the export is
+    a whole model, not an adapter."""
+    from safetensors.torch import load_file
+
+    config, storage, _ = toy
+    job, prompts = "ftjob-" + "f" * 24, "file-" + "4" * 24
+    storage.put(f"files/{prompts}/content",
+                jsonl([{"messages": question(700 + i), "answer": "yes"} for i in range(8)]))
+    fuzzy = {"type": "text_similarity", "name": "near yes", "input": "{{sample.output_text}}",
+             "reference": "{{item.answer}}", "evaluation_metric": "fuzzy_match"}
+    run_recipe(rft_spec(job, training_files=((prompts, 1.0),), full_finetune=True, kl_beta=0.0,
+                        init_adapter=None, reference_adapter=None, grader=fuzzy,
+                        temperature=1.0, learning_rate_multiplier=100.0), config, WorkerContext())
+    steps = step_metrics(storage, job)
+    assert sorted(steps) == [1, 2] and all(s[0]["zero_signal_share"] < 1 for s in steps.values())
+    final = f"adapters/{job}/final"
+    assert not storage.exists(f"{final}/adapter_config.json")
+    (tmp_path / "model.safetensors").write_bytes(storage.get(f"{final}/model.safetensors"))
+    exported = load_file(str(tmp_path / "model.safetensors"))
+    base = load_file(str(models.resolve_model(TINY) / "model.safetensors"))
+    assert set(exported) == set(base)
+    moved = [k for k in base if not torch.equal(exported[k].float(), base[k].float())]
+    assert len(moved) == len(base), sorted(set(base) - set(moved))
+
+
 # -- the API ----------------------------------------------------------------------------------
 
 
