@@ -311,7 +311,6 @@ def test_bad_reinforcement_requests_are_400s_naming_the_field(api):
     assert "grader" in refused(api, prompts, None)["message"]
 
 
-@pytest.mark.heavy
 def test_a_score_model_judge_drives_a_short_rft_job_end_to_end(shared_service):
     """The judge is the tiny model the service serves, called by the training workers through
     the chat deployment (the job's judge actor). Its scores of random text are noise; the job

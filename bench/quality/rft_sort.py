@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="group size = 4 x this (completions per prompt)")
     extra.add_argument("--rft-lr-multiplier", type=float, default=1.0)
     extra.add_argument("--eval-interval", type=int, default=8)
+    extra.add_argument("--beside", help="what else ran on the machine (for the results)")
+    extra.add_argument("--one-digit", action="store_true",
+                       help="RFT prompts only from lists holding a one-digit number (where the "
+                            "SFT model's misses are)")
     known, rest = extra.parse_known_args(argv)
     args = demo.parse_args(rest)
     for key, value in vars(known).items():
@@ -57,10 +61,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def rft_rows(n: int, seed: int) -> list[dict[str, Any]]:
-    """Sort prompts with their answers (the grader's ``item.answer``), none held out."""
-    return [{"messages": [{"role": "user", "content": e.prompt}], "answer": e.output}
-            for e in eval_tasks.train("sort", n, seed=seed + 1000)]
+def rft_rows(n: int, seed: int, one_digit: bool = False) -> list[dict[str, Any]]:
+    """Sort prompts with their answers (the grader's ``item.answer``), none held out; with
+    ``one_digit``, only lists that hold a number under 10."""
+    rows = []
+    for e in eval_tasks.train("sort", 4 * n if one_digit else n, seed=seed + 1000):
+        if not one_digit or any(x < 10 for x in json.loads(e.output)):
+            rows.append({"messages": [{"role": "user", "content": e.prompt}], "answer": e.output})
+    if len(rows) < n:
+        raise SystemExit(f"only {len(rows)} RFT prompts of the {n} asked for")
+    return rows[:n]
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -81,7 +91,7 @@ def run_rft(client: Client, args: argparse.Namespace, data_dir: Path) -> dict[st
         demo.say(args, f"[1/4] evaluating {sft_model} on {args.n_eval} held-out lists")
         before = demo.evaluate(client, args, sft_model)
     demo.say(args, f"[2/4] uploading {args.n_rft} RFT prompts")
-    rows = rft_rows(args.n_rft + args.n_rft_valid, args.seed)
+    rows = rft_rows(args.n_rft + args.n_rft_valid, args.seed, args.one_digit)
     train = demo.upload(client, args, write_jsonl(data_dir / "rft-train.jsonl",
                                                   rows[:args.n_rft]))
     valid = demo.upload(client, args, write_jsonl(data_dir / "rft-valid.jsonl",
@@ -131,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     meta = {"task": "sort", "model": args.model, "n_train": args.n_train, "n_eval": args.n_eval,
             "max_tokens": args.max_tokens, "seed": args.seed, "load_before": os.getloadavg(),
-            "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, shared by four engineers",
+            "machine": f"{os.cpu_count()} CPUs, {platform.machine()}"
+                       + (f", {args.beside}" if args.beside else ""),
             "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
             "command": "python " + " ".join(shlex.quote(a) for a in
                                             ["bench/quality/rft_sort.py",
