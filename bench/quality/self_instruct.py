@@ -158,8 +158,8 @@ def write_results(summary: dict) -> None:
         "# Self-Instruct with SmolLM2-135M-Instruct",
         "",
         f"`{summary.get('command', 'python bench/quality/self_instruct.py')}`; CPU "
-        f"{summary.get('cpu')}, load average {summary.get('load_average')} (the machine was "
-        "shared by four engineers).",
+        f"{summary.get('cpu')}, load average {summary.get('load_average')}"
+        + (f"; {summary['beside']}" if summary.get("beside") else "") + ".",
         "",
         f"- seed tasks: {summary.get('seed_tasks')} ({summary.get('seed_file')}, sha256 "
         f"{str(summary.get('seed_sha256'))[:12]}…)",
@@ -202,6 +202,7 @@ def main() -> None:
                         help="examples one kept instruction gives at most")
     parser.add_argument("--analyse-only", action="store_true",
                         help="report on --out's .kept.json (a run stopped early)")
+    parser.add_argument("--beside", help="what else ran on the machine (for the results)")
     parser.add_argument("--sft", action="store_true",
                         help="then a one-epoch LoRA SFT run on --out (tuneserve train)")
     args = parser.parse_args()
@@ -241,6 +242,7 @@ def main() -> None:
     summary["cpu"] = model_name
     summary["command"] = "python bench/quality/self_instruct.py " + " ".join(sys.argv[1:])
     summary["load_average"] = os.getloadavg()
+    summary["beside"] = args.beside
     print(json.dumps(summary, indent=1))
     write_results(summary)
 
