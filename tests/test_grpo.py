@@ -25,6 +25,7 @@ from tests.helpers import own_train_workers
 from training import checkpoints
 from training.losses import grpo
 from training.model import registry as models
+from training.model import sampler
 from training.recipes import run_recipe
 from training.recipes.context import WorkerContext
 from training.spec import TrainSpec
@@ -115,6 +116,27 @@ def test_loss_on_a_hand_made_group_equals_the_formula():
     # The gradient of a clipped token is the KL term's alone.
     out.losses.sum().backward()
     assert logps.grad[1].item() == pytest.approx((0.04 * (1 - torch.exp(d[1]))).item(), rel=1e-5)
+
+
+def test_rollout_tokens_are_drawn_by_their_probabilities():
+    # A vocabulary as wide as SmolLM2's, two rows with different distributions; one token is
+    # impossible in each.
+    vocab = 49152
+    probs = torch.zeros(2, vocab)
+    probs[0, [7, 100, 40000]] = torch.tensor([0.2, 0.5, 0.3])
+    probs[1, [3, vocab - 1]] = torch.tensor([0.9, 0.1])
+    rows = probs.repeat(10000, 1)
+    drawn = sampler.draw(rows, torch.Generator().manual_seed(0)).view(-1, 2)
+    first = torch.bincount(drawn[:, 0], minlength=vocab)
+    second = torch.bincount(drawn[:, 1], minlength=vocab)
+    assert first.sum() == second.sum() == 10000
+    assert set(first.nonzero().view(-1).tolist()) == {7, 100, 40000}
+    assert set(second.nonzero().view(-1).tolist()) == {3, vocab - 1}
+    # Within 4 standard deviations of the expected counts.
+    for counts, token, p in ((first, 7, 0.2), (first, 100, 0.5), (second, vocab - 1, 0.1)):
+        assert abs(counts[token].item() - 10000 * p) < 4 * (10000 * p * (1 - p)) ** 0.5
+    again = sampler.draw(rows, torch.Generator().manual_seed(0)).view(-1, 2)
+    assert torch.equal(drawn, again)  # a seeded generator draws the same tokens
 
 
 def test_a_group_with_equal_rewards_contributes_no_gradient(toy):

@@ -82,7 +82,7 @@ def sample(decoder: torch.nn.Module, lm_head: torch.nn.Module, prompts: list[lis
         if greedy:
             token = log_probs.argmax(dim=-1)
         else:
-            token = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
+            token = draw(log_probs.exp(), generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens = torch.cat([tokens, token[:, None]], dim=1)
         logps = torch.cat([logps, log_probs.gather(-1, token[:, None])], dim=1)
@@ -107,3 +107,14 @@ def sample(decoder: torch.nn.Module, lm_head: torch.nn.Module, prompts: list[lis
                                     bool(done[row])))
         out.append(group)
     return out
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of ``probs`` (rows × vocabulary), drawn by its probabilities.
+
+    By inverting each row's cumulative distribution at a uniform draw: over a 49k vocabulary
+    ``torch.multinomial`` costs about a third of a CPU decode step, this a few hundredths.
+    """
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1).squeeze(-1)

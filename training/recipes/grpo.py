@@ -53,7 +53,7 @@ SUM_FIELDS = ("loss", "reward", "group_std", "zero_signal", "groups", "completio
               "judge_tokens")
 """What a step sums over this rank's groups (then all-reduced over ranks)."""
 EVAL_FIELDS = ("score", "count")
-ROLLOUT_ROWS = 64
+ROLLOUT_ROWS = 128
 """Completions decoded in one batch at most (prompts × group size)."""
 
 
