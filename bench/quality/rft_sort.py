@@ -12,7 +12,10 @@ model's held-out error, answers still ending at end-of-turn.
     python bench/quality/rft_sort.py --n-eval 1000 --n-rft 256
 
 The RFT prompts are sort lists of the training stream (``eval_tasks.train``, another seed than
-the SFT set), never a held-out list.
+the SFT set), never a held-out list. With ``--select-misses N`` they are the ones the SFT model
+gets wrong among N such lists, found by an eval run of it through ``/v1/evals`` (greedy, as the
+held-out eval): a prompt it already answers right at every sample teaches nothing (its group's
+rewards are all equal), and the held-out misses are of the kind these are.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo
 
 from service.cli import eval_tasks
+from service.cli import evaluate as cli_eval
 from service.cli.client import Client
 
 GRADER = {"type": "string_check", "name": "exact match", "input": "{{sample.output_text}}",
@@ -51,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     extra.add_argument("--rft-lr-multiplier", type=float, default=1.0)
     extra.add_argument("--eval-interval", type=int, default=8)
     extra.add_argument("--beside", help="what else ran on the machine (for the results)")
+    extra.add_argument("--select-misses", type=int, metavar="N",
+                       help="RFT on the lists the SFT model gets wrong among N training lists "
+                            "(else on the first --n-rft)")
     extra.add_argument("--one-digit", action="store_true",
                        help="RFT prompts only from lists holding a one-digit number (where the "
                             "SFT model's misses are)")
@@ -73,6 +80,21 @@ def rft_rows(n: int, seed: int, one_digit: bool = False) -> list[dict[str, Any]]
     return rows[:n]
 
 
+def misses(client: Client, args: argparse.Namespace, model: str,
+           rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows whose greedy answer by ``model`` is not exactly the sorted list (an eval run
+    of ``rows``, graded as the held-out eval grades), and what the run found."""
+    started = time.monotonic()
+    run = cli_eval.EvalRun(client, args.task)
+    answers = run.answers(model, [cli_eval.Case(r["messages"][0]["content"], r["answer"])
+                                  for r in rows], max_tokens=args.max_tokens)
+    wrong = {a.prompt for a in answers if a.answer.strip() != a.reference.strip()}
+    kept = [r for r in rows if r["messages"][0]["content"] in wrong]
+    demo.say(args, f"  {len(kept)} of {len(rows)} answered wrong")
+    return kept, {**run.summary, "candidates": len(rows), "misses": len(kept),
+                  "seconds": round(time.monotonic() - started)}
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
@@ -90,12 +112,16 @@ def run_rft(client: Client, args: argparse.Namespace, data_dir: Path) -> dict[st
     else:
         demo.say(args, f"[1/4] evaluating {sft_model} on {args.n_eval} held-out lists")
         before = demo.evaluate(client, args, sft_model)
-    demo.say(args, f"[2/4] uploading {args.n_rft} RFT prompts")
-    rows = rft_rows(args.n_rft + args.n_rft_valid, args.seed, args.one_digit)
-    train = demo.upload(client, args, write_jsonl(data_dir / "rft-train.jsonl",
-                                                  rows[:args.n_rft]))
-    valid = demo.upload(client, args, write_jsonl(data_dir / "rft-valid.jsonl",
-                                                  rows[args.n_rft:]))
+    n_train = args.select_misses or args.n_rft
+    rows = rft_rows(n_train + args.n_rft_valid, args.seed, args.one_digit)
+    train_rows, valid_rows = rows[:n_train], rows[n_train:]
+    selection = None
+    if args.select_misses:
+        demo.say(args, f"[2/4] finding the SFT model's misses among {n_train} training lists")
+        train_rows, selection = misses(client, args, sft_model, train_rows)
+    demo.say(args, f"[2/4] uploading {len(train_rows)} RFT prompts")
+    train = demo.upload(client, args, write_jsonl(data_dir / "rft-train.jsonl", train_rows))
+    valid = demo.upload(client, args, write_jsonl(data_dir / "rft-valid.jsonl", valid_rows))
     demo.say(args, "[3/4] reinforcement fine-tuning")
     body = {"model": sft_model, "training_file": train, "validation_file": valid,
             "suffix": "rft", "seed": args.seed,
@@ -117,6 +143,7 @@ def run_rft(client: Client, args: argparse.Namespace, data_dir: Path) -> dict[st
     demo.say(args, f"[4/4] evaluating {jobs['rft']['fine_tuned_model']}")
     after = demo.evaluate(client, args, jobs["rft"]["fine_tuned_model"])
     return {"kind": "rft", "rows": {"SFT": before, "SFT + RFT": after}, "jobs": jobs,
+            "selection": selection,
             "curve": curve,
             "error_before": 1 - before["exact_match"], "error_after": 1 - after["exact_match"]}
 
@@ -124,10 +151,15 @@ def run_rft(client: Client, args: argparse.Namespace, data_dir: Path) -> dict[st
 def markdown(result: dict[str, Any]) -> str:
     text = demo.markdown(result)
     halved = result["error_after"] <= result["error_before"] / 2
+    if result.get("selection"):
+        chosen = result["selection"]
+        text += (f"\nRFT prompts: the {chosen['misses']} lists the SFT model answered wrong among "
+                 f"{chosen['candidates']} training lists (eval run `{chosen['run_id']}`, "
+                 f"{chosen['seconds']} s).\n")
     text += (f"\nHeld-out error: {result['error_before']:.1%} after SFT, "
              f"{result['error_after']:.1%} after RFT ({'halved' if halved else 'not halved'}).\n")
     if result["curve"]:
-        text += "\n| step | mean reward | zero-signal groups | KL | completion tokens | held-out score |\n"
+        text += "\n| step | mean reward | zero-signal groups | KL | completion tokens | validation score |\n"
         text += "|---|---|---|---|---|---|\n"
         for c in result["curve"]:
             held = "" if c["valid_score"] is None else f"{c['valid_score']:.3f}"
