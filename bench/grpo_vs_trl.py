@@ -236,11 +236,13 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--variant", choices=VARIANTS)
+    p.add_argument("--beside", help="what else ran on the machine (for the results)")
     args = p.parse_args()
     if args.variant:  # one child process
         print(json.dumps(run_variant(args.variant, args.steps, args.warmup)))
         return 0
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    load_before = os.getloadavg()[0]
     for _ in range(args.rounds):
         for variant in VARIANTS:
             out = subprocess.run(
@@ -256,8 +258,11 @@ def main() -> int:
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines()
                   if line.startswith("Model name")), platform.processor())
-    result["machine"] = (f"{model}, {os.cpu_count()} CPUs, load average "
-                         f"{os.getloadavg()[0]:.1f} at the end (machine shared by four engineers)")
+    kind = ("AMX-bf16" if "amx_bf16" in cpu else "AVX512-bf16, no AMX" if "avx512_bf16" in cpu
+            else "AVX2, no bf16")
+    result["machine"] = (f"{model} ({kind}), {os.cpu_count()} CPUs, load average "
+                         f"{load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end"
+                         + (f", {args.beside}" if args.beside else ""))
     result["settings"] = (f"SmolLM2-135M-Instruct, LoRA r={LORA_R}, {PROMPTS_PER_STEP} sort "
                           f"prompts × {GROUP} completions per step, ≤ {MAX_COMPLETION} completion "
                           f"tokens, fuzzy_match reward, beta={BETA}, {THREADS} threads, "
