@@ -88,7 +88,8 @@ def misses(client: Client, args: argparse.Namespace, model: str,
     run = cli_eval.EvalRun(client, args.task)
     answers = run.answers(model, [cli_eval.Case(r["messages"][0]["content"], r["answer"])
                                   for r in rows], max_tokens=args.max_tokens)
-    wrong = {a.prompt for a in answers if a.answer.strip() != a.reference.strip()}
+    wrong = {a.prompt for a in answers
+             if not eval_tasks.is_correct(args.task, a.answer, a.reference)}
     kept = [r for r in rows if r["messages"][0]["content"] in wrong]
     demo.say(args, f"  {len(kept)} of {len(rows)} answered wrong")
     return kept, {**run.summary, "candidates": len(rows), "misses": len(kept),
