@@ -245,6 +245,38 @@ def test_the_run_trains_the_spec_the_record_holds(client, app, settings, ray_loc
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("status", ["cancelled", "paused"])
+def test_a_driver_that_outlived_its_jobs_stop_is_stopped_by_the_loop(status, client, app, settings,
+                                                                      ray_local):
+    """The kill a cancel or pause sends is fire-and-forget: when it is lost, the scheduler's next
+    pass sees the job stopped and its driver alive, and stops the driver again."""
+    import ray
+
+    from service.jobs import driver as job_driver
+
+    r = create(client, training_file=upload(client, chat_lines(16)))
+    assert r.status_code == 200, r.text
+    job_id = r.json()["id"]
+    store = JobStore(app.state.storage)
+    store.transition(job_id, "queued")
+    store.transition(job_id, status, finished_at=int(time.time()) if status == "cancelled" else None)
+
+    @ray.remote(num_cpus=0)
+    class Survivor:  # stands in for the driver whose kill was lost; the loop knows it by name
+        def ping(self) -> str:
+            return "alive"
+    survivor = Survivor.options(name=job_id, namespace=job_driver.NAMESPACE,
+                                lifetime="detached").remote()
+    assert ray.get(survivor.ping.remote()) == "alive"
+
+    RayJobRunner(settings, start=False).schedule_once()
+    wait_until(lambda: not job_driver.driver_alive(job_id), 30, what="the stale driver to be stopped")
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(survivor.ping.remote(), timeout=30)
+    assert store.get(job_id).status == status  # the decision stands
+
+
+@pytest.mark.slow
 def test_tuneserve_train_runs_a_spec_file(tmp_path, ray_local, capsys):
     """``tuneserve train spec.json`` without the API: a spec file without ``version``, "auto"
     left to the worker (which resolves it from the tokenised data)."""

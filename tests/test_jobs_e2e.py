@@ -87,7 +87,15 @@ def test_cancel_stops_the_run_within_seconds(client, service):
     wait_until(lambda: metrics_events(client, job.id), 240, interval=1, what="first step")
     cancelled_at = time.monotonic()
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
-    wait_until(lambda: not train_workers(service), 30, what="the run's Ray processes to go away")
+    try:
+        wait_until(lambda: not train_workers(service), 30, what="the run's Ray processes to go away")
+    except TimeoutError:  # say what stayed, and what the job says of itself, for the next look
+        left = [(p.pid, " ".join(p.cmdline())[:60], round(time.time() - p.create_time()))
+                for p in train_workers(service)]
+        events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=20).data
+                  if e.type != "metrics"]
+        raise AssertionError(f"still running 30 s after the cancel (pid, command, age s): {left}; "
+                             f"the job's last events: {events}") from None
     assert time.monotonic() - cancelled_at < 30
     time.sleep(3)  # a dying run must not overwrite the decision
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 MAX_RUN_STARTS = 4
 """A run that vanished (its driver or the cluster died) is resumed until it was started this often."""
 POLL_S = 2.0
+STOP_RECHECK_S = 600
+"""How long after a cancel the loop still checks that the job's driver is gone."""
 
 
 class RayJobRunner:
@@ -70,6 +72,11 @@ class RayJobRunner:
         for job in jobs:
             if job.status == "validating_files":
                 self._validate(job)
+        for job in jobs:
+            if self._stopped_but_driven(job):
+                log.warning("the driver of %s job %s outlived its stop; stopping it again",
+                            job.status, job.id)
+                job_driver.stop_driver(job.id)
         running = 0
         for job in jobs:
             if job.status == "running":
@@ -150,6 +157,14 @@ class RayJobRunner:
         self.store.update(job.id, lambda j: j.model_copy(update={"status": "queued"})
                           if j.status == "running" else None)
         return self._launch(self.store.get(job.id))
+
+    @staticmethod
+    def _stopped_but_driven(job: JobRecord) -> bool:
+        """A cancelled or paused job whose driver still lives: the kill sent with the stop is
+        fire-and-forget, and one lost to a busy or restarting cluster must not leave the run
+        training (and holding its workers) behind the job's back."""
+        recent = job.status == "cancelled" and time.time() - (job.finished_at or 0) < STOP_RECHECK_S
+        return (recent or job.status == "paused") and job_driver.driver_alive(job.id)
 
     # --- helpers -----------------------------------------------------------------------------
 
