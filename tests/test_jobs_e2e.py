@@ -82,6 +82,8 @@ def test_job_runs_to_success_with_events_checkpoints_and_results(client):
 
 
 def test_cancel_stops_the_run_within_seconds(client, service):
+    # The processes counted below are this run's only: those of runs before it are gone first.
+    wait_until(lambda: not train_workers(service), 120, what="the runs of earlier tests to end")
     job = client.fine_tuning.jobs.create(model=TINY, training_file=upload(client, 256),
                                          hyperparameters={"n_epochs": 50, "batch_size": 4})
     wait_until(lambda: metrics_events(client, job.id), 240, interval=1, what="first step")
