@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from service.core.names import BUILTIN_MODEL_ID
 from serving.engine.grammar import json_schema_grammar
 from serving.engine.native import Engine, pick_dtype
 from serving.engine.sampling import SamplingParams
+from training.cpu.strategy import cpu_description
 from training.model import chat
 
 RESULTS = Path(__file__).parent / "results"
@@ -78,19 +77,6 @@ def choices_rate(engine: Engine, prompt: list[int], n: int, tokens: int, seed: i
     return made / (time.perf_counter() - started)
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor()
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    name = fields.get("Model name", "?").strip()
-    flags = fields.get("Flags", "")
-    kind = "AMX" if "amx_bf16" in flags else "AVX512-bf16" if "avx512_bf16" in flags else \
-        "AVX2" if "avx2" in flags else "other"
-    return f"{name} ({kind}), {os.cpu_count()} CPUs"
-
-
 def run(reps: int, tokens: int) -> dict[str, Any]:
     engine = Engine.for_base_model(BUILTIN_MODEL_ID, dtype="auto", threads=1, max_batch=16)
     prompt = chat.render_prompt(engine.tokenizer, [{"role": "user", "content": QUESTION}])
@@ -113,7 +99,7 @@ def run(reps: int, tokens: int) -> dict[str, Any]:
     engine.close()
     json.loads(samples["json_schema"]["text"])  # the constrained answer parses
     med = {k: statistics.median(v) for k, v in rates.items()}
-    return {"cpu": cpu_name(), "dtype": pick_dtype("auto"), "threads": 1, "reps": reps,
+    return {"cpu": cpu_description(), "dtype": pick_dtype("auto"), "threads": 1, "reps": reps,
             "model": BUILTIN_MODEL_ID, "tokens_per_choice": tokens, "rates": rates,
             "medians": med, "constrained_cost": 1 - med["json_schema"] / med["free"],
             "n4_speedup": med["n4"] / med["seq4"], "samples": samples}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
 from tests.helpers import sorting_lines
+from training.cpu.strategy import cpu_description
 from training.model import registry
 from training.recipes import checkpointing, run_recipe
 from training.recipes.base import Recipe
@@ -38,12 +38,6 @@ from training.spec import TrainSpec
 
 FILE = "file-" + "b" * 24
 MODELS = {"tiny": registry.TINY_MODEL_ID, "SmolLM2-135M": registry.BUILTIN_MODEL_ID}
-
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines()
-                 if line.startswith("Model name")), "unknown")
 
 
 def measure(model: str, config: StorageConfig, mode: str, steps: int, every: int) -> dict:
@@ -126,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
-    report = {"cpu": cpu_name(), "threads": 1, "steps": args.steps, "every": args.every,
+    report = {"cpu": cpu_description(), "threads": 1, "steps": args.steps, "every": args.every,
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "checkpoint_stall.json").write_text(json.dumps(report, indent=2) + "\n")

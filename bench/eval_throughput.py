@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -38,18 +36,12 @@ from service.cli.evaluate import EXACT, ITEM_SCHEMA
 from service.core.names import BUILTIN_MODEL_ID
 from service.core.settings import Settings
 from serving.protocol import ChatCall
+from training.cpu.strategy import cpu_description
 
 RESULTS = Path(__file__).parent / "results"
 POLL_S = 0.25
 """How often the eval side asks for the run's status (as a client would; each ask is a storage
 read on the same CPUs)."""
-
-
-def cpu_name() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 async def engine_side(backend, prompts: list[str], max_tokens: int, limit: int) -> float:
@@ -127,7 +119,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     return {"n": args.n, "max_tokens": args.max_tokens, "rounds": rows,
             "engine_items_per_s": round(engine_ips, 2), "eval_items_per_s": round(eval_ips, 2),
             "ratio": round(statistics.median(r["ratio"] for r in rows), 3),
-            "model": BUILTIN_MODEL_ID, "cpu": cpu_name(), "cpus": len(__import__("os")
+            "model": BUILTIN_MODEL_ID, "cpu": cpu_description(), "cpus": len(__import__("os")
                                                                      .sched_getaffinity(0)),
             "measured": time.strftime("%Y-%m-%d %H:%M")}
 

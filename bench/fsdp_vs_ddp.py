@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -123,22 +122,15 @@ def main(argv: list[str] | None = None) -> int:
             "peak_memory_ratio": round(fsdp["peak_bytes"] / ddp["peak_bytes"], 3),
             "state_ratio": round(sum(fsdp["held_bytes"].values())
                                  / sum(ddp["held_bytes"].values()), 3)}
-    machine = {"cpu": _cpu(), "load_average": os.getloadavg(), "python": platform.python_version(),
+    from training.cpu.strategy import cpu_description
+
+    machine = {"cpu": cpu_description(), "load_average": os.getloadavg(), "python": platform.python_version(),
                "note": "2-core machine shared by four engineers while this ran"}
     result = {"rows": rows, "summary": summary, "machine": machine}
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     Path(args.out + ".md").write_text(_markdown(result))
     print(json.dumps(summary, indent=2))
     return 0
-
-
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
-    except Exception:  # noqa: BLE001 - the record says unknown
-        return "unknown"
 
 
 def _markdown(result: dict) -> str:

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -255,12 +254,9 @@ def main() -> int:
     result["ratio_steps_per_hour"] = (result["ours"]["steps_per_hour"]
                                       / result["trl"]["steps_per_hour"])
     result["ratio_peak_rss"] = result["ours"]["peak_rss_mb"] / result["trl"]["peak_rss_mb"]
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines()
-                  if line.startswith("Model name")), platform.processor())
-    kind = ("AMX-bf16" if "amx_bf16" in cpu else "AVX512-bf16, no AMX" if "avx512_bf16" in cpu
-            else "AVX2, no bf16")
-    result["machine"] = (f"{model} ({kind}), {os.cpu_count()} CPUs, load average "
+    from training.cpu.strategy import cpu_description
+
+    result["machine"] = (f"{cpu_description()}, load average "
                          f"{load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end"
                          + (f", {args.beside}" if args.beside else ""))
     result["settings"] = (f"SmolLM2-135M-Instruct, LoRA r={LORA_R}, {PROMPTS_PER_STEP} sort "

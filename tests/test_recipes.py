@@ -5,6 +5,7 @@ storage; and the device strategy that decides which CPU-only accelerations a rec
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
 from tests.helpers import REPO, sorting_lines
 from tests.test_dpo_loss import load_make_preferences
-from training.cpu.strategy import CPUStrategy, DeviceStrategy, strategy_for
+from training.cpu.strategy import (CPUStrategy, DeviceStrategy, cpu_description, cpu_has_bf16,
+                                   strategy_for)
 from training.model import registry
 from training.model.attention import FP32_ATTRIBUTE, use_packed_attention
 
@@ -139,3 +141,16 @@ def test_only_a_cpu_gets_the_cpu_accelerations():
     finally:
         torch.set_num_threads(threads)
 
+
+
+def test_the_cpu_is_described_by_its_model_and_its_bf16_path():
+    """What every benchmark records of the machine it ran on: the model /proc/cpuinfo names, the
+    bf16 path the recipes pick by (``cpu_has_bf16``), and the CPUs this process may use."""
+    info = open("/proc/cpuinfo").read()
+    model = next(line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name"))
+    described = cpu_description()
+    assert described.startswith(f"{model} (")
+    assert (("AMX-bf16" in described or "AVX512-bf16" in described) == cpu_has_bf16()
+            == ("avx512_bf16" in info or "amx_bf16" in info))
+    assert described.endswith(f", {len(os.sched_getaffinity(0))} CPUs")

@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="group size = 4 x this (completions per prompt)")
     extra.add_argument("--rft-lr-multiplier", type=float, default=1.0)
     extra.add_argument("--eval-interval", type=int, default=8)
+    extra.add_argument("--rft-seed", type=int,
+                       help="seed of the RFT lists (else --seed; the held-out lists follow --seed), "
+                            "so a second round from an RFT model trains on lists it never saw")
     extra.add_argument("--beside", help="what else ran on the machine (for the results)")
     extra.add_argument("--select-misses", type=int, metavar="N",
                        help="RFT on the lists the SFT model gets wrong among N training lists "
@@ -114,7 +117,8 @@ def run_rft(client: Client, args: argparse.Namespace, data_dir: Path) -> dict[st
         demo.say(args, f"[1/4] evaluating {sft_model} on {args.n_eval} held-out lists")
         before = demo.evaluate(client, args, sft_model)
     n_train = args.select_misses or args.n_rft
-    rows = rft_rows(n_train + args.n_rft_valid, args.seed, args.one_digit)
+    rft_seed = args.seed if args.rft_seed is None else args.rft_seed
+    rows = rft_rows(n_train + args.n_rft_valid, rft_seed, args.one_digit)
     train_rows, valid_rows = rows[:n_train], rows[n_train:]
     selection = None
     if args.select_misses:

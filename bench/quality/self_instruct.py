@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -206,9 +205,8 @@ def main() -> None:
     parser.add_argument("--sft", action="store_true",
                         help="then a one-epoch LoRA SFT run on --out (tuneserve train)")
     args = parser.parse_args()
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next((l.split(":", 1)[1].strip() for l in cpu.splitlines()
-                       if l.startswith("Model name")), platform.processor())
+    from training.cpu.strategy import cpu_description
+
     if args.analyse_only:
         kept = json.loads(Path(args.out).with_suffix(".kept.json").read_text())
         tasks, _ = seed_files.load(SEEDS.read_bytes())
@@ -239,7 +237,7 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as work:
             summary["sft"] = sft(Path(args.out), Path(work))
-    summary["cpu"] = model_name
+    summary["cpu"] = cpu_description()
     summary["command"] = "python bench/quality/self_instruct.py " + " ".join(sys.argv[1:])
     summary["load_average"] = os.getloadavg()
     summary["beside"] = args.beside
