@@ -2,8 +2,9 @@
 
 An adapter folder (``adapters/<job_id>/final/`` or ``…/ckpt-step-<N>/``) holds
 ``adapter_model.safetensors``, ``adapter_config.json`` (PEFT) and ``manifest.json``, written
-last, so a folder with a manifest is complete. Only safetensors are loaded: pickled weights
-(``.bin``, ``.pt``) can run code on load and are refused.
+last, so a folder with a manifest is complete; a full fine-tune's folder holds the whole model
+(``config.json`` and its safetensors) instead of the PEFT files. Only safetensors are loaded:
+pickled weights (``.bin``, ``.pt``) can run code on load and are refused.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+MODEL_CONFIG_FILE = "config.json"
+"""A full fine-tune's model config (beside its ``*.safetensors``)."""
 MANIFEST_FILE = names.ADAPTER_MANIFEST
 _PICKLED = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -70,12 +73,12 @@ def fetch_adapter(storage: Any, adapter_id: str, cache_dir: Path) -> Path:
         raise NotFound(f"The adapter {adapter_id!r} does not exist (or is still being written).",
                        param="model", code="model_not_found")
     files = {info.key.rsplit("/", 1)[-1] for info in storage.iter(prefix + "/")}
-    _check_files(adapter_id, files)
+    wanted = _files_to_fetch(adapter_id, files)
     target = cache_dir / adapter_id
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".fetch-"))
     try:
-        for name in (WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE):
+        for name in wanted:
             storage.download_file(names.adapter_key(adapter_id, name), str(staging / name))
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
@@ -84,12 +87,28 @@ def fetch_adapter(storage: Any, adapter_id: str, cache_dir: Path) -> Path:
     return target
 
 
-def _check_files(adapter_id: str, files: set[str]) -> None:
+def _files_to_fetch(adapter_id: str, files: set[str]) -> list[str]:
+    """The PEFT files and manifest of an adapter, or a full fine-tune's config, weights (one
+    file or shards with their index) and manifest."""
+    if CONFIG_FILE not in files and MODEL_CONFIG_FILE in files:
+        _check_pickled(adapter_id, files)
+        if not any(n.endswith(".safetensors") for n in files):
+            raise AdapterIncompatible(f"The model {adapter_id!r} holds no safetensors weights.")
+        return sorted(n for n in files if n.endswith((".safetensors", ".json")))
+    _check_files(adapter_id, files)
+    return [WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE]
+
+
+def _check_pickled(adapter_id: str, files: set[str]) -> None:
     pickled = sorted(n for n in files if n.endswith(_PICKLED))
     if pickled:
         raise AdapterIncompatible(
             f"The adapter {adapter_id!r} holds pickled weights ({', '.join(pickled)}); "
-            f"only {WEIGHTS_FILE} is loaded. Re-save it with safetensors.")
+            f"only safetensors are loaded. Re-save it with safetensors.")
+
+
+def _check_files(adapter_id: str, files: set[str]) -> None:
+    _check_pickled(adapter_id, files)
     missing = [n for n in (WEIGHTS_FILE, CONFIG_FILE) if n not in files]
     if missing:
         raise AdapterIncompatible(f"The adapter {adapter_id!r} lacks {', '.join(missing)}.")
@@ -112,7 +131,7 @@ def check_manifest(manifest: Mapping[str, Any], *, base_model: str,
                 f"here ({key} {str(manifest.get(key))[:12]}… ≠ {str(fingerprint.get(key))[:12]}…); "
                 "retrain it on the current base model.")
     rank = int((manifest.get("lora") or {}).get("r") or 0)
-    if not 0 < rank <= limits.MAX_LORA_RANK:
+    if not manifest.get("full_finetune") and not 0 < rank <= limits.MAX_LORA_RANK:
         raise AdapterIncompatible(f"The {name} has LoRA rank {rank}; supported ranks are 1 to "
                                   f"{limits.MAX_LORA_RANK}.")
 

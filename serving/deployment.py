@@ -75,7 +75,8 @@ class ChatModel(AnswersChat):
             max_pending=settings.chat_max_concurrency,
             default_max_tokens=settings.max_tokens_cap, device=settings.chat_device,
             engine=settings.chat_engine, vllm_python=settings.vllm_python,
-            max_adapters=max_adapters or settings.max_adapters_per_replica)
+            max_adapters=max_adapters or settings.max_adapters_per_replica,
+            max_full_models=settings.max_full_models_per_replica)
         self.max_adapters = max_adapters or settings.max_adapters_per_replica
         # Per request: where the adapter loader notes its time. ``@serve.multiplexed`` calls
         # the loader in the requesting task (under its lock), so only the request that caused
@@ -109,7 +110,8 @@ class ChatModel(AnswersChat):
         noted: list[float] = []
         self._hot_load.set(noted)  # this request's own context: Serve runs each call in a task
         # An eviction running in Serve's executor can drop the adapter between loading and
-        # submitting; loading again is cheap, so retry once.
+        # submitting, and the server unloads full fine-tunes beyond its own cap while Serve's
+        # LRU still lists them; loading again is cheap next to that, so retry once.
         for attempt in range(2):
             await self._ensure_adapter(call)
             try:
@@ -118,10 +120,11 @@ class ChatModel(AnswersChat):
             except AdapterNotLoaded:
                 if attempt:
                     raise
+                await self.evict(call.adapter_id)  # so the LRU loads it again
         return generation, self._stats(sum(noted) if noted else None)
 
     def _stats(self, load_seconds: float | None) -> ReplicaStats:
-        return ReplicaStats(self._replica, len(self.server.engine.adapters), load_seconds)
+        return ReplicaStats(self._replica, len(self.server.loaded), load_seconds)
 
     @property
     def _replica(self) -> str:
@@ -136,13 +139,13 @@ class ChatModel(AnswersChat):
         wrapper = getattr(self._load_adapter.__wrapped__, _MULTIPLEX_ATTR, None)
         adapter = wrapper.models.pop(adapter_id, None) if wrapper is not None else None
         if adapter is None:
-            return self.server.engine.remove_adapter(adapter_id)
+            return self.server.unload_adapter(adapter_id)
         wrapper._push_multiplexed_replica_info = True  # tell the router at once
         await asyncio.to_thread(adapter.__del__)
         return True
 
     def loaded_adapters(self) -> list[str]:
-        return self.server.engine.adapters
+        return self.server.loaded
 
     def load(self) -> tuple[int, int]:
         """(running, waiting) requests in the engine."""

@@ -1,16 +1,24 @@
 """What a chat replica does, without Ray: one engine, adapters fetched from storage, chat calls.
 
+A full fine-tune of the base model is fetched like an adapter (by its adapter id) but is a whole
+model: it gets an engine of its own over its weights, with the base model's tokenizer and chat
+template, and at most ``limits.FULL_MODELS_PER_REPLICA`` of them stay loaded (least recently used
+goes first), as each costs the memory of the model.
+
 The Serve deployment (``serving.deployment``) and the in-process back end
 (``service.chat.backends.LocalChatBackend``) both wrap a ``ChatServer``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import shutil
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +29,7 @@ from service.core.errors import InvalidRequest
 from service.core.settings import Settings
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
-from serving.adapters import fetch_adapter
+from serving.adapters import MANIFEST_FILE, AdapterIncompatible, check_manifest, fetch_adapter
 from serving.device import place
 from serving.engine.grammar import json_object_grammar, json_schema_grammar
 from serving.engine.native import Chunk, Engine, Generation
@@ -32,10 +40,15 @@ log = logging.getLogger(__name__)
 
 
 class ChatServer:
-    def __init__(self, engine: Engine, storage: Any, *, cache_dir: Path | None = None):
+    def __init__(self, engine: Engine, storage: Any, *, cache_dir: Path | None = None,
+                 max_full_models: int = limits.FULL_MODELS_PER_REPLICA):
         self.engine = engine
         self.storage = storage
         self.cache_dir = cache_dir or Path(tempfile.mkdtemp(prefix="tuneserve-adapters-"))
+        self.max_full_models = max_full_models
+        self.full_models: OrderedDict[str, Engine] = OrderedDict()
+        """Full fine-tunes by adapter id, each its own engine; least recently used first."""
+        self._full_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, base_model: str, settings: Settings, *, dtype: str = "auto",
@@ -46,7 +59,8 @@ class ChatServer:
                          default_max_tokens=settings.max_tokens_cap,
                          device=settings.chat_device, engine=settings.chat_engine,
                          vllm_python=settings.vllm_python,
-                         max_adapters=settings.max_adapters_per_replica)
+                         max_adapters=settings.max_adapters_per_replica,
+                         max_full_models=settings.max_full_models_per_replica)
 
     @classmethod
     def build(cls, base_model: str, storage_config: StorageConfig, *,
@@ -54,7 +68,8 @@ class ChatServer:
               max_pending: int = 64, default_max_tokens: int = limits.MAX_TOKENS,
               threads: int | None = None, device: str = "auto", engine: str = "auto",
               vllm_python: str | None = None,
-              max_adapters: int = limits.ADAPTERS_PER_REPLICA) -> ChatServer:
+              max_adapters: int = limits.ADAPTERS_PER_REPLICA,
+              max_full_models: int = limits.FULL_MODELS_PER_REPLICA) -> ChatServer:
         """Start the engine the settings pick (``serving.device.place``); raises
         ``ChatConfigError`` naming the setting this machine cannot honour."""
         started = time.monotonic()
@@ -73,18 +88,71 @@ class ChatServer:
                                            device=placement.device, threads=threads, **common)
         log.info("chat engine for %s ready in %.1f s (%s)", base_model,
                  time.monotonic() - started, placement)
-        return cls(chosen, storage)
+        return cls(chosen, storage, max_full_models=max_full_models)
 
     def load_adapter(self, adapter_id: str) -> None:
-        """Fetch an adapter from storage, check it and make it usable (blocking)."""
+        """Fetch an adapter (or a full fine-tune) from storage, check it and make it usable
+        (blocking)."""
         started = time.monotonic()
         path = fetch_adapter(self.storage, adapter_id, self.cache_dir)
-        self.engine.load_adapter(adapter_id, path)
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        if manifest.get("full_finetune"):
+            self._load_full_model(adapter_id, path, manifest)
+        else:
+            self.engine.load_adapter(adapter_id, path)
         log.info("adapter %s loaded in %.0f ms", adapter_id, (time.monotonic() - started) * 1e3)
 
-    def unload_adapter(self, adapter_id: str) -> None:
-        self.engine.remove_adapter(adapter_id)
+    def _load_full_model(self, adapter_id: str, path: Path, manifest: dict[str, Any]) -> None:
+        from training.model import registry
+
+        base = self.engine
+        if not isinstance(base, Engine):
+            raise AdapterIncompatible(
+                f"The model {adapter_id!r} is a full fine-tune; this deployment's engine "
+                f"({type(base).__name__}) serves LoRA adapters only. Serve it with "
+                "TUNESERVE_CHAT_ENGINE=native, or train a LoRA adapter.")
+        check_manifest(manifest, base_model=base.base_model, fingerprint=base.fingerprint)
+        with self._full_lock:
+            if adapter_id in self.full_models:
+                self.full_models.move_to_end(adapter_id)
+                return
+        model = registry.load_model(path, dtype=next(base.model.parameters()).dtype)
+        engine = Engine(model.to(base.device), base.tokenizer, base_model=base.base_model,
+                        fingerprint=base.fingerprint, eot_ids=base.eot_ids,
+                        max_batch=base.max_batch, max_pending=base.max_pending,
+                        default_max_tokens=base.default_max_tokens, threads=base.threads,
+                        device=str(base.device))
+        with self._full_lock:
+            self.full_models[adapter_id] = engine
+            while len(self.full_models) > self.max_full_models:
+                evicted, old = self.full_models.popitem(last=False)
+                log.info("unloading full fine-tune %s (at most %d per replica)", evicted,
+                         self.max_full_models)
+                _close_when_idle(old)
+
+    def unload_adapter(self, adapter_id: str) -> bool:
+        """Drop an adapter or full fine-tune; False if this server did not hold it."""
+        with self._full_lock:
+            full = self.full_models.pop(adapter_id, None)
+        if full is not None:
+            _close_when_idle(full)
+        held = full is not None or self.engine.remove_adapter(adapter_id)
         shutil.rmtree(self.cache_dir / adapter_id, ignore_errors=True)
+        return held
+
+    @property
+    def loaded(self) -> list[str]:
+        """The adapters and full fine-tunes this server holds."""
+        with self._full_lock:
+            return self.engine.adapters + list(self.full_models)
+
+    def _submit(self, prompt: list[int], params: SamplingParams, call: ChatCall) -> Generation:
+        with self._full_lock:  # held while queueing, so an unloaded full model takes no more
+            full = self.full_models.get(call.adapter_id) if call.adapter_id else None
+            if full is not None:
+                self.full_models.move_to_end(call.adapter_id)
+                return full.submit(prompt, params, None, n=call.n)
+        return self.engine.submit(prompt, params, call.adapter_id, n=call.n)
 
     def start(self, call: ChatCall) -> Generation:
         """Render the conversation (and tools) with the training template and queue it (from
@@ -107,11 +175,24 @@ class ChatServer:
                                 logprobs=call.logprobs, frequency_penalty=call.frequency_penalty,
                                 presence_penalty=call.presence_penalty,
                                 logit_bias=call.logit_bias, grammar=grammar_of(call))
-        return self.engine.submit(prompt, params, call.adapter_id, n=call.n)
+        return self._submit(prompt, params, call)
 
     def close(self) -> None:
-        self.engine.close()
+        with self._full_lock:
+            full, self.full_models = list(self.full_models.values()), OrderedDict()
+        for engine in [self.engine, *full]:
+            engine.close()
         shutil.rmtree(self.cache_dir, ignore_errors=True)
+
+
+def _close_when_idle(engine: Engine) -> None:
+    """Close an engine no call can reach any more once the calls it runs have ended (closing
+    cuts them), on a thread of its own."""
+    def close() -> None:
+        while engine.load != (0, 0):
+            time.sleep(0.5)
+        engine.close()
+    threading.Thread(target=close, name="close-full-model", daemon=True).start()
 
 
 def grammar_of(call: ChatCall) -> str | None:

@@ -60,3 +60,29 @@ def write_adapter(storage: Storage, model_dir: Path, base_model: str, *, seed: i
         storage.put(join_key(prefix, "manifest.json"), json.dumps(manifest).encode())
     peft_model.unload()  # give the base model its plain Linear layers back
     return f"{job_id}/{folder}"
+
+
+def write_full_model(storage: Storage, model_dir: Path, base_model: str, *, seed: int,
+                     job_id: str | None = None, tenant: str = "local", scale: float = 0.05) -> str:
+    """Write a full fine-tune of the base model (every weight moved by seeded noise), as a
+    ``full_finetune`` job exports it: the model's config and safetensors, the manifest last."""
+    from training.model import registry
+
+    job_id = job_id or new_job_id()
+    model = registry.load_model(model_dir)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    manifest = {
+        "base_model": base_model, **registry.model_fingerprint(model_dir),
+        "eot_token_ids": [2], "job_id": job_id, "tenant": tenant, "step": None,
+        "full_finetune": True, "lora": None, "data_hashes": {}, "hyperparameters": {},
+        "seed": seed, "versions": {}, "metrics": {}}
+    prefix = join_key("adapters", job_id, "final")
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for path in Path(tmp).iterdir():
+            storage.upload_file(path, join_key(prefix, path.name))
+        storage.put(join_key(prefix, "manifest.json"), json.dumps(manifest).encode())
+    return f"{job_id}/final"

@@ -128,6 +128,55 @@ def test_api_replica_restart_during_a_run_does_not_stop_it(client, service):
     assert answer.choices[0].finish_reason
 
 
+def test_a_full_fine_tune_answers_by_its_name_with_its_own_weights(client, shared_storage,
+                                                                    tmp_path):
+    """A ``full_finetune`` job's model is chatted with by its ``ft:`` name, as an adapter is:
+    the replica runs it on an engine of its own, and it answers as its exported weights do
+    (greedy), which is not as the base model does."""
+    import asyncio
+    import shutil
+
+    from serving.engine.native import Engine
+    from serving.protocol import ChatCall
+    from serving.server import ChatServer, collect
+    from training.model import registry
+
+    rows = [{"messages": [{"role": "user", "content": f"Say something about {i}."},
+                          {"role": "assistant", "content": "ok ok ok"}]} for i in range(64)]
+    file_id = client.files.create(file=("ok.jsonl", io.BytesIO(
+        "\n".join(json.dumps(r) for r in rows).encode())), purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(
+        model=TINY, training_file=file_id, extra_body={"full_finetune": True},
+        hyperparameters={"n_epochs": 4, "batch_size": 8, "learning_rate_multiplier": 50})
+    done = wait_status(client, job.id, {"succeeded", "failed", "cancelled"}, 400)
+    assert done.status == "succeeded", done.error
+    question = [{"role": "user", "content": "Say something about 1000."}]
+
+    def served(model: str) -> str:
+        return client.chat.completions.create(model=model, messages=question, max_tokens=8,
+                                              temperature=0).choices[0].message.content
+    tuned = served(done.fine_tuned_model)
+    assert tuned != served(TINY)
+
+    folder = tmp_path / "full"  # the exported model, with the base model's tokenizer beside it
+    shared_storage.download_prefix(f"adapters/{job.id}/final", folder)
+    assert (folder / "model.safetensors").exists() and not (folder / "adapter_config.json").exists()
+    for path in registry.resolve_model(TINY).iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(path, folder / path.name)
+    server = ChatServer(Engine.for_base_model(str(folder)), storage=None)
+    call = ChatCall(base_model=TINY, adapter_id=None, messages=question, max_tokens=8,
+                    temperature=0.0, seed=None)
+
+    async def ask():  # submitted from the loop that reads the answer
+        return await collect(server.start(call), call)
+    try:
+        own = asyncio.run(ask())
+    finally:
+        server.close()
+    assert tuned == own.text
+
+
 def test_cluster_restart_resumes_from_the_last_checkpoint(service, shared_storage):
     client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="local", max_retries=0)
     job = client.fine_tuning.jobs.create(model=TINY, training_file=upload(client, 32),

@@ -20,7 +20,8 @@ from serving.adapters import AdapterCache, AdapterIncompatible, fetch_adapter
 from serving.engine.native import AdapterNotLoaded, Engine
 from serving.engine.prefix_cache import PrefixCache
 from serving.engine.sampling import IncrementalText, SamplingParams, StopText
-from tests.serving_adapters import write_adapter
+from tests.helpers import wait_until
+from tests.serving_adapters import write_adapter, write_full_model
 from training.model import chat
 from training.model import registry
 
@@ -430,3 +431,45 @@ def test_incremental_text_equals_decoding_everything(engine):
         assert "\ufffd" not in so_far
         assert engine.tokenizer.decode(tokens[:n], skip_special_tokens=True).startswith(so_far)
     assert incremental.update(tokens, final=True) == engine.tokenizer.decode(tokens)
+
+
+def test_full_fine_tunes_run_on_engines_of_their_own_the_least_recently_used_leaving(
+        store, tiny_dir, tmp_path):
+    """A full fine-tune, fetched by its adapter id, answers with its own weights next to the
+    base model and its adapters; beyond the server's cap the least recently used one is
+    unloaded (a call for it then finds it not loaded), and loaded again it answers as before."""
+    from serving.protocol import ChatCall
+    from serving.server import ChatServer, collect
+
+    storage, adapters = store
+    full = [write_full_model(storage, tiny_dir, registry.TINY_MODEL_ID, seed=s) for s in (1, 2)]
+    server = ChatServer(Engine.for_base_model(registry.TINY_MODEL_ID, dtype="float32"),
+                        storage, cache_dir=tmp_path, max_full_models=1)
+
+    def ask(adapter_id: str | None) -> str:
+        call = ChatCall(base_model=registry.TINY_MODEL_ID, adapter_id=adapter_id,
+                        messages=[{"role": "user", "content": "Hi"}], max_tokens=12,
+                        temperature=0.0)
+
+        async def answer() -> str:
+            return (await collect(server.start(call), call)).text
+        return asyncio.run(answer())
+
+    try:
+        server.load_adapter(adapters[0])
+        server.load_adapter(full[0])
+        assert server.loaded == [adapters[0], full[0]]
+        answers = {name: ask(name) for name in (None, adapters[0], full[0])}
+        assert len(set(answers.values())) == 3  # base, adapter and full model each their own
+        first_engine = server.full_models[full[0]]
+        server.load_adapter(full[1])
+        assert server.loaded == [adapters[0], full[1]]
+        assert ask(full[1]) not in (answers[None], answers[full[0]])
+        wait_until(lambda: not first_engine.healthy, 30, what="the unloaded engine to close")
+        with pytest.raises(AdapterNotLoaded):
+            ask(full[0])
+        server.load_adapter(full[0])
+        assert ask(full[0]) == answers[full[0]]
+        assert ask(adapters[0]) == answers[adapters[0]]
+    finally:
+        server.close()

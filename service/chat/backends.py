@@ -92,7 +92,14 @@ class LocalChatBackend(AnswersChat):
             load_seconds = await cache.get(call.adapter_id)
         stats = ReplicaStats("local", len(cache.loaded), load_seconds)
         # No await since cache.get: the adapter cannot be evicted before it is submitted.
-        return server.start(call), stats
+        from serving.engine.native import AdapterNotLoaded
+
+        try:
+            return server.start(call), stats
+        except AdapterNotLoaded:  # a full fine-tune the server unloaded beyond its own cap
+            cache.evict(call.adapter_id)
+            load_seconds = await cache.get(call.adapter_id)
+            return server.start(call), ReplicaStats("local", len(cache.loaded), load_seconds)
 
     async def evict(self, adapter_id: str, base_model: str | None = None) -> None:
         for base, cache in self._caches.items():

@@ -56,6 +56,9 @@ RFT_GROUP_SIZE = 4
 
 ADAPTERS_PER_REPLICA = 8
 """Adapters a chat replica keeps loaded per base model (``TUNESERVE_MAX_ADAPTERS_PER_REPLICA``)."""
+FULL_MODELS_PER_REPLICA = 2
+"""Full fine-tunes a chat replica keeps loaded per base model, each a whole model in memory
+(``TUNESERVE_MAX_FULL_MODELS_PER_REPLICA``; they count among its adapters, too)."""
 MAX_TOKENS = 2048
 """Completion tokens per chat request (``TUNESERVE_MAX_TOKENS_CAP``)."""
 MAX_CHOICES = 16

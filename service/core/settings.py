@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(default=limits.MAX_TOKENS, ge=1)
     chat_max_concurrency: int = Field(default=32, ge=1)
     max_adapters_per_replica: int = Field(default=limits.ADAPTERS_PER_REPLICA, ge=1)
+    max_full_models_per_replica: int = Field(default=limits.FULL_MODELS_PER_REPLICA, ge=1)
+    """Full fine-tunes a chat replica keeps loaded per base model, each a whole model in memory."""
     chat_device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where a chat replica runs its model: ``auto`` takes the replica's GPU if it has one;
     ``cuda`` refuses to start without one (never serves from the CPU instead)."""
