@@ -26,7 +26,7 @@ from serving.engine.native import AdapterNotLoaded, Engine
 from serving.engine.vllm_engine import VllmEngine
 from serving.protocol import ChatCall, ChatOutput
 from serving.server import ChatServer, collect, outputs
-from tests.serving_adapters import write_adapter
+from tests.serving_adapters import write_adapter, write_full_model
 
 BASE = "test/tiny-llama-hd32"
 QUESTIONS = ["What is the capital of France?", "Hi", "Write a haiku about the sea, please.",
@@ -67,12 +67,13 @@ def setup(tmp_path_factory):
     adapters = [write_adapter(storage, model_dir, BASE, seed=i, model=base, scale=0.2)
                 for i in range(2)]
     foreign = write_adapter(storage, model_dir, "other/model", seed=5, model=base)
+    full = write_full_model(storage, model_dir, BASE, seed=6, scale=0.2)
     overrides = {BASE: str(model_dir)}
     servers = {engine: ChatServer.build(BASE, config, overrides=overrides, dtype="float32",
                                         device="cpu", engine=engine, max_batch=8,
                                         max_pending=16, max_adapters=4)
                for engine in ENGINES}
-    yield servers, adapters, foreign
+    yield servers, adapters, foreign, full
     for server in servers.values():
         server.close()
 
@@ -119,7 +120,7 @@ def test_greedy_answers_are_identical_between_engines(setup):
 
 
 def test_hot_loaded_adapter_answers_as_in_the_native_engine(setup):
-    servers, adapters, _ = setup
+    servers, adapters, _, _ = setup
     for server in servers.values():
         for adapter in adapters:
             server.load_adapter(adapter)
@@ -193,8 +194,24 @@ def test_adapter_for_another_base_model_is_refused(server, setup):
         server.load_adapter(setup[2])
 
 
+def test_a_full_fine_tune_answers_on_ours_and_vllm_refuses_it_naming_model(setup):
+    """Ours runs a full fine-tune on an engine of its own; the vLLM engine serves LoRA
+    adapters only, and says so (a 400 naming ``model``) rather than answering with the base."""
+    servers, _, _, full = setup
+    ours = servers["native"]
+    ours.load_adapter(full)
+    try:
+        assert _answer(ours, _call(QUESTIONS[0], full)).text != \
+            _answer(ours, _call(QUESTIONS[0])).text
+    finally:
+        ours.unload_adapter(full)
+    with pytest.raises(AdapterIncompatible, match="full fine-tune") as refused:
+        servers["vllm"].load_adapter(full)
+    assert refused.value.param == "model" and refused.value.status == 400
+
+
 def test_unloaded_adapter_is_gone(setup):
-    servers, adapters, _ = setup
+    servers, adapters, _, _ = setup
     for server in servers.values():
         server.load_adapter(adapters[0])
         server.unload_adapter(adapters[0])
