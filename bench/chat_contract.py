@@ -32,7 +32,7 @@ from service.core.names import BUILTIN_MODEL_ID
 from serving.engine.grammar import json_schema_grammar
 from serving.engine.native import Engine, pick_dtype
 from serving.engine.sampling import SamplingParams
-from training.cpu.strategy import cpu_description
+from training.cpu.info import cpu_description
 from training.model import chat
 
 RESULTS = Path(__file__).parent / "results"

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
 from tests.helpers import sorting_lines
-from training.cpu.strategy import cpu_description
+from training.cpu.info import cpu_description
 from training.model import registry
 from training.recipes import checkpointing, run_recipe
 from training.recipes.base import Recipe

@@ -141,7 +141,7 @@ def run_trl(steps: int, warmup: int, precompute: bool) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from training.cpu.strategy import cpu_has_bf16
+    from training.cpu.info import cpu_has_bf16
     from training.model import registry
     from training.model.lora import TARGET_MODULES
 
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_results(args: argparse.Namespace, runs: list[dict], rounds_done: int) -> None:
     """Rewritten after every run, so a long benchmark stopped early still leaves its figures."""
-    from training.cpu.strategy import cpu_has_bf16
+    from training.cpu.info import cpu_has_bf16
 
     config = {"rounds": rounds_done, "rounds_planned": args.rounds, "steps": args.steps,
               "warmup": args.warmup, "batch_pairs": BATCH, "beta": BETA, "lora_r": LORA_R,

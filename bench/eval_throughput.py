@@ -36,7 +36,7 @@ from service.cli.evaluate import EXACT, ITEM_SCHEMA
 from service.core.names import BUILTIN_MODEL_ID
 from service.core.settings import Settings
 from serving.protocol import ChatCall
-from training.cpu.strategy import cpu_description
+from training.cpu.info import cpu_description
 
 RESULTS = Path(__file__).parent / "results"
 POLL_S = 0.25

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_memory_ratio": round(fsdp["peak_bytes"] / ddp["peak_bytes"], 3),
             "state_ratio": round(sum(fsdp["held_bytes"].values())
                                  / sum(ddp["held_bytes"].values()), 3)}
-    from training.cpu.strategy import cpu_description
+    from training.cpu.info import cpu_description
 
     machine = {"cpu": cpu_description(), "load_average": os.getloadavg(), "python": platform.python_version(),
                "note": "2-core machine shared by four engineers while this ran"}

@@ -124,7 +124,7 @@ def run_trl(steps: int, warmup: int) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from training import graders
-    from training.cpu.strategy import cpu_has_bf16
+    from training.cpu.info import cpu_has_bf16
     from training.model import registry
     from training.model.lora import TARGET_MODULES
 
@@ -254,7 +254,7 @@ def main() -> int:
     result["ratio_steps_per_hour"] = (result["ours"]["steps_per_hour"]
                                       / result["trl"]["steps_per_hour"])
     result["ratio_peak_rss"] = result["ours"]["peak_rss_mb"] / result["trl"]["peak_rss_mb"]
-    from training.cpu.strategy import cpu_description
+    from training.cpu.info import cpu_description
 
     result["machine"] = (f"{cpu_description()}, load average "
                          f"{load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end"

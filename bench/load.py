@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import io
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from training.cpu.info import cpu_description
 
 RESULTS = Path(__file__).parent / "results"
 TINY = "tuneserve/tiny-llama"
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             service.stop()
     result.update(unloaded=base, job_status_during_load=status,
-                  machine=f"{platform.machine()}, {platform.processor() or '?'}, 2 cores shared",
+                  machine=f"{cpu_description()}, shared",
                   command="python -m bench.load " + " ".join(argv or sys.argv[1:]))
     write_results(result)
     sys.stdout.write(json.dumps({k: result[k] for k in ("errors", "kinds")}, indent=2) + "\n")

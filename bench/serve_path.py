@@ -31,7 +31,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -44,6 +43,7 @@ from typing import Any
 import httpx
 
 from service.ray.embedded import HAPROXY_ENV, RAY_DEFAULTS
+from training.cpu.info import cpu_description
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     config: dict[str, Any] = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.machine(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": cpu_description(),
         "cpus": len(os.sched_getaffinity(0)), "load_average": os.getloadavg()[0],
         "command": "python -m bench.serve_path " + " ".join(argv or sys.argv[1:]),
         # the service inherits this environment; unset, it takes the embedded default

@@ -30,7 +30,6 @@ import functools
 import json
 import logging
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -50,6 +49,8 @@ for _name, _value in CHAT_REPLICA_ENV.items():
     os.environ.setdefault(_name, _value)
 
 import torch
+
+from training.cpu.info import cpu_description
 
 RESULTS = Path(__file__).parent / "results"
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -461,7 +462,7 @@ def run(dtype: str, threads: int, rank: int, *, repeats: int, decode_tokens: int
 
     result: dict[str, Any] = {"config": {
         "base_model": BASE, "dtype": dtype, "threads": threads, "lora_rank": rank,
-        "target_modules": TARGETS, "torch": torch.__version__, "machine": platform.machine(),
+        "target_modules": TARGETS, "torch": torch.__version__, "machine": cpu_description(),
         "cpus": len(os.sched_getaffinity(0)), "load_average": os.getloadavg()[0],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S")}}

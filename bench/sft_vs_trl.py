@@ -178,7 +178,7 @@ def trl_trainer(config: str, model_dir, examples, n_steps: int, mean_len: float)
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from training.cpu.strategy import cpu_has_bf16
+    from training.cpu.info import cpu_has_bf16
     from training.model import registry
 
     class Timer(TrainerCallback):

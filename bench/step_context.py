@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from training.cpu.info import cpu_description
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(run_context(args.context, args.steps)), flush=True)
         return 0
     result = {"measured": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": args.steps,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+              "machine": cpu_description(),
               "load_at_start": [round(x, 2) for x in os.getloadavg()], "contexts": {}}
     for context in CONTEXTS:
         proc = subprocess.run([sys.executable, "-m", "bench.step_context", "--context", context,

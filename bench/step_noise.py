@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # The training worker's allocator settings hold for the whole child process.
     from service.ray.embedded import CPU_TRAINING_ENV
+    from training.cpu.info import cpu_description
 
     env = {**os.environ, **CPU_TRAINING_ENV}
     child = [sys.executable, "-m", "bench.step_noise", "--child", "--rounds", str(args.rounds)]
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"kinds": json.loads(out.stdout.strip().splitlines()[-1]), "rounds": args.rounds,
               "loads": {k: dict(zip(("wakers", "busy_us", "slack_us"), v, strict=True))
                         for k, v in LOADS.items()},
-              "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python "
+              "machine": f"{cpu_description()}, Python "
                          f"{platform.python_version()}",
               "measured_at": time.strftime("%Y-%m-%d %H:%M"),
               "command": " ".join(["python -m bench.step_noise", *(argv or sys.argv[1:])])}

@@ -232,6 +232,10 @@ def test_a_killed_worker_resumes_on_the_same_reward_curve(toy, ray_local, s3_ser
     uninterrupted = step_metrics(toy_storage, RFT_JOB)
     assert ([steps[s][-1]["reward_mean"] for s in sorted(steps)]
             == [uninterrupted[s][0]["reward_mean"] for s in sorted(uninterrupted)])
+    # Validated every eval_interval (5) steps only, not at the checkpoints every 4 besides: one
+    # curve of one size (eval_samples).
+    held = sorted({s for s, runs in steps.items() if any("valid_score" in r for r in runs)})
+    assert held == [5, 10, 15, 20]
 
 
 @pytest.mark.slow

@@ -15,8 +15,8 @@ from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
 from tests.helpers import REPO, sorting_lines
 from tests.test_dpo_loss import load_make_preferences
-from training.cpu.strategy import (CPUStrategy, DeviceStrategy, cpu_description, cpu_has_bf16,
-                                   strategy_for)
+from training.cpu.info import cpu_description, cpu_has_bf16
+from training.cpu.strategy import CPUStrategy, DeviceStrategy, strategy_for
 from training.model import registry
 from training.model.attention import FP32_ATTRIBUTE, use_packed_attention
 

@@ -40,12 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import make_data
 
-from service.cli import evaluate as cli_eval
-
 from service.cli import eval_tasks
-from service.ray.embedded import free_loopback_port
+from service.cli import evaluate as cli_eval
 from service.cli.client import Client, upload_file
 from service.cli.jobs import follow
+from service.ray.embedded import free_loopback_port
+from training.cpu.info import cpu_description
 from training.model.registry import TINY_MODEL_ID
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -374,7 +374,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     meta = {"task": args.task, "model": args.model, "n_train": args.n_train,
             "n_eval": args.n_eval, "max_tokens": args.max_tokens, "seed": args.seed,
             "load_before": os.getloadavg(),
-            "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python "
+            "machine": f"{cpu_description()}, Python "
                        f"{platform.python_version()}",
             "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
             "command": "python " + " ".join(shlex.quote(a) for a in

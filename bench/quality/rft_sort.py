@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import demo
 from service.cli import eval_tasks
 from service.cli import evaluate as cli_eval
 from service.cli.client import Client
+from training.cpu.info import cpu_description
 
 GRADER = {"type": "string_check", "name": "exact match", "input": "{{sample.output_text}}",
           "reference": "{{item.answer}}", "operation": "eq"}
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     meta = {"task": "sort", "model": args.model, "n_train": args.n_train, "n_eval": args.n_eval,
             "max_tokens": args.max_tokens, "seed": args.seed, "load_before": os.getloadavg(),
-            "machine": f"{os.cpu_count()} CPUs, {platform.machine()}"
+            "machine": cpu_description()
                        + (f", {args.beside}" if args.beside else ""),
             "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
             "command": "python " + " ".join(shlex.quote(a) for a in

@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--sft", action="store_true",
                         help="then a one-epoch LoRA SFT run on --out (tuneserve train)")
     args = parser.parse_args()
-    from training.cpu.strategy import cpu_description
+    from training.cpu.info import cpu_description
 
     if args.analyse_only:
         kept = json.loads(Path(args.out).with_suffix(".kept.json").read_text())

@@ -158,13 +158,18 @@ class RayJobRunner:
                           if j.status == "running" else None)
         return self._launch(self.store.get(job.id))
 
-    @staticmethod
-    def _stopped_but_driven(job: JobRecord) -> bool:
+    def _stopped_but_driven(self, job: JobRecord) -> bool:
         """A cancelled or paused job whose driver still lives: the kill sent with the stop is
         fire-and-forget, and one lost to a busy or restarting cluster must not leave the run
         training (and holding its workers) behind the job's back."""
-        recent = job.status == "cancelled" and time.time() - (job.finished_at or 0) < STOP_RECHECK_S
-        return (recent or job.status == "paused") and job_driver.driver_alive(job.id)
+        def stopped(record: JobRecord) -> bool:
+            recent = time.time() - (record.finished_at or 0) < STOP_RECHECK_S
+            return record.status == "paused" or (record.status == "cancelled" and recent)
+        if not (stopped(job) and job_driver.driver_alive(job.id)):
+            return False
+        # Read again: another replica may have resumed a paused job since the list, and the
+        # live driver is then its new run's.
+        return stopped(self.store.get(job.id))
 
     # --- helpers -----------------------------------------------------------------------------
 

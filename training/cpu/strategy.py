@@ -9,14 +9,12 @@ that only pays on a CPU lives, so none of it reaches a GPU worker.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import platform
-from pathlib import Path
 
 import torch
 
+from training.cpu.info import cpu_has_bf16
 from training.cpu.lookahead import Lookahead
 from training.model.attention import attend_in_fp32_below
 
@@ -72,35 +70,6 @@ class CPUStrategy(DeviceStrategy):
                   ) -> Lookahead | None:
         n_frozen = Lookahead.usable(decoder, torch.device("cpu"), threads)
         return Lookahead(decoder, n_frozen, use_bf16, threads) if n_frozen else None
-
-
-@functools.cache
-def _cpuinfo() -> tuple[str, frozenset[str]]:
-    """This CPU's model name and flags, from the first processor in /proc/cpuinfo."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or "unknown CPU", frozenset()
-    fields: dict[str, str] = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    return fields.get("model name", "unknown CPU"), frozenset(fields.get("flags", "").split())
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-bf16 or AMX); elsewhere bf16 matmuls
-    are emulated and fp32 is the fast path."""
-    return bool({"avx512_bf16", "amx_bf16"} & _cpuinfo()[1])
-
-
-def cpu_description() -> str:
-    """The CPU as a benchmark records it, e.g. ``AMD EPYC (AVX512-bf16, no AMX), 2 CPUs``: its
-    model, its bf16 path (which decides the fast precision) and how many CPUs this process has."""
-    name, flags = _cpuinfo()
-    kind = ("AMX-bf16" if "amx_bf16" in flags else "AVX512-bf16, no AMX" if "avx512_bf16" in flags
-            else "AVX2, no bf16" if "avx2" in flags else "no AVX2")
-    return f"{name} ({kind}), {len(os.sched_getaffinity(0))} CPUs"
 
 
 def strategy_for(device: torch.device) -> DeviceStrategy:

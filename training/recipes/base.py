@@ -95,6 +95,9 @@ class Recipe(ABC, Generic[E]):
     SUMS: ClassVar[tuple[str, ...]]
     """What ``forward_backward`` sums over a step (all-reduced over ranks); among them "tokens"
     (trained) and "supervised" (trained on)."""
+    validates_at_checkpoints: ClassVar[bool] = True
+    """Whether each checkpoint scores ``VALID_EXAMPLES`` validation examples (a recipe that
+    validates on a schedule of its own says no)."""
 
     def __init__(self, spec: TrainSpec, storage_config: StorageConfig,
                  context: WorkerContext | None = None,
@@ -108,9 +111,9 @@ class Recipe(ABC, Generic[E]):
         self.events = EventLog(self.storage, spec.job_id) if self.rank == 0 else None
         self.resumed_from: int | None = None
         self.stopping = False
+        """Set after a step at which some rank was asked to stop: checkpoint, then end."""
         self.sharded = spec.parallelism == "fsdp" and self.world_size > 1
         """FSDP (``training.sharding``): each rank holds a shard of the model."""
-        """Set after a step at which some rank was asked to stop: checkpoint, then end."""
         self._last_validation: tuple[tuple[int, int], dict[str, float]] | None = None
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -413,7 +416,7 @@ class Recipe(ABC, Generic[E]):
         every = self.spec.checkpoint_every_steps
         self.stopping = self.stop_flag and state.step < self.total_steps
         if epoch_end or (every and state.step % every == 0) or self.due_flag or self.stopping:
-            if self.valid_examples and not self.stopping:
+            if self.valid_examples and not self.stopping and self.validates_at_checkpoints:
                 state.metrics.update(self.valid_metrics(self.valid_examples[:VALID_EXAMPLES],
                                                         "valid_"))
             self.log_metrics()

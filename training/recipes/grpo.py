@@ -19,8 +19,8 @@ recipe's (``training.recipes.base.Recipe``). What is GRPO's own, per step:
 Metrics per step: reward (mean, spread within groups), share of zero-signal groups, KL, clip
 fraction, completion length, the rollout/grade/train split of the step, and for a model judge
 its requests and tokens (``judge_requests``, ``judge_tokens``); every ``eval_interval``
-steps (and at checkpoints) the grader's mean over greedy answers to ``eval_samples`` validation
-prompts (``valid_score``), and over all of them at the end (``full_valid_score``).
+steps the grader's mean over greedy answers to ``eval_samples`` validation prompts
+(``valid_score``), and over all of them at the end (``full_valid_score``).
 """
 
 from __future__ import annotations
@@ -84,6 +84,9 @@ class GRPORecipe(Recipe[Prompt]):
 
     noun = "prompts"
     SUMS: ClassVar[tuple[str, ...]] = SUM_FIELDS
+    # Validation is OpenAI's ``eval_interval`` × ``eval_samples`` (``step_metrics``): one curve
+    # of one size, and no greedy answers to grade at every checkpoint besides.
+    validates_at_checkpoints = False
 
     # -- data ----------------------------------------------------------------------------------
 
