@@ -123,6 +123,9 @@ class ChatServer:
                         default_max_tokens=base.default_max_tokens, threads=base.threads,
                         device=str(base.device))
         with self._full_lock:
+            if adapter_id in self.full_models:  # a concurrent load of the same model won
+                _close_when_idle(engine)
+                return
             self.full_models[adapter_id] = engine
             while len(self.full_models) > self.max_full_models:
                 evicted, old = self.full_models.popitem(last=False)
