@@ -214,3 +214,18 @@ def own_train_workers() -> list:
         except psutil.Error:
             pass
     return found
+
+
+def exported_full_model(storage, job_id: str, base_model: str, folder: Path) -> Path:
+    """A full fine-tune's exported model (``adapters/<job>/final``) in ``folder``, with the base
+    model's tokenizer files beside it, so it loads as a model of its own."""
+    import shutil
+
+    from training.model import registry
+
+    storage.download_prefix(f"adapters/{job_id}/final", folder)
+    assert (folder / "model.safetensors").exists() and not (folder / "adapter_config.json").exists()
+    for path in registry.resolve_model(base_model).iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(path, folder / path.name)
+    return folder

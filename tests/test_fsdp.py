@@ -18,7 +18,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -27,7 +26,7 @@ import pytest
 
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
-from tests.helpers import own_train_workers, sorting_lines
+from tests.helpers import exported_full_model, own_train_workers, sorting_lines
 from training import checkpoints
 from training import estimate as est
 from training.model import registry
@@ -157,13 +156,7 @@ def test_fsdp_exports_answer_in_chat(runs, tmp_path):
     storage = runs["storage"]
     lora = runs["runs"][("lora", "fsdp")]["spec"].job_id
     full = runs["runs"][("full", "fsdp")]["spec"].job_id
-    folder = tmp_path / "full-model"
-    storage.download_prefix(f"adapters/{full}/final", str(folder))
-    assert (folder / "model.safetensors").exists() and not (folder / "adapter_config.json").exists()
-    base_dir = registry.resolve_model(registry.TINY_MODEL_ID)
-    for path in base_dir.iterdir():
-        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(path, folder / path.name)
+    folder = exported_full_model(storage, full, registry.TINY_MODEL_ID, tmp_path / "full-model")
     (folder / "manifest.json").unlink()
     settings = Settings(storage=runs["config"].uri, builtin_models=False,
                         models={"full-ft": str(folder)})

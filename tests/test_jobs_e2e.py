@@ -13,7 +13,7 @@ import openai
 import psutil
 import pytest
 
-from tests.helpers import Service, wait_until
+from tests.helpers import Service, exported_full_model, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -134,12 +134,10 @@ def test_a_full_fine_tune_answers_by_its_name_with_its_own_weights(client, share
     the replica runs it on an engine of its own, and it answers as its exported weights do
     (greedy), which is not as the base model does."""
     import asyncio
-    import shutil
 
     from serving.engine.native import Engine
     from serving.protocol import ChatCall
     from serving.server import ChatServer, collect
-    from training.model import registry
 
     rows = [{"messages": [{"role": "user", "content": f"Say something about {i}."},
                           {"role": "assistant", "content": "ok ok ok"}]} for i in range(64)]
@@ -158,12 +156,7 @@ def test_a_full_fine_tune_answers_by_its_name_with_its_own_weights(client, share
     tuned = served(done.fine_tuned_model)
     assert tuned != served(TINY)
 
-    folder = tmp_path / "full"  # the exported model, with the base model's tokenizer beside it
-    shared_storage.download_prefix(f"adapters/{job.id}/final", folder)
-    assert (folder / "model.safetensors").exists() and not (folder / "adapter_config.json").exists()
-    for path in registry.resolve_model(TINY).iterdir():
-        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(path, folder / path.name)
+    folder = exported_full_model(shared_storage, job.id, TINY, tmp_path / "full")
     server = ChatServer(Engine.for_base_model(str(folder)), storage=None)
     call = ChatCall(base_model=TINY, adapter_id=None, messages=question, max_tokens=8,
                     temperature=0.0, seed=None)
