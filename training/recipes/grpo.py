@@ -331,15 +331,22 @@ class GRPORecipe(Recipe[Prompt]):
         sums = self.all_reduce(torch.tensor([score, float(len(mine))], dtype=torch.float64))
         return self.eval_metrics(dict(zip(EVAL_FIELDS, sums.tolist(), strict=True)))
 
+    def held_out(self) -> list[Prompt]:
+        """The validation prompts the curve is scored on: the first ``eval_samples``."""
+        return self.valid_examples[:self.spec.eval_samples]
+
     def valid_metrics(self, examples: list[Prompt], prefix: str) -> dict[str, float]:
-        if prefix == "valid_" and self.spec.eval_samples:
-            examples = examples[:self.spec.eval_samples]
+        if prefix == "valid_":
+            examples = self.held_out()
         return super().valid_metrics(examples, prefix)
 
     def verify_settings(self) -> None:
-        """Grade greedy answers to two prompts before step 1: the grader runs on this model's
-        answers (a broken grader or template fails in seconds, not after the first rollouts)."""
-        examples = (self.valid_examples or self.train_examples)[:2 * self.world_size]
+        """Grade greedy answers before step 1, so a broken grader or template fails in seconds,
+        not after the first rollouts. A fresh run grades the held-out prompts of the curve: its
+        point before training (``initial_score``), what ``valid_score`` is compared with. A
+        resumed run, or one without a validation file, grades two prompts per worker."""
+        examples = self.held_out() if self.state.step == 0 else []
+        examples = examples or (self.valid_examples or self.train_examples)[:2 * self.world_size]
         metrics = self.evaluate(examples)
         self.emit(f"Verified settings: grader score before training={metrics['score']:.3f} on "
                   f"{int(metrics['count'])} prompts, group_size={self.spec.group_size}, "
