@@ -163,6 +163,9 @@ def markdown(result: dict[str, Any]) -> str:
                  f"{chosen['seconds']} s).\n")
     text += (f"\nHeld-out error: {result['error_before']:.1%} after SFT, "
              f"{result['error_after']:.1%} after RFT ({'halved' if halved else 'not halved'}).\n")
+    initial = result["jobs"]["rft"].get("initial_score")
+    if initial is not None:
+        text += f"\nValidation score before training (step 0, the same prompts): {initial:.3f}.\n"
     if result["curve"]:
         text += "\n| step | mean reward | zero-signal groups | KL | completion tokens | validation score |\n"
         text += "|---|---|---|---|---|---|\n"
