@@ -345,8 +345,10 @@ class GRPORecipe(Recipe[Prompt]):
         not after the first rollouts. A fresh run grades the held-out prompts of the curve: its
         point before training (``initial_score``), what ``valid_score`` is compared with. A
         resumed run, or one without a validation file, grades two prompts per worker."""
-        examples = self.held_out() if self.state.step == 0 else []
-        examples = examples or (self.valid_examples or self.train_examples)[:2 * self.world_size]
+        if self.state.step == 0 and self.valid_examples:
+            examples = self.held_out()
+        else:
+            examples = (self.valid_examples or self.train_examples)[:2 * self.world_size]
         metrics = self.evaluate(examples)
         self.emit(f"Verified settings: grader score before training={metrics['score']:.3f} on "
                   f"{int(metrics['count'])} prompts, group_size={self.spec.group_size}, "
