@@ -341,6 +341,8 @@ def test_bad_reinforcement_requests_are_400s_naming_the_field(api):
     assert refused(api, pairs, YES)["param"] == "training_file"
     assert refused(api, prompts, YES, compute_multiplier=0)["param"] == (
         "method.reinforcement.hyperparameters.compute_multiplier")
+    assert refused(api, prompts, YES, temperature=0)["param"] == (
+        "method.reinforcement.hyperparameters.temperature")
     assert "grader" in refused(api, prompts, None)["message"]
 
 
@@ -365,8 +367,10 @@ def test_a_score_model_judge_drives_a_short_rft_job_end_to_end(shared_service):
     job = http.post("/fine_tuning/jobs", json={
         "model": TINY, "training_file": file_id,
         "method": {"type": "reinforcement", "reinforcement": {"grader": judge, "hyperparameters": {
-            "n_epochs": 1, "batch_size": 2, "compute_multiplier": 0.5}}}}).json()
+            "n_epochs": 1, "batch_size": 2, "compute_multiplier": 0.5,
+            "temperature": 0.7}}}}).json()
     assert job["method"]["reinforcement"]["grader"]["type"] == "score_model", job
+    assert job["method"]["reinforcement"]["hyperparameters"]["temperature"] == 0.7
     done = wait_until(lambda: (j := http.get(f"/fine_tuning/jobs/{job['id']}").json())["status"]
                       in {"succeeded", "failed", "cancelled"} and j, 600, interval=2,
                       what="the RFT job")

@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="group size = 4 x this (completions per prompt)")
     extra.add_argument("--rft-lr-multiplier", type=float, default=1.0)
     extra.add_argument("--eval-interval", type=int, default=8)
+    extra.add_argument("--rft-temperature", type=float,
+                       help="the rollouts' sampling temperature (else the service's default, 1)")
     extra.add_argument("--rft-seed", type=int,
                        help="seed of the RFT lists (else --seed; the held-out lists follow --seed), "
                             "so a second round from an RFT model trains on lists it never saw")
@@ -135,7 +137,9 @@ def run_rft(client: Client, args: argparse.Namespace, data_dir: Path) -> dict[st
                     "n_epochs": args.rft_epochs, "batch_size": args.rft_batch,
                     "learning_rate_multiplier": args.rft_lr_multiplier,
                     "compute_multiplier": args.compute_multiplier,
-                    "eval_interval": args.eval_interval, "eval_samples": args.n_rft_valid}}}}
+                    "eval_interval": args.eval_interval, "eval_samples": args.n_rft_valid,
+                    **({} if args.rft_temperature is None
+                       else {"temperature": args.rft_temperature})}}}}
     jobs["rft"] = demo.run_job(client, args, body)
     events = demo.all_events(client, jobs["rft"]["id"])
     settings = next((e["data"] for e in events if "initial_score" in (e.get("data") or {})), {})

@@ -48,6 +48,10 @@ class ReinforcementHyperparameters(SupervisedHyperparameters):
     """Scales the completions sampled per prompt (the group size, 4 at 1)."""
     eval_interval: Annotated[int, Field(ge=1)] | Auto = "auto"
     eval_samples: Annotated[int, Field(ge=1)] | Auto = "auto"
+    temperature: Annotated[float, Field(gt=0, le=2)] | Auto = "auto"
+    """Our extension: the rollouts' sampling temperature ("auto": 1). Below 1 the sampled
+    answers are nearer the greedy one, so the reward's signal falls on the tokens where greedy
+    decoding goes wrong rather than on sampling noise."""
 
 
 class ReinforcementMethod(Strict):

@@ -92,6 +92,8 @@ def _reinforcement(section: Mapping[str, Any]) -> dict[str, Any]:
         fields["eval_interval"] = int(hp["eval_interval"])
     if hp.get("eval_samples", "auto") != "auto":
         fields["eval_samples"] = int(hp["eval_samples"])
+    if hp.get("temperature", "auto") != "auto":
+        fields["temperature"] = float(hp["temperature"])
     return fields
 
 
@@ -121,7 +123,7 @@ def with_spec(record: JobRecord, spec: TrainSpec) -> JobRecord:
         asked = (record.method.get("reinforcement") or {}).get("hyperparameters") or {}
         hp.update(compute_multiplier=asked.get("compute_multiplier", "auto"),
                   eval_interval=spec.eval_interval or "auto",
-                  eval_samples=spec.eval_samples or "auto",
+                  eval_samples=spec.eval_samples or "auto", temperature=spec.temperature,
                   reasoning_effort=asked.get("reasoning_effort", "default"))
         section["grader"] = spec.grader
     method = {**record.method, "type": spec.method, spec.method: section}
@@ -159,7 +161,7 @@ def _request_param(param: str | None, method: str) -> str | None:
         return f"method.{method}.hyperparameters.{param}"
     if param == "grader":
         return "method.reinforcement.grader"
-    if param in ("group_size", "eval_interval", "eval_samples"):
+    if param in ("group_size", "eval_interval", "eval_samples", "temperature"):
         return "method.reinforcement.hyperparameters." + (
             "compute_multiplier" if param == "group_size" else param)
     return param
