@@ -103,6 +103,17 @@ def test_loss_on_a_hand_made_group_equals_the_formula():
     adv = grpo.group_advantages(rewards, 4)
     std = torch.tensor([1.0, 0.0, 0.0, 1.0]).std()  # unbiased, as TRL
     assert torch.allclose(adv, (rewards - 0.5) / (std + grpo.STD_EPSILON))
+    # Unscaled (Dr. GRPO): r − mean(r); a group with one slip among four weighs less, next to
+    # a half-right group, than the std's scaling makes it weigh.
+    slip = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    unscaled = grpo.group_advantages(torch.cat([slip, rewards]), 4, scale=False)
+    assert torch.allclose(unscaled, torch.tensor([0.25, 0.25, 0.25, -0.75, 0.5, -0.5, -0.5, 0.5]))
+    scaled = grpo.group_advantages(torch.cat([slip, rewards]), 4)
+
+    def weight(adv: torch.Tensor) -> float:  # the half-right group's over the slip's
+        return float(adv[4:].abs().sum() / adv[:4].abs().sum())
+    assert weight(unscaled) == pytest.approx(2 / 1.5)
+    assert weight(unscaled) > weight(scaled) > 1
     # Three tokens: ratios e^0.1 (unclipped), e^0.5 (clipped above for A>0), e^-0.5 (clipped
     # below for A<0); one reference value per token.
     logps = torch.tensor([-1.0, -0.5, -2.5], requires_grad=True)
@@ -368,9 +379,10 @@ def test_a_score_model_judge_drives_a_short_rft_job_end_to_end(shared_service):
         "model": TINY, "training_file": file_id,
         "method": {"type": "reinforcement", "reinforcement": {"grader": judge, "hyperparameters": {
             "n_epochs": 1, "batch_size": 2, "compute_multiplier": 0.5,
-            "temperature": 0.7}}}}).json()
+            "temperature": 0.7, "scale_rewards": False}}}}).json()
     assert job["method"]["reinforcement"]["grader"]["type"] == "score_model", job
-    assert job["method"]["reinforcement"]["hyperparameters"]["temperature"] == 0.7
+    asked = job["method"]["reinforcement"]["hyperparameters"]
+    assert asked["temperature"] == 0.7 and asked["scale_rewards"] is False
     done = wait_until(lambda: (j := http.get(f"/fine_tuning/jobs/{job['id']}").json())["status"]
                       in {"succeeded", "failed", "cancelled"} and j, 600, interval=2,
                       what="the RFT job")

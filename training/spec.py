@@ -143,6 +143,8 @@ class TrainSpec:
     """PPO clip range of the policy ratio."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts (their log-probs are taken at it too)."""
+    scale_rewards: bool = True
+    """Divide each group's advantages by its rewards' standard deviation (False: Dr. GRPO)."""
     eval_interval: int = 0
     """Grade greedy answers to the validation prompts every this many steps (0: at
     checkpoints only)."""

@@ -52,6 +52,10 @@ class ReinforcementHyperparameters(SupervisedHyperparameters):
     """Our extension: the rollouts' sampling temperature ("auto": 1). Below 1 the sampled
     answers are nearer the greedy one, so the reward's signal falls on the tokens where greedy
     decoding goes wrong rather than on sampling noise."""
+    scale_rewards: bool = True
+    """Our extension (TRL's name): divide each group's advantages by its rewards' standard
+    deviation. False is Dr. GRPO's unscaled advantages (Liu et al., 2025): a group where one
+    sample of many slipped is no longer weighed up next to one the model gets half right."""
 
 
 class ReinforcementMethod(Strict):

@@ -94,6 +94,8 @@ def _reinforcement(section: Mapping[str, Any]) -> dict[str, Any]:
         fields["eval_samples"] = int(hp["eval_samples"])
     if hp.get("temperature", "auto") != "auto":
         fields["temperature"] = float(hp["temperature"])
+    if hp.get("scale_rewards") is not None:
+        fields["scale_rewards"] = bool(hp["scale_rewards"])
     return fields
 
 
@@ -124,6 +126,7 @@ def with_spec(record: JobRecord, spec: TrainSpec) -> JobRecord:
         hp.update(compute_multiplier=asked.get("compute_multiplier", "auto"),
                   eval_interval=spec.eval_interval or "auto",
                   eval_samples=spec.eval_samples or "auto", temperature=spec.temperature,
+                  scale_rewards=spec.scale_rewards,
                   reasoning_effort=asked.get("reasoning_effort", "default"))
         section["grader"] = spec.grader
     method = {**record.method, "type": spec.method, spec.method: section}

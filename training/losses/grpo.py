@@ -33,12 +33,17 @@ STD_EPSILON = 1e-4
 """ε_std: keeps the advantage finite when a group's rewards barely differ (TRL's value)."""
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(N,) rewards of N/G groups of G consecutive completions → (N,) advantages A_i."""
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
+    """(N,) rewards of N/G groups of G consecutive completions → (N,) advantages A_i; with
+    ``scale`` False, r_i − mean(r) unscaled (Dr. GRPO, Liu et al., 2025,
+    https://arxiv.org/abs/2503.20783: dividing by the std weighs up the groups whose rewards
+    barely differ, such as one slip among many right answers, next to those the model gets
+    half right)."""
     groups = rewards.float().view(-1, group_size)
-    mean = groups.mean(dim=1, keepdim=True)
-    std = groups.std(dim=1, keepdim=True)
-    return ((groups - mean) / (std + STD_EPSILON)).view(-1)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if not scale:
+        return centred.view(-1)
+    return (centred / (groups.std(dim=1, keepdim=True) + STD_EPSILON)).view(-1)
 
 
 def zero_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

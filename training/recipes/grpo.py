@@ -226,7 +226,7 @@ class GRPORecipe(Recipe[Prompt]):
         started = time.perf_counter()
         trained: list[tuple[Prompt, list[sampler.Completion], torch.Tensor]] = []
         if prompts:
-            advantages = grpo.group_advantages(rewards, n).view(-1, n)
+            advantages = grpo.group_advantages(rewards, n, scale=self.spec.scale_rewards).view(-1, n)
             flat = rewards.view(-1, n)
             silent = grpo.zero_signal(rewards, n)
             sums.update(reward=float(rewards.sum()), group_std=float(flat.std(dim=1).sum()),
@@ -364,6 +364,7 @@ class GRPORecipe(Recipe[Prompt]):
         return {**super().manifest(), "reinforcement": {
             "grader": spec.grader, "group_size": spec.group_size, "kl_beta": spec.kl_beta,
             "clip_epsilon": spec.clip_epsilon, "temperature": spec.temperature,
+            "scale_rewards": spec.scale_rewards,
             "max_completion_tokens": spec.max_completion_tokens,
             "init_adapter": spec.init_adapter, "reference_adapter": spec.reference_adapter}}
 
