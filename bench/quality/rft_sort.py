@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     extra.add_argument("--eval-interval", type=int, default=8)
     extra.add_argument("--rft-temperature", type=float,
                        help="the rollouts' sampling temperature (else the service's default, 1)")
+    extra.add_argument("--unscaled-rewards", action="store_true",
+                       help="scale_rewards: false (Dr. GRPO's advantages, not divided by the "
+                            "group's spread)")
     extra.add_argument("--rft-seed", type=int,
                        help="seed of the RFT lists (else --seed; the held-out lists follow --seed), "
                             "so a second round from an RFT model trains on lists it never saw")
@@ -139,7 +142,8 @@ def run_rft(client: Client, args: argparse.Namespace, data_dir: Path) -> dict[st
                     "compute_multiplier": args.compute_multiplier,
                     "eval_interval": args.eval_interval, "eval_samples": args.n_rft_valid,
                     **({} if args.rft_temperature is None
-                       else {"temperature": args.rft_temperature})}}}}
+                       else {"temperature": args.rft_temperature}),
+                    **({"scale_rewards": False} if args.unscaled_rewards else {})}}}}
     jobs["rft"] = demo.run_job(client, args, body)
     events = demo.all_events(client, jobs["rft"]["id"])
     settings = next((e["data"] for e in events if "initial_score" in (e.get("data") or {})), {})
