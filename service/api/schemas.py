@@ -49,9 +49,8 @@ class ReinforcementHyperparameters(SupervisedHyperparameters):
     eval_interval: Annotated[int, Field(ge=1)] | Auto = "auto"
     eval_samples: Annotated[int, Field(ge=1)] | Auto = "auto"
     temperature: Annotated[float, Field(gt=0, le=2)] | Auto = "auto"
-    """Our extension: the rollouts' sampling temperature ("auto": 1). Below 1 the sampled
-    answers are nearer the greedy one, so the reward's signal falls on the tokens where greedy
-    decoding goes wrong rather than on sampling noise."""
+    """Our extension: the rollouts' sampling temperature ("auto": 1); their log-probs in the
+    loss are taken at it too."""
     scale_rewards: bool = True
     """Our extension (TRL's name): divide each group's advantages by its rewards' standard
     deviation. False is Dr. GRPO's unscaled advantages (Liu et al., 2025): a group where one
