@@ -53,8 +53,7 @@ class ReinforcementHyperparameters(SupervisedHyperparameters):
     loss are taken at it too."""
     scale_rewards: bool = True
     """Our extension (TRL's name): divide each group's advantages by its rewards' standard
-    deviation. False is Dr. GRPO's unscaled advantages (Liu et al., 2025): a group where one
-    sample of many slipped is no longer weighed up next to one the model gets half right."""
+    deviation; False is Dr. GRPO's (``training.losses.grpo.group_advantages``)."""
 
 
 class ReinforcementMethod(Strict):
