@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     extra.add_argument("--select-misses", type=int, metavar="N",
                        help="RFT on the lists the SFT model gets wrong among N training lists "
                             "(else on the first --n-rft)")
+    extra.add_argument("--hard", action="store_true",
+                       help="RFT prompts only from lists of 6 or 7 numbers that hold a one-digit "
+                            "or a repeated number (where most of the SFT model's misses are)")
     extra.add_argument("--one-digit", action="store_true",
                        help="RFT prompts only from lists holding a one-digit number (where the "
                             "SFT model's misses are)")
@@ -79,12 +82,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def rft_rows(n: int, seed: int, one_digit: bool = False) -> list[dict[str, Any]]:
+def is_hard(values: list[int]) -> bool:
+    """A list of the kind most misses are of: 6 or 7 numbers, one of them one-digit or
+    repeated."""
+    return len(values) >= 6 and (min(values) < 10 or len(set(values)) < len(values))
+
+
+def rft_rows(n: int, seed: int, one_digit: bool = False, hard: bool = False
+             ) -> list[dict[str, Any]]:
     """Sort prompts with their answers (the grader's ``item.answer``), none held out; with
-    ``one_digit``, only lists that hold a number under 10."""
+    ``one_digit``, only lists that hold a number under 10; with ``hard``, only ``is_hard``
+    ones."""
     rows = []
-    for e in eval_tasks.train("sort", 4 * n if one_digit else n, seed=seed + 1000):
-        if not one_digit or any(x < 10 for x in json.loads(e.output)):
+    for e in eval_tasks.train("sort", 5 * n if one_digit or hard else n, seed=seed + 1000):
+        values = json.loads(e.output)
+        if (not one_digit or min(values) < 10) and (not hard or is_hard(values)):
             rows.append({"messages": [{"role": "user", "content": e.prompt}], "answer": e.output})
     if len(rows) < n:
         raise SystemExit(f"only {len(rows)} RFT prompts of the {n} asked for")
@@ -126,7 +138,7 @@ def run_rft(client: Client, args: argparse.Namespace, data_dir: Path) -> dict[st
         before = demo.evaluate(client, args, sft_model)
     n_train = args.select_misses or args.n_rft
     rft_seed = args.seed if args.rft_seed is None else args.rft_seed
-    rows = rft_rows(n_train + args.n_rft_valid, rft_seed, args.one_digit)
+    rows = rft_rows(n_train + args.n_rft_valid, rft_seed, args.one_digit, args.hard)
     train_rows, valid_rows = rows[:n_train], rows[n_train:]
     selection = None
     if args.select_misses:
