@@ -159,9 +159,14 @@ def say(args: argparse.Namespace, line: str) -> None:
         sys.stdout.flush()
 
 
+def heldout_cases(args: argparse.Namespace) -> list[cli_eval.Case]:
+    """The ``--n-eval`` held-out prompts of ``--task`` and ``--seed`` with their answers."""
+    return [cli_eval.Case(e.prompt, e.output)
+            for e in eval_tasks.heldout(args.task, args.n_eval, args.seed)]
+
+
 def evaluate(client: Client, args: argparse.Namespace, model: str) -> dict[str, Any]:
-    cases = [cli_eval.Case(e.prompt, e.output)
-             for e in eval_tasks.heldout(args.task, args.n_eval, args.seed)]
+    cases = heldout_cases(args)
     started = time.monotonic()
     run = cli_eval.EvalRun(client, args.task)
     answers = run.answers(model, cases, max_tokens=args.max_tokens)

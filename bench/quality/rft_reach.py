@@ -43,9 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def reach(client: Client, args: argparse.Namespace, model: str) -> list[int]:
     """For each greedy miss of ``model`` on the held-out lists: how many of ``--samples``
     sampled answers are exactly right."""
-    cases = [cli_eval.Case(e.prompt, e.output)
-             for e in eval_tasks.heldout(args.task, args.n_eval, args.seed)]
-    answers = cli_eval.EvalRun(client, args.task).answers(model, cases,
+    answers = cli_eval.EvalRun(client, args.task).answers(model, demo.heldout_cases(args),
                                                            max_tokens=args.max_tokens)
     counts = []
     for a in answers:
