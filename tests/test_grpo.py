@@ -10,6 +10,7 @@ top of it says yes or no.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,10 +23,11 @@ import torch
 from service.core.storage import open_storage
 from service.core.storage.config import StorageConfig
 from tests.helpers import own_train_workers
-from training import checkpoints
+from training import checkpoints, graders
 from training.losses import grpo
 from training.model import registry as models
 from training.model import sampler
+from training.recipes import grpo as grpo_recipe
 from training.recipes import run_recipe
 from training.recipes.context import WorkerContext
 from training.spec import TrainSpec
@@ -166,6 +168,66 @@ def test_a_group_with_equal_rewards_contributes_no_gradient(toy):
     assert sums["zero_signal"] == sums["groups"] == 4 and sums["reward"] == 0
     assert sums["supervised"] == 0 and sums["loss"] == 0
     assert all(p.grad is None or not p.grad.any() for p in recipe.params)
+
+
+# -- hard prompts -------------------------------------------------------------------------------
+
+
+def test_hard_groups_are_the_alike_ones_below_the_steps_mean():
+    rewards = [torch.zeros(4), torch.ones(4), torch.tensor([0.0, 1, 0, 0]),
+               torch.full((4,), 0.5)]
+    assert grpo_recipe.hard_groups(rewards, 0.5) == [0]  # 0.5 alike is not below the mean
+    assert grpo_recipe.hard_groups(rewards, 0.6) == [0, 3]
+    assert grpo_recipe.hard_groups([torch.zeros(4)] * 2, 0.0) == []  # nothing does better
+
+
+def with_answers(recipe, answers: list[str]) -> list:
+    """Toy prompts whose ``item.answer`` is each of ``answers``: "" is in every answer (the
+    ``ilike`` grader's 1), "zzz" in none (its 0)."""
+    return [grpo_recipe.Prompt(i, p.ids, {"answer": a})
+            for i, (p, a) in enumerate(zip(recipe.train_examples, answers, strict=False))]
+
+
+def test_a_hard_prompt_is_sampled_again_and_trains_on_every_completion(toy):
+    _, _, recipe = toy
+    spec = recipe.spec
+    # No KL term: the run is over and its reference adapter's folder is gone.
+    recipe.spec = dataclasses.replace(spec, hard_prompt_samples=6, kl_beta=0.0)
+    recipe.grader = graders.parse(YES, "grader")
+    try:
+        # The step: two prompts every answer satisfies, two none does. Only the latter are
+        # below the step's mean; they get 6 more completions each, still all wrong, and no
+        # group has a signal, so nothing trains.
+        recipe.optimizer.zero_grad(set_to_none=True)
+        sums = dict(zip(recipe.SUMS, recipe.forward_backward(
+            with_answers(recipe, ["", "", "zzz", "zzz"])).tolist()))
+        assert sums["hard"] == 2 and sums["hard_rescued"] == 0
+        assert sums["completions"] == 4 * 8 and sums["reward"] == 2 * 8  # the step's own draw
+        assert sums["supervised"] == 0
+        # A group of 8 wrong answers whose 6 more completions are right (its answer is ""):
+        # it now trains on all 14, the first 8 pushed down and the 6 new ones up.
+        prompts = with_answers(recipe, ["", ""])
+        groups = recipe.rollouts(prompts, 8, seed=1)
+        per_group = [torch.zeros(8), torch.ones(8)]
+        sums = dict.fromkeys(grpo_recipe.SUM_FIELDS, 0.0)
+        recipe.sample_hard_prompts(prompts, groups, per_group, 0.5, sums)
+        assert sums["hard"] == 1 and sums["hard_rescued"] == 1
+        assert [len(g) for g in groups] == [14, 8] and per_group[0].tolist() == [0] * 8 + [1] * 6
+        advantages = grpo.group_advantages(per_group[0], 14)
+        assert (advantages[:8] < 0).all() and (advantages[8:] > 0).all()
+        # The extra draw is seeded by the step: a resumed run samples the same completions.
+        again = recipe.rollouts(prompts, 8, seed=1)
+        recipe.sample_hard_prompts(prompts, again, [torch.zeros(8), torch.ones(8)], 0.5,
+                                   dict.fromkeys(grpo_recipe.SUM_FIELDS, 0.0))
+        assert [c.tokens for c in again[0]] == [c.tokens for c in groups[0]]
+        recipe.optimizer.zero_grad(set_to_none=True)
+        trained = dict.fromkeys(grpo_recipe.SUM_FIELDS, 0.0)
+        recipe.train_groups([(prompts[0], groups[0], advantages)],
+                            sum(len(c.tokens) for c in groups[0]), trained)
+        assert trained["supervised"] == sum(len(c.tokens) for c in groups[0])
+        assert any(p.grad is not None and p.grad.any() for p in recipe.params)
+    finally:
+        recipe.spec = spec
 
 
 # -- a run ------------------------------------------------------------------------------------
@@ -354,6 +416,8 @@ def test_bad_reinforcement_requests_are_400s_naming_the_field(api):
         "method.reinforcement.hyperparameters.compute_multiplier")
     assert refused(api, prompts, YES, temperature=0)["param"] == (
         "method.reinforcement.hyperparameters.temperature")
+    assert refused(api, prompts, YES, hard_prompt_samples=65)["param"] == (
+        "method.reinforcement.hyperparameters.hard_prompt_samples")
     assert "grader" in refused(api, prompts, None)["message"]
 
 
@@ -379,10 +443,11 @@ def test_a_score_model_judge_drives_a_short_rft_job_end_to_end(shared_service):
         "model": TINY, "training_file": file_id,
         "method": {"type": "reinforcement", "reinforcement": {"grader": judge, "hyperparameters": {
             "n_epochs": 1, "batch_size": 2, "compute_multiplier": 0.5,
-            "temperature": 0.7, "scale_rewards": False}}}}).json()
+            "temperature": 0.7, "scale_rewards": False, "hard_prompt_samples": 2}}}}).json()
     assert job["method"]["reinforcement"]["grader"]["type"] == "score_model", job
     asked = job["method"]["reinforcement"]["hyperparameters"]
     assert asked["temperature"] == 0.7 and asked["scale_rewards"] is False
+    assert asked["hard_prompt_samples"] == 2
     done = wait_until(lambda: (j := http.get(f"/fine_tuning/jobs/{job['id']}").json())["status"]
                       in {"succeeded", "failed", "cancelled"} and j, 600, interval=2,
                       what="the RFT job")
@@ -392,4 +457,8 @@ def test_a_score_model_judge_drives_a_short_rft_job_end_to_end(shared_service):
     assert steps and all(0 <= s["reward_mean"] <= 10 for s in steps)
     # Every completion of every step (2 prompts x a group of 2) was judged by the served model:
     # the judge actor's only way to a model is the chat deployment, whose engine counted tokens.
-    assert all(s["judge_requests"] == 4 and s["judge_tokens"] > 4 * 4 for s in steps), steps
+    # ... and every extra completion of a hard prompt too (2 more for each of them).
+    assert all(s["judge_requests"] == 4 + 2 * s["hard_prompts"] and s["judge_tokens"] > 4 * 4
+               for s in steps), steps
+    assert all("hard prompts sampled again=" in e["message"] for e in events["data"]
+               if e["type"] == "metrics")

@@ -145,6 +145,9 @@ class TrainSpec:
     """Sampling temperature of the rollouts (their log-probs are taken at it too)."""
     scale_rewards: bool = True
     """Divide each group's advantages by its rewards' standard deviation (False: Dr. GRPO)."""
+    hard_prompt_samples: int = 0
+    """More completions sampled for a prompt whose group scored alike and below the step's mean
+    reward (``training.recipes.grpo.hard_groups``); 0: none."""
     eval_interval: int = 0
     """Grade greedy answers to the validation prompts every this many steps (0: at
     checkpoints only)."""
@@ -278,6 +281,9 @@ class TrainSpec:
             yield "clip_epsilon", "clip_epsilon must be in (0, 1)"
         if not 0 < self.temperature <= 2:
             yield "temperature", "temperature must be in (0, 2]"
+        if not 0 <= self.hard_prompt_samples <= limits.MAX_RFT_GROUP_SIZE:
+            yield "hard_prompt_samples", ("hard_prompt_samples must be in "
+                                          f"0..{limits.MAX_RFT_GROUP_SIZE}")
         if self.eval_interval < 0:
             yield "eval_interval", "eval_interval must be ≥ 0"
         if self.eval_samples is not None and self.eval_samples < 1:

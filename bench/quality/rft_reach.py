@@ -24,6 +24,7 @@ import demo
 from service.cli import eval_tasks
 from service.cli import evaluate as cli_eval
 from service.cli.client import Client
+from service.core import limits
 from training.cpu.info import cpu_description
 
 
@@ -49,11 +50,15 @@ def reach(client: Client, args: argparse.Namespace, model: str) -> list[int]:
     for a in answers:
         if a.correct:
             continue
-        out = client.post("/chat/completions", {
-            "model": model, "messages": [{"role": "user", "content": a.prompt}],
-            "n": args.samples, "temperature": args.temperature, "max_tokens": args.max_tokens})
-        counts.append(sum(eval_tasks.is_correct(args.task, c["message"]["content"], a.reference)
-                          for c in out["choices"]))
+        right = 0
+        for start in range(0, args.samples, limits.MAX_CHOICES):  # the API's cap on ``n``
+            out = client.post("/chat/completions", {
+                "model": model, "messages": [{"role": "user", "content": a.prompt}],
+                "n": min(limits.MAX_CHOICES, args.samples - start),
+                "temperature": args.temperature, "max_tokens": args.max_tokens})
+            right += sum(eval_tasks.is_correct(args.task, c["message"]["content"], a.reference)
+                         for c in out["choices"])
+        counts.append(right)
     return counts
 
 

@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     extra.add_argument("--unscaled-rewards", action="store_true",
                        help="scale_rewards: false (Dr. GRPO's advantages, not divided by the "
                             "group's spread)")
+    extra.add_argument("--hard-prompt-samples", type=int, default=0,
+                       help="hard_prompt_samples: more completions for a prompt whose group "
+                            "came back all wrong")
     extra.add_argument("--rft-seed", type=int,
                        help="seed of the RFT lists (else --seed; the held-out lists follow --seed), "
                             "so a second round from an RFT model trains on lists it never saw")
@@ -159,7 +162,9 @@ def run_rft(client: Client, args: argparse.Namespace, data_dir: Path) -> dict[st
                     "eval_interval": args.eval_interval, "eval_samples": args.n_rft_valid,
                     **({} if args.rft_temperature is None
                        else {"temperature": args.rft_temperature}),
-                    **({"scale_rewards": False} if args.unscaled_rewards else {})}}}}
+                    **({"scale_rewards": False} if args.unscaled_rewards else {}),
+                    **({"hard_prompt_samples": args.hard_prompt_samples}
+                       if args.hard_prompt_samples else {})}}}}
     jobs["rft"] = demo.run_job(client, args, body)
     events = demo.all_events(client, jobs["rft"]["id"])
     settings = next((e["data"] for e in events if "initial_score" in (e.get("data") or {})), {})
@@ -167,7 +172,8 @@ def run_rft(client: Client, args: argparse.Namespace, data_dir: Path) -> dict[st
                        total_steps=settings.get("total_steps"),
                        initial_score=settings.get("initial_score"))
     curve = [{k: e["data"].get(k) for k in ("step", "reward_mean", "zero_signal_share", "kl",
-                                            "completion_length", "valid_score")}
+                                            "completion_length", "valid_score", "hard_prompts",
+                                            "hard_prompts_rescued")}
              for e in events if e.get("type") == "metrics"]
     demo.say(args, f"[4/4] evaluating {jobs['rft']['fine_tuned_model']}")
     after = demo.evaluate(client, args, jobs["rft"]["fine_tuned_model"])

@@ -54,6 +54,10 @@ class ReinforcementHyperparameters(SupervisedHyperparameters):
     scale_rewards: bool = True
     """Our extension (TRL's name): divide each group's advantages by its rewards' standard
     deviation; False is Dr. GRPO's (``training.losses.grpo.group_advantages``)."""
+    hard_prompt_samples: Annotated[int, Field(ge=0, le=limits.MAX_RFT_GROUP_SIZE)] = 0
+    """Our extension: this many more completions for a prompt whose group scored alike and
+    below the step's mean reward, so a prompt the policy rarely gets right can still teach
+    (``training.recipes.grpo.hard_groups``); 0: none."""
 
 
 class ReinforcementMethod(Strict):

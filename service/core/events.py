@@ -60,6 +60,9 @@ class EventLog:
             parts.append(f"mean reward={data['reward_mean']:.3f}, "
                          f"zero-signal groups={data['zero_signal_share']:.0%}, "
                          f"KL={data['kl']:.4f}")
+        if data.get("hard_prompts") is not None:
+            parts.append(f"hard prompts sampled again={data['hard_prompts']} "
+                         f"({data['hard_prompts_rescued']} now with a signal)")
         if data.get("valid_score") is not None:
             parts.append(f"held-out score={data['valid_score']:.3f}")
         if data.get("valid_loss") is not None:

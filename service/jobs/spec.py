@@ -96,6 +96,8 @@ def _reinforcement(section: Mapping[str, Any]) -> dict[str, Any]:
         fields["temperature"] = float(hp["temperature"])
     if hp.get("scale_rewards") is not None:
         fields["scale_rewards"] = bool(hp["scale_rewards"])
+    if hp.get("hard_prompt_samples"):
+        fields["hard_prompt_samples"] = int(hp["hard_prompt_samples"])
     return fields
 
 
@@ -126,7 +128,7 @@ def with_spec(record: JobRecord, spec: TrainSpec) -> JobRecord:
         hp.update(compute_multiplier=asked.get("compute_multiplier", "auto"),
                   eval_interval=spec.eval_interval or "auto",
                   eval_samples=spec.eval_samples or "auto", temperature=spec.temperature,
-                  scale_rewards=spec.scale_rewards,
+                  scale_rewards=spec.scale_rewards, hard_prompt_samples=spec.hard_prompt_samples,
                   reasoning_effort=asked.get("reasoning_effort", "default"))
         section["grader"] = spec.grader
     method = {**record.method, "type": spec.method, spec.method: section}
@@ -164,7 +166,8 @@ def _request_param(param: str | None, method: str) -> str | None:
         return f"method.{method}.hyperparameters.{param}"
     if param == "grader":
         return "method.reinforcement.grader"
-    if param in ("group_size", "eval_interval", "eval_samples", "temperature"):
+    if param in ("group_size", "eval_interval", "eval_samples", "temperature",
+                 "hard_prompt_samples"):
         return "method.reinforcement.hyperparameters." + (
             "compute_multiplier" if param == "group_size" else param)
     return param

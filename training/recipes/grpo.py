@@ -16,9 +16,17 @@ recipe's (``training.recipes.base.Recipe``). What is GRPO's own, per step:
    group's completions are packed in one row after their shared prompt, computed once
    (``packing.collate_groups``).
 
+With ``hard_prompt_samples``, a group that scored alike and below the step's mean reward (a
+prompt the policy rarely gets right) gets that many more completions before the loss
+(``hard_groups``); if they now differ, it trains on all of them. A group of 8 almost never
+samples the right answer to such a prompt, so without this it is the one prompt that never
+teaches (issue 38's reach counts, ``bench/quality/rft_reach.py``).
+
 Metrics per step: reward (mean, spread within groups), share of zero-signal groups, KL, clip
-fraction, completion length, the rollout/grade/train split of the step, and for a model judge
-its requests and tokens (``judge_requests``, ``judge_tokens``); every ``eval_interval``
+fraction, completion length, the rollout/grade/train split of the step, the hard prompts
+sampled again and how many of them then taught (``hard_prompts``, ``hard_prompts_rescued``),
+and for a model judge its requests and tokens (``judge_requests``, ``judge_tokens``); every
+``eval_interval``
 steps the grader's mean over greedy answers to ``eval_samples`` validation prompts
 (``valid_score``), and over all of them at the end (``full_valid_score``).
 """
@@ -50,7 +58,7 @@ from training.recipes.base import Recipe
 SUM_FIELDS = ("loss", "reward", "group_std", "zero_signal", "groups", "completions",
               "completion_tokens", "finished", "kl", "clipped", "tokens", "supervised",
               "rollout_seconds", "grade_seconds", "train_seconds", "judge_requests",
-              "judge_tokens")
+              "judge_tokens", "hard", "hard_rescued")
 """What a step sums over this rank's groups (then all-reduced over ranks)."""
 EVAL_FIELDS = ("score", "count")
 ROLLOUT_ROWS = 128
@@ -77,6 +85,14 @@ def token_logps(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Mo
         logits = softcap * torch.tanh(logits / softcap)
     logits = logits / temperature
     return -torch.nn.functional.cross_entropy(logits, targets[keep], reduction="none")
+
+
+def hard_groups(rewards: list[torch.Tensor], mean: float) -> list[int]:
+    """The groups to sample again: every reward equal (no signal) and below the step's mean
+    (most prompts of the step do better). A group all right, or all as good as the step, is
+    left alone: there is little to gain where the policy already does well."""
+    return [i for i, r in enumerate(rewards) if bool(grpo.zero_signal(r, len(r))) and
+            float(r[0]) < mean]
 
 
 class GRPORecipe(Recipe[Prompt]):
@@ -208,8 +224,8 @@ class GRPORecipe(Recipe[Prompt]):
                                           for c in group))
         return torch.tensor(asyncio.run(every()), dtype=torch.float32)
 
-    def step_seed(self, step: int) -> int:
-        digest = hashlib.sha256(f"{self.spec.seed}/{step}/{self.rank}".encode()).digest()
+    def step_seed(self, step: int, draw: str = "") -> int:
+        digest = hashlib.sha256(f"{self.spec.seed}/{step}/{self.rank}{draw}".encode()).digest()
         return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
     # -- the step --------------------------------------------------------------------------------
@@ -223,26 +239,51 @@ class GRPORecipe(Recipe[Prompt]):
         started = time.perf_counter()
         rewards = self.rewards(prompts, groups, sums) if prompts else torch.zeros(0)
         sums["grade_seconds"] = time.perf_counter() - started
-        started = time.perf_counter()
-        trained: list[tuple[Prompt, list[sampler.Completion], torch.Tensor]] = []
+        per_group = list(rewards.view(-1, n)) if prompts else []
         if prompts:
-            advantages = grpo.group_advantages(rewards, n, scale=self.spec.scale_rewards).view(-1, n)
+            # What the policy does: the step's own groups of n, before any hard prompt's extras.
             flat = rewards.view(-1, n)
-            silent = grpo.zero_signal(rewards, n)
             sums.update(reward=float(rewards.sum()), group_std=float(flat.std(dim=1).sum()),
-                        zero_signal=float(silent.sum()), groups=len(prompts),
-                        completions=len(rewards))
-            for p, group, adv, quiet in zip(prompts, groups, advantages, silent, strict=True):
+                        zero_signal=float(grpo.zero_signal(rewards, n).sum()),
+                        groups=len(prompts), completions=len(rewards))
+            for group in groups:
                 sums["completion_tokens"] += sum(len(c.tokens) for c in group)
                 sums["finished"] += sum(c.finished for c in group)
-                if not quiet:
-                    trained.append((p, group, adv))
+            if self.spec.hard_prompt_samples:
+                self.sample_hard_prompts(prompts, groups, per_group, float(rewards.mean()), sums)
+        started = time.perf_counter()
+        trained: list[tuple[Prompt, list[sampler.Completion], torch.Tensor]] = [
+            (p, group, grpo.group_advantages(r, len(r), scale=self.spec.scale_rewards))
+            for p, group, r in zip(prompts, groups, per_group, strict=True)
+            if not bool(grpo.zero_signal(r, len(r)))]
         local = torch.tensor([float(sum(len(c.tokens) for _, g, _ in trained for c in g))])
         global_tokens = max(int(self.all_reduce(local).item()), 1)
         for batch_groups in self.micro_groups(trained):
             self.train_groups(batch_groups, global_tokens, sums)
         sums["train_seconds"] = time.perf_counter() - started
         return torch.tensor([sums[k] for k in SUM_FIELDS], dtype=torch.float64)
+
+    def sample_hard_prompts(self, prompts: list[Prompt], groups: list[list[sampler.Completion]],
+                            per_group: list[torch.Tensor], mean: float,
+                            sums: dict[str, float]) -> None:
+        """``hard_prompt_samples`` more completions for each of the ``hard_groups``, added to
+        its group and its rewards in place (seeded by the step, as the first draw is)."""
+        hard = hard_groups(per_group, mean)
+        if not hard:
+            return
+        chosen = [prompts[i] for i in hard]
+        started = time.perf_counter()
+        extra = self.rollouts(chosen, self.spec.hard_prompt_samples,
+                              seed=self.step_seed(self.state.step, "/hard"))
+        sums["rollout_seconds"] += time.perf_counter() - started
+        started = time.perf_counter()
+        more = self.rewards(chosen, extra, sums).view(len(hard), -1)
+        sums["grade_seconds"] += time.perf_counter() - started
+        for i, group, r in zip(hard, extra, more, strict=True):
+            groups[i] = groups[i] + group
+            per_group[i] = torch.cat([per_group[i], r])
+            sums["hard_rescued"] += not bool(grpo.zero_signal(per_group[i], len(per_group[i])))
+        sums["hard"] += len(hard)
 
     def micro_groups(self, trained: list) -> list[list]:
         """Groups packed into rows of at most ``pack_length`` tokens (prompt counted once)."""
@@ -305,7 +346,10 @@ class GRPORecipe(Recipe[Prompt]):
                 "rollout_seconds": sums["rollout_seconds"] / world,
                 "grade_seconds": sums["grade_seconds"] / world,
                 "train_seconds": sums["train_seconds"] / world,
-                "supervised_tokens": int(sums["supervised"])}
+                "supervised_tokens": int(sums["supervised"]),
+                **({"hard_prompts": int(sums["hard"]),
+                    "hard_prompts_rescued": int(sums["hard_rescued"])}
+                   if self.spec.hard_prompt_samples else {})}
 
     def step_metrics(self, sums: torch.Tensor, seconds: float, epoch: int) -> dict[str, Any]:
         metrics = super().step_metrics(sums, seconds, epoch)
@@ -364,7 +408,7 @@ class GRPORecipe(Recipe[Prompt]):
         return {**super().manifest(), "reinforcement": {
             "grader": spec.grader, "group_size": spec.group_size, "kl_beta": spec.kl_beta,
             "clip_epsilon": spec.clip_epsilon, "temperature": spec.temperature,
-            "scale_rewards": spec.scale_rewards,
+            "scale_rewards": spec.scale_rewards, "hard_prompt_samples": spec.hard_prompt_samples,
             "max_completion_tokens": spec.max_completion_tokens,
             "init_adapter": spec.init_adapter, "reference_adapter": spec.reference_adapter}}
 
