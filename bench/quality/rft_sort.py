@@ -197,12 +197,16 @@ def markdown(result: dict[str, Any]) -> str:
     if initial is not None:
         text += f"\nValidation score before training (step 0, the same prompts): {initial:.3f}.\n"
     if result["curve"]:
-        text += "\n| step | mean reward | zero-signal groups | KL | completion tokens | validation score |\n"
-        text += "|---|---|---|---|---|---|\n"
+        hard = result["curve"][0].get("hard_prompts") is not None
+        text += ("\n| step | mean reward | zero-signal groups | KL | completion tokens | "
+                 "validation score |" + (" hard prompts (now with a signal) |" if hard else "")
+                 + "\n|---|---|---|---|---|---|" + ("---|" if hard else "") + "\n")
         for c in result["curve"]:
             held = "" if c["valid_score"] is None else f"{c['valid_score']:.3f}"
             text += (f"| {c['step']} | {c['reward_mean']:.3f} | {c['zero_signal_share']:.2f} | "
-                     f"{c['kl']:.4f} | {c['completion_length']:.1f} | {held} |\n")
+                     f"{c['kl']:.4f} | {c['completion_length']:.1f} | {held} |"
+                     + (f" {c['hard_prompts']} ({c['hard_prompts_rescued']}) |" if hard else "")
+                     + "\n")
     return text
 
 
