@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                             "group's spread)")
     extra.add_argument("--hard-prompt-samples", type=int, default=0,
                        help="hard_prompt_samples: more completions for a prompt whose group "
-                            "came back all wrong")
+                            "scored alike and below the step's mean")
     extra.add_argument("--rft-seed", type=int,
                        help="seed of the RFT lists (else --seed; the held-out lists follow --seed), "
                             "so a second round from an RFT model trains on lists it never saw")

@@ -18,17 +18,15 @@ recipe's (``training.recipes.base.Recipe``). What is GRPO's own, per step:
 
 With ``hard_prompt_samples``, a group that scored alike and below the step's mean reward (a
 prompt the policy rarely gets right) gets that many more completions before the loss
-(``hard_groups``); if they now differ, it trains on all of them. A group of 8 almost never
-samples the right answer to such a prompt, so without this it is the one prompt that never
-teaches (issue 38's reach counts, ``bench/quality/rft_reach.py``).
+(``hard_groups``); if they now differ, it trains on all of them. Without it, a prompt whose
+group is all wrong never teaches (``bench/quality/rft_reach.py`` counts such prompts).
 
 Metrics per step: reward (mean, spread within groups), share of zero-signal groups, KL, clip
 fraction, completion length, the rollout/grade/train split of the step, the hard prompts
 sampled again and how many of them then taught (``hard_prompts``, ``hard_prompts_rescued``),
 and for a model judge its requests and tokens (``judge_requests``, ``judge_tokens``); every
-``eval_interval``
-steps the grader's mean over greedy answers to ``eval_samples`` validation prompts
-(``valid_score``), and over all of them at the end (``full_valid_score``).
+``eval_interval`` steps the grader's mean over greedy answers to ``eval_samples`` validation
+prompts (``valid_score``), and over all of them at the end (``full_valid_score``).
 """
 
 from __future__ import annotations
@@ -239,10 +237,11 @@ class GRPORecipe(Recipe[Prompt]):
         started = time.perf_counter()
         rewards = self.rewards(prompts, groups, sums) if prompts else torch.zeros(0)
         sums["grade_seconds"] = time.perf_counter() - started
-        per_group = list(rewards.view(-1, n)) if prompts else []
+        per_group: list[torch.Tensor] = []
         if prompts:
             # What the policy does: the step's own groups of n, before any hard prompt's extras.
             flat = rewards.view(-1, n)
+            per_group = list(flat)
             sums.update(reward=float(rewards.sum()), group_std=float(flat.std(dim=1).sum()),
                         zero_signal=float(grpo.zero_signal(rewards, n).sum()),
                         groups=len(prompts), completions=len(rewards))
